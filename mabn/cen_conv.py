@@ -1,0 +1,105 @@
+"""Weight-centralized convolutions.
+
+Yan et al., "Towards Stabilizing Batch Statistics in Backward Propagation of Batch
+Normalization", ICLR 2020, section 4.2: each output channel's filter is shifted to zero mean
+before the convolution, so the pre-activation has (approximately) zero mean and the following
+MABN layer only needs to normalize the second moment.
+
+The layers subclass ``nn.ConvNd``: same constructor, parameters, initialisation and state dict,
+so ``isinstance`` checks, weight loading, folding and export keep working. Only the weight that
+reaches the convolution differs (``centralized_weight``).
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
+
+__all__ = ["CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight"]
+
+
+def centralize_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Subtract from each output filter its mean over (in_channels / groups, *kernel)."""
+    dims = tuple(range(1, weight.dim()))
+    return weight - weight.mean(dim=dims, keepdim=True)
+
+
+class _CenConvMixin:
+    """Convolve with the centralized weight; everything else is the parent ``nn.ConvNd``."""
+
+    @property
+    def centralized_weight(self) -> torch.Tensor:
+        return centralize_weight(self.weight)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.centralized_weight, self.bias)
+
+
+class CenConv1d(_CenConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` whose filters are centralized per output channel before use."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_1_t = 3,
+        stride: _size_1_t = 1,
+        padding: Union[str, _size_1_t] = 0,
+        dilation: _size_1_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+
+
+class CenConv2d(_CenConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose filters are centralized per output channel before use.
+
+    Positional order and defaults follow the published layer
+    ``CenConv2d(in_planes, out_planes, kernel_size=3, stride=1, padding=0, dilation=1,
+    groups=1, bias=False)``; ``padding_mode``, ``device`` and ``dtype`` follow ``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t = 3,
+        stride: _size_2_t = 1,
+        padding: Union[str, _size_2_t] = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+
+
+class CenConv3d(_CenConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` whose filters are centralized per output channel before use."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_3_t = 3,
+        stride: _size_3_t = 1,
+        padding: Union[str, _size_3_t] = 0,
+        dilation: _size_3_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)

@@ -1,0 +1,25 @@
+"""Install the MABN monorepo: the ``mabn`` core library plus the ``cls`` and ``det`` apps."""
+from setuptools import find_packages, setup
+
+CORE = ["torch>=2.4", "torchvision>=0.19"]
+CLS = ["yacs", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml"]
+DET = ["yacs", "pycocotools", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib"]
+DEV = ["pytest", "onnx", "onnxscript"]
+
+setup(
+    name="mabn",
+    version="0.1.0",
+    description="Moving Average Batch Normalization (Yan et al., ICLR 2020) and small-batch training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mabn", "mabn.*", "cls", "cls.*", "det", "det.*"]),
+    install_requires=CORE,
+    extras_require={
+        "cls": CLS,
+        "det": DET,
+        "dev": DEV,
+        "all": sorted(set(CLS + DET + DEV)),
+    },
+    license="MIT",
+)
