@@ -1,0 +1,191 @@
+"""Batch Renormalization.
+
+Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized
+Models", NeurIPS 2017 (arXiv:1702.03275), Algorithm 1.
+
+Training normalizes with the minibatch statistics ``mu_B``, ``sigma_B = sqrt(var_B + eps)``
+(``var_B`` biased) and corrects towards the running statistics with per-channel factors that
+receive no gradient::
+
+    sigma = sqrt(running_var + eps)
+    r = clip(sigma_B / sigma, 1 / rmax_t, rmax_t)
+    d = clip((mu_B - running_mean) / sigma, -dmax_t, dmax_t)
+    y = weight * ((x - mu_B) / sigma_B * r + d) + bias
+
+When neither factor is clipped, ``y`` equals the inference output computed from the running
+statistics. Evaluation is plain batch norm with the running statistics.
+
+Running statistics (``momentum`` is the weight of the new value, as in ``nn.BatchNorm``)::
+
+    running_mean += momentum * (mu_B - running_mean)
+    std = sqrt(running_var)                        # eps is not inside the running std
+    std += momentum * (sqrt(var_B_unbiased) - std)
+    running_var = std ** 2
+
+``running_var`` therefore stays an eps-free, unbiased (Bessel-corrected) variance estimate
+with the same meaning as ``nn.BatchNorm``'s buffer; eps is added only where it is used.
+
+Schedule, with ``t = num_batches_tracked`` read *before* the forward increments it (``t`` is
+the number of training batches already seen)::
+
+    rmax_t = 1 + (r_max - 1) * clamp((t - warmup_steps) / (r_ramp_end - warmup_steps), 0, 1)
+    dmax_t =      d_max      * clamp((t - warmup_steps) / (d_ramp_end - warmup_steps), 0, 1)
+
+So ``r = 1, d = 0`` (plain batch norm) while ``t <= warmup_steps``; the limits then grow
+linearly and reach ``r_max`` at ``t = r_ramp_end`` and ``d_max`` at ``t = d_ramp_end``. A ramp
+that ends at ``warmup_steps`` jumps to its maximum at ``t = warmup_steps``. The limits are
+recomputed from the counter on every forward with tensor operations only (no host sync), so
+the schedule keeps advancing under ``torch.compile``.
+
+Statistics are computed in float32 for float16/bfloat16 inputs; the output has the input's
+dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, the dtype itself otherwise."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+class _BatchRenorm(_BatchNorm):
+    """Batch Renormalization over dim 1; see the module docstring for the exact definition."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        affine: bool = True,
+        *,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        r_ramp_end: int = 40000,
+        d_ramp_end: int = 25000,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        if momentum is None or not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be a float in (0, 1], got {momentum!r}")
+        if r_max < 1.0:
+            raise ValueError(f"r_max must be >= 1, got {r_max}")
+        if d_max < 0.0:
+            raise ValueError(f"d_max must be >= 0, got {d_max}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        for name, end in (("r_ramp_end", r_ramp_end), ("d_ramp_end", d_ramp_end)):
+            if end < warmup_steps:
+                raise ValueError(f"{name} must be >= warmup_steps ({warmup_steps}), got {end}")
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.warmup_steps = int(warmup_steps)
+        self.r_ramp_end = int(r_ramp_end)
+        self.d_ramp_end = int(d_ramp_end)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
+                f"warmup_steps={self.warmup_steps}, r_ramp_end={self.r_ramp_end}, "
+                f"d_ramp_end={self.d_ramp_end}")
+
+    def _ramp(self, t: Tensor, end: int) -> Tensor:
+        """Fraction of the ramp ending at step ``end`` that is done at step ``t``, in [0, 1]."""
+        span = end - self.warmup_steps
+        if span == 0:  # configuration, not tensor data: a step from 0 to 1 at warmup_steps
+            return (t >= self.warmup_steps).to(t.dtype)
+        return ((t - self.warmup_steps) / span).clamp(0.0, 1.0)
+
+    def current_limits(self) -> tuple[Tensor, Tensor]:
+        """``(rmax_t, dmax_t)`` as 0-dim tensors for the current ``num_batches_tracked``."""
+        t = self.num_batches_tracked.to(_compute_dtype(self.running_mean.dtype))
+        rmax = 1.0 + (self.r_max - 1.0) * self._ramp(t, self.r_ramp_end)
+        dmax = self.d_max * self._ramp(t, self.d_ramp_end)
+        return rmax, dmax
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__} expected {self.num_features} channels in "
+                             f"dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})")
+        dtype = _compute_dtype(input.dtype)
+        x = input.to(dtype)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if self.training:
+            out = self._train_forward(x, weight, bias)
+        else:
+            out = F.batch_norm(x, self.running_mean.to(dtype), self.running_var.to(dtype),
+                               weight, bias, False, 0.0, self.eps)
+        return out.to(input.dtype)
+
+    def _train_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        """Renormalized output; updates the running statistics and the step counter."""
+        count = x.numel() // x.shape[1]
+        if count < 2:
+            raise ValueError(f"{type(self).__name__} expects more than 1 value per channel when "
+                             f"training, got input of shape {tuple(x.shape)}")
+        dims = [0, *range(2, x.dim())]
+        var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+        std_b = torch.sqrt(var_b + self.eps)
+        with torch.no_grad():
+            running_mean = self.running_mean.to(x.dtype)
+            running_std = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
+            rmax, dmax = (limit.to(x.dtype) for limit in self.current_limits())
+            r = torch.clamp(std_b / running_std, 1.0 / rmax, rmax)
+            d = torch.clamp((mean_b - running_mean) / running_std, -dmax, dmax)
+            self._update_running_stats(mean_b, var_b * (count / (count - 1)))
+        scale = r / std_b
+        shift = d
+        if weight is not None:
+            scale = scale * weight
+            shift = shift * weight + bias
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - mean_b.view(shape)) * scale.view(shape) + shift.view(shape)
+
+    def _update_running_stats(self, mean_b: Tensor, var_unbiased: Tensor) -> None:
+        """EMA of the mean and of the (eps-free) standard deviation; advances the counter."""
+        m = self.momentum
+        mean = self.running_mean.to(mean_b.dtype)
+        std = self.running_var.to(mean_b.dtype).sqrt()
+        self.running_mean.copy_(mean + m * (mean_b - mean))
+        self.running_var.copy_((std + m * (var_unbiased.sqrt() - std)).square())
+        self.num_batches_tracked.add_(1)
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renormalization over (N, C) or (N, C, L) input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"BatchRenorm1d expected 2D (N, C) or 3D (N, C, L) input, got "
+                             f"{input.dim()}D input of shape {tuple(input.shape)}")
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renormalization over (N, C, H, W) input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"BatchRenorm2d expected 4D (N, C, H, W) input, got "
+                             f"{input.dim()}D input of shape {tuple(input.shape)}")
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """Batch Renormalization over (N, C, D, H, W) input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"BatchRenorm3d expected 5D (N, C, D, H, W) input, got "
+                             f"{input.dim()}D input of shape {tuple(input.shape)}")
