@@ -1,5 +1,21 @@
-"""MABN: Moving Average Batch Normalization and the norms it is compared with."""
+"""MABN: Moving Average Batch Normalization (Yan et al., ICLR 2020) and the norms it is compared
+with, plus the tools to put them into models and fold them away for inference."""
+from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mabn.cen_conv import CenConv1d, CenConv2d, CenConv3d, centralize_weight
+from mabn.convert import convert_conv, convert_norm, is_batch_norm
+from mabn.factory import NORM_NAMES, get_norm, norm_class, resolve_norm_name
 from mabn.moving_average_bn import MABN1d, MABN2d, MABN3d
+from mabn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight",
+    "FrozenBatchNorm2d",
+    "MABN1d", "MABN2d", "MABN3d",
+    "NORM_NAMES", "SyncBatchNorm",
+    "convert_conv", "convert_norm", "convert_sync_batchnorm", "get_norm", "is_batch_norm",
+    "norm_class", "resolve_norm_name", "revert_sync_batchnorm",
+]
