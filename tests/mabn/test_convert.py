@@ -1,0 +1,114 @@
+"""convert_norm / convert_conv on torchvision models and small nets."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from mabn import (BatchRenorm2d, CenConv2d, MABN1d, MABN2d, SyncBatchNorm, convert_conv, convert_norm)
+
+
+def _randomize_bn(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
+def test_bn_to_mabn_carries_affine_and_second_moment():
+    model = _randomize_bn(torchvision.models.resnet18())
+    bn = model.layer1[0].bn1
+    weight, mean, var = bn.weight, bn.running_mean.clone(), bn.running_var.clone()
+    out = convert_norm(model, "MABN", B=2, real_B=32)
+    assert out is model
+    mabn = model.layer1[0].bn1
+    assert type(mabn) is MABN2d and mabn.weight is weight and mabn.B == 2
+    torch.testing.assert_close(mabn.running_var, var + mean ** 2)
+    assert not any(isinstance(m, nn.BatchNorm2d) and not isinstance(m, MABN2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("target", ["BN", "SyncBN", "FrozenBN", "BRN"])
+def test_mabn_to_bn_like_keeps_eval_outputs(target):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), MABN2d(4, 1, 2, warmup_iters=0), nn.ReLU())
+    for _ in range(3):
+        net(torch.randn(1, 3, 8, 8)).sum().backward()
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = net(x)
+    convert_norm(net, target)
+    assert not isinstance(net[1], MABN2d)
+    torch.testing.assert_close(net.eval()(x), expected)
+
+
+def test_bn_round_trip_through_syncbn_and_brn_keeps_eval_outputs():
+    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    convert_norm(model, "SyncBN")
+    assert isinstance(model.bn1, SyncBatchNorm)
+    torch.testing.assert_close(model(x), expected)
+    convert_norm(model, "BRN")
+    assert isinstance(model.bn1, BatchRenorm2d)
+    torch.testing.assert_close(model.eval()(x), expected)
+
+
+def test_frozen_bn_source_and_root_replacement():
+    frozen = FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        frozen.running_mean.fill_(1.0)
+    new = convert_norm(frozen, "BN")
+    assert type(new) is nn.BatchNorm2d and torch.equal(new.running_mean, torch.ones(4))
+    assert isinstance(convert_norm(nn.BatchNorm2d(4), ""), nn.Identity)
+
+
+def test_dim_dtype_and_training_flag_preserved():
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double().eval()
+    convert_norm(net, "MABN", B=1, real_B=4)
+    assert type(net[1]) is MABN1d and net[1].running_var.dtype == torch.float64 and not net[1].training
+    assert net(torch.randn(3, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("target,cls", [("GN", nn.GroupNorm), ("IN", nn.InstanceNorm2d), ("LN", nn.GroupNorm)])
+def test_affine_only_targets(target, cls):
+    model = _randomize_bn(torchvision.models.resnet18())
+    weight = model.bn1.weight
+    convert_norm(model, target)
+    assert isinstance(model.bn1, cls) and model.bn1.weight is weight
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_source_filter_and_callable_target():
+    net = nn.Sequential(nn.BatchNorm2d(4), MABN2d(4))
+    convert_norm(net, lambda c, **kw: nn.GroupNorm(2, c), source=nn.BatchNorm2d)
+    assert isinstance(net[0], nn.GroupNorm) and isinstance(net[1], MABN2d)
+
+
+def test_convert_conv_both_ways():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    weight = model.conv1.weight.detach().clone()
+    convert_conv(model, "CenConv")
+    assert all(isinstance(m, CenConv2d) for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert torch.equal(model.conv1.weight, weight)
+    x = torch.randn(1, 3, 32, 32)
+    expected = model(x)
+    convert_conv(model, "Conv")
+    assert not any(isinstance(m, CenConv2d) for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="CenConv"):
+        convert_conv(model, "Deformable")
+
+
+def test_convert_conv_keeps_arguments():
+    conv = nn.Conv2d(4, 8, (3, 5), stride=2, padding=(1, 2), dilation=1, groups=2, bias=True, padding_mode="circular")
+    cen = convert_conv(conv)
+    assert isinstance(cen, CenConv2d)
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        assert getattr(cen, attr) == getattr(conv, attr), attr
+    assert torch.equal(cen.bias, conv.bias)
