@@ -71,6 +71,45 @@ def _per_sample(per_group: Tensor, batch: int) -> Tensor:
     return per_group.unsqueeze(1).expand(groups, batch // groups, channels).reshape(batch, channels, 1)
 
 
+@torch.library.custom_op("mabn::advance_forward_statistics",
+                         mutates_args=("running_var", "num_batches_tracked", "groups_seen", "chi_window"))
+def _advance_forward_statistics(x: Tensor, running_var: Tensor, num_batches_tracked: Tensor, groups_seen: Tensor,
+                                chi_window: Tensor, groups: int, warmup_iters: int, r_warmup_iters: int,
+                                eps: float, momentum: float, r_max: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """One training forward's statistics: returns ``u = r / sqrt(chi + eps)``, ``1 / (chi + eps)``
+    (both (G, C)) and the own-statistic mask (G, 1), and advances the buffers in place.
+
+    A custom op rather than inline code: under ``torch.compile`` its outputs are saved for the
+    backward instead of being recomputed there from buffers that this op has already updated.
+    """
+    step = num_batches_tracked + 1
+    window = chi_window.shape[0]
+    group_index = groups_seen + torch.arange(1, groups + 1, device=x.device)
+    use_own = ((step < warmup_iters) | (group_index <= window)).unsqueeze(1)
+
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    sample_x2 = torch.linalg.vector_norm(x, dim=2, dtype=stat_dtype).square() / x.shape[2]
+    chi = sample_x2.view(groups, -1, x.shape[1]).mean(dim=1).to(chi_window.dtype)
+    chi_used, new_window = _windowed(chi_window, chi, use_own)
+
+    std = (chi_used + eps).sqrt()
+    r = (std / (running_var + eps).sqrt()).clamp(1.0 / r_max, r_max)
+    r = torch.where(step > r_warmup_iters, r, torch.ones_like(r))
+
+    running_var.mul_(momentum).add_(chi_used.mean(dim=0), alpha=1.0 - momentum)
+    chi_window.copy_(new_window)
+    num_batches_tracked.add_(1)
+    groups_seen.add_(groups)
+    return r / std, 1.0 / (chi_used + eps), use_own
+
+
+@_advance_forward_statistics.register_fake
+def _(x, running_var, num_batches_tracked, groups_seen, chi_window, groups, warmup_iters, r_warmup_iters,
+      eps, momentum, r_max):
+    per_group = x.new_empty((groups, x.shape[1]), dtype=chi_window.dtype)
+    return per_group, torch.empty_like(per_group), x.new_empty((groups, 1), dtype=torch.bool)
+
+
 class _MABNFunction(torch.autograd.Function):
     """``y = weight * u * x + bias`` with MABN's moving-average backward.
 
@@ -208,27 +247,11 @@ class _MovingAverageBatchNorm(_BatchNorm):
         y = _MABNFunction.apply(x, self.weight, self.bias, u, inv_var, use_own, self.buffer_gz)
         return y.view(input.shape)
 
-    @torch.no_grad()
     def _update_forward_statistics(self, x: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
         """Advance the schedule by one forward; return ``u``, ``1 / (chi + eps)`` and the own-stat mask."""
-        step = self.num_batches_tracked + 1
-        group_index = self.groups_seen + torch.arange(1, groups + 1, device=x.device)
-        use_own = ((step < self.warmup_iters) | (group_index <= self.window)).unsqueeze(1)
-
-        stat_dtype = torch.promote_types(x.dtype, torch.float32)
-        sample_x2 = torch.linalg.vector_norm(x, dim=2, dtype=stat_dtype).square() / x.shape[2]
-        chi = sample_x2.view(groups, -1, x.shape[1]).mean(dim=1).to(self.buffer_x2.dtype)
-        chi_used, new_window = _windowed(self.buffer_x2, chi, use_own)
-
-        std = (chi_used + self.eps).sqrt()
-        r = (std / (self.running_var + self.eps).sqrt()).clamp(1.0 / self.r_max, self.r_max)
-        r = torch.where(step > self.r_warmup_iters, r, torch.ones_like(r))
-
-        self.running_var.mul_(self.momentum).add_(chi_used.mean(dim=0), alpha=1.0 - self.momentum)
-        self.buffer_x2.copy_(new_window)
-        self.num_batches_tracked.add_(1)
-        self.groups_seen.add_(groups)
-        return r / std, 1.0 / (chi_used + self.eps), use_own
+        return _advance_forward_statistics(
+            x.detach(), self.running_var, self.num_batches_tracked, self.groups_seen, self.buffer_x2,
+            groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
