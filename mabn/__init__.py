@@ -3,6 +3,7 @@ with, plus the tools to put them into models and fold them away for inference.""
 from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mabn.cen_conv import CenConv1d, CenConv2d, CenConv3d, centralize_weight
 from mabn.convert import convert_conv, convert_norm, is_batch_norm
+from mabn.fold import fold_conv_norm, fold_norms
 from mabn.factory import NORM_NAMES, get_norm, norm_class, resolve_norm_name
 from mabn.moving_average_bn import MABN1d, MABN2d, MABN3d
 from mabn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
@@ -16,6 +17,7 @@ __all__ = [
     "FrozenBatchNorm2d",
     "MABN1d", "MABN2d", "MABN3d",
     "NORM_NAMES", "SyncBatchNorm",
-    "convert_conv", "convert_norm", "convert_sync_batchnorm", "get_norm", "is_batch_norm",
+    "convert_conv", "convert_norm", "convert_sync_batchnorm", "fold_conv_norm", "fold_norms",
+    "get_norm", "is_batch_norm",
     "norm_class", "resolve_norm_name", "revert_sync_batchnorm",
 ]
