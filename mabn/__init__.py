@@ -5,6 +5,7 @@ from mabn.cen_conv import CenConv1d, CenConv2d, CenConv3d, centralize_weight
 from mabn.convert import convert_conv, convert_norm, is_batch_norm
 from mabn.fold import fold_conv_norm, fold_norms
 from mabn.factory import NORM_NAMES, get_norm, norm_class, resolve_norm_name
+from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from mabn.moving_average_bn import MABN1d, MABN2d, MABN3d
 from mabn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight",
-    "FrozenBatchNorm2d",
+    "FrozenBatchNorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
     "MABN1d", "MABN2d", "MABN3d",
     "NORM_NAMES", "SyncBatchNorm",
     "convert_conv", "convert_norm", "convert_sync_batchnorm", "fold_conv_norm", "fold_norms",

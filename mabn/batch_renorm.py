@@ -37,6 +37,18 @@ that ends at ``warmup_steps`` jumps to its maximum at ``t = warmup_steps``. The 
 recomputed from the counter on every forward with tensor operations only (no host sync), so
 the schedule keeps advancing under ``torch.compile``.
 
+Normalization batch ``B`` (keyword-only, default None = the whole batch): with ``B`` set, a
+training batch of N samples (``N % B == 0``) is split IN ORDER into ``G = N / B`` groups of ``B``
+consecutive samples, the normalization batch inside a larger SGD batch (as MABN's
+``split_batch=True`` and :class:`mabn.GhostBatchNorm2d`). Each group is renormalized with its own
+``mu_B``, ``sigma_B`` and its own ``r``, ``d``, all computed against the same (pre-forward)
+running statistics, exactly as if the layer were applied to each group separately from the same
+state. The running statistics and the counter are then updated once per forward with the
+average over groups::
+
+    running_mean += momentum * (mean_g(mu_B) - running_mean)
+    std += momentum * (mean_g(sqrt(var_B_unbiased)) - std)
+
 Statistics are computed in float32 for float16/bfloat16 inputs; the output has the input's
 dtype.
 """
@@ -48,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from mabn.compile_barrier import saved_for_backward
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -74,6 +88,7 @@ class _BatchRenorm(_BatchNorm):
         warmup_steps: int = 5000,
         r_ramp_end: int = 40000,
         d_ramp_end: int = 25000,
+        B: Optional[int] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -85,6 +100,9 @@ class _BatchRenorm(_BatchNorm):
             raise ValueError(f"d_max must be >= 0, got {d_max}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if B is not None and (isinstance(B, bool) or not isinstance(B, int) or B < 1):
+            raise ValueError(f"B (the normalization batch size) must be None or a positive int, "
+                             f"got {B!r}")
         for name, end in (("r_ramp_end", r_ramp_end), ("d_ramp_end", d_ramp_end)):
             if end < warmup_steps:
                 raise ValueError(f"{name} must be >= warmup_steps ({warmup_steps}), got {end}")
@@ -94,11 +112,12 @@ class _BatchRenorm(_BatchNorm):
         self.warmup_steps = int(warmup_steps)
         self.r_ramp_end = int(r_ramp_end)
         self.d_ramp_end = int(d_ramp_end)
+        self.B = B
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
                 f"warmup_steps={self.warmup_steps}, r_ramp_end={self.r_ramp_end}, "
-                f"d_ramp_end={self.d_ramp_end}")
+                f"d_ramp_end={self.d_ramp_end}" + ("" if self.B is None else f", B={self.B}"))
 
     def _ramp(self, t: Tensor, end: int) -> Tensor:
         """Fraction of the ramp ending at step ``end`` that is done at step ``t``, in [0, 1]."""
@@ -130,14 +149,27 @@ class _BatchRenorm(_BatchNorm):
                                weight, bias, False, 0.0, self.eps)
         return out.to(input.dtype)
 
+    def _num_groups(self, batch: int) -> int:
+        """Number of normalization groups in a batch of ``batch`` samples (1 when ``B`` is None)."""
+        if self.B is None:
+            return 1
+        if batch % self.B != 0:
+            raise ValueError(f"{type(self).__name__} with B={self.B} normalizes groups of {self.B} "
+                             f"consecutive samples, but the batch has {batch} samples; use a batch "
+                             f"size divisible by {self.B}")
+        return batch // self.B
+
     def _train_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         """Renormalized output; updates the running statistics and the step counter."""
-        count = x.numel() // x.shape[1]
+        groups = self._num_groups(x.shape[0])
+        count = x.numel() // x.shape[1] // groups  # values per channel in one group
         if count < 2:
             raise ValueError(f"{type(self).__name__} expects more than 1 value per channel when "
-                             f"training, got input of shape {tuple(x.shape)}")
-        dims = [0, *range(2, x.dim())]
-        var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+                             f"training, got input of shape {tuple(x.shape)}"
+                             + ("" if self.B is None else f" split into groups of B={self.B}"))
+        xg = x.unflatten(0, (groups, x.shape[0] // groups))  # (G, B, C, *spatial), a view
+        dims = [1, *range(3, xg.dim())]
+        var_b, mean_b = torch.var_mean(xg, dim=dims, correction=0)  # (G, C)
         std_b = torch.sqrt(var_b + self.eps)
         with torch.no_grad():
             running_mean = self.running_mean.to(x.dtype)
@@ -145,22 +177,28 @@ class _BatchRenorm(_BatchNorm):
             rmax, dmax = (limit.to(x.dtype) for limit in self.current_limits())
             r = torch.clamp(std_b / running_std, 1.0 / rmax, rmax)
             d = torch.clamp((mean_b - running_mean) / running_std, -dmax, dmax)
+            r, d = saved_for_backward(r, d)
             self._update_running_stats(mean_b, var_b * (count / (count - 1)))
         scale = r / std_b
         shift = d
         if weight is not None:
             scale = scale * weight
             shift = shift * weight + bias
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - mean_b.view(shape)) * scale.view(shape) + shift.view(shape)
+        shape = (groups, 1, -1) + (1,) * (x.dim() - 2)
+        y = (xg - mean_b.view(shape)) * scale.view(shape) + shift.view(shape)
+        return y.flatten(0, 1)
 
     def _update_running_stats(self, mean_b: Tensor, var_unbiased: Tensor) -> None:
-        """EMA of the mean and of the (eps-free) standard deviation; advances the counter."""
+        """EMA of the mean and of the (eps-free) standard deviation; advances the counter.
+
+        ``mean_b`` and ``var_unbiased`` are (G, C) per-group statistics; the EMAs take their
+        average over groups (of the means, and of the standard deviations).
+        """
         m = self.momentum
         mean = self.running_mean.to(mean_b.dtype)
         std = self.running_var.to(mean_b.dtype).sqrt()
-        self.running_mean.copy_(mean + m * (mean_b - mean))
-        self.running_var.copy_((std + m * (var_unbiased.sqrt() - std)).square())
+        self.running_mean.copy_(mean + m * (mean_b.mean(dim=0) - mean))
+        self.running_var.copy_((std + m * (var_unbiased.sqrt().mean(dim=0) - std)).square())
         self.num_batches_tracked.add_(1)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from mabn.moving_average_bn import MABN1d, MABN2d, MABN3d
 from mabn.sync_batchnorm import SyncBatchNorm
 
@@ -25,6 +26,8 @@ NORM_CLASSES_BY_DIM: Dict[str, Dict[int, type]] = {
     "MABN": {1: MABN1d, 2: MABN2d, 3: MABN3d},
     "IN": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
 }
+
+GHOST_BN_BY_DIM: Dict[int, type] = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
 
 NORM_NAMES = ("BN", "SyncBN", "FrozenBN", "GN", "IN", "LN", "BRN", "MABN", "")
 
@@ -62,6 +65,12 @@ def get_norm(norm: NormSpec, num_channels: int, *, dim: int = 2, **kwargs) -> nn
         num_channels: channels C of the (N, C, ...) input.
         dim: spatial dimensionality for BN, BRN, MABN and IN (1, 2 or 3).
         kwargs: forwarded to the layer's constructor (e.g. ``B=2, real_B=32`` for MABN).
+            ``B`` is the normalization batch (samples per normalization group) for "BN", "BRN"
+            and "MABN": ``get_norm("BN", C, B=b)`` builds ``GhostBatchNorm{dim}d`` (groups of
+            ``b`` consecutive samples; plain ``nn.BatchNorm{dim}d`` when ``B`` is absent or
+            None), ``get_norm("BRN", C, B=b)`` a ``BatchRenorm{dim}d`` with per-group
+            statistics (None: the whole batch), and MABN takes ``B`` as its own argument
+            (groups only with ``split_batch=True``).
     """
     if callable(norm) and not isinstance(norm, str):
         return norm(num_channels, **kwargs)
@@ -76,4 +85,9 @@ def get_norm(norm: NormSpec, num_channels: int, *, dim: int = 2, **kwargs) -> nn
         return nn.GroupNorm(groups, num_channels, **kwargs)
     if name == "IN":
         kwargs.setdefault("affine", True)
+    if name == "BN":
+        B = kwargs.pop("B", None)  # None: plain whole-batch BatchNorm
+        if B is not None:
+            norm_class(name, dim)  # validates dim
+            return GHOST_BN_BY_DIM[dim](num_channels, B, **kwargs)
     return norm_class(name, dim)(num_channels, **kwargs)

@@ -1,6 +1,8 @@
 """Tests for mabn.batch_renorm (Batch Renormalization, Ioffe 2017)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -363,12 +365,13 @@ def test_autocast_bf16_no_nan():
         assert torch.isfinite(net(x)).all()
 
 
-def test_torch_compile_matches_eager_across_warmup_without_recompiles():
+@pytest.mark.parametrize("B", [None, 2])
+def test_torch_compile_matches_eager_across_warmup_without_recompiles(B):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     torch.manual_seed(11)
-    kw = dict(momentum=0.3, warmup_steps=2, r_ramp_end=5, d_ramp_end=4, dtype=F64)
+    kw = dict(momentum=0.3, warmup_steps=2, r_ramp_end=5, d_ramp_end=4, B=B, dtype=F64)
     eager = BatchRenorm2d(3, **kw)
     _random_affine(eager)
     with torch.no_grad():
@@ -376,15 +379,23 @@ def test_torch_compile_matches_eager_across_warmup_without_recompiles():
         eager.running_var.fill_(0.05)
     compiled_module = BatchRenorm2d(3, **kw)
     compiled_module.load_state_dict(eager.state_dict())
-    counter = CompileCounterWithBackend("aot_eager")
+    # the partitioning backend recomputes cheap values in the backward, as inductor does
+    counter = CompileCounterWithBackend("aot_eager_decomp_partition")
     compiled = torch.compile(compiled_module, backend=counter, fullgraph=True)
 
     limits = []
     for _ in range(7):
         x = torch.randn(4, 3, 3, 3, dtype=F64)
+        x_c, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
         limits.append(tuple(v.item() for v in compiled_module.current_limits()))
-        y_c, y_e = compiled(x), eager(x)
+        y_c, y_e = compiled(x_c), eager(x_e)
         torch.testing.assert_close(y_c, y_e, rtol=1e-10, atol=1e-10)
+        upstream = torch.randn_like(y_e)
+        y_c.backward(upstream)
+        y_e.backward(upstream)
+        torch.testing.assert_close(x_c.grad, x_e.grad, rtol=1e-10, atol=1e-10)
+        for p_c, p_e in zip(compiled_module.parameters(), eager.parameters()):
+            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-10, atol=1e-10)
         for k, v in eager.state_dict().items():
             torch.testing.assert_close(compiled_module.state_dict()[k], v, rtol=1e-10,
                                        atol=1e-10)
@@ -394,10 +405,122 @@ def test_torch_compile_matches_eager_across_warmup_without_recompiles():
     assert len(set(limits)) > 3  # the schedule advanced inside the compiled graph
 
 
-def test_training_forward_has_no_host_sync():
+@pytest.mark.parametrize("B", [None, 2])
+def test_training_forward_has_no_host_sync(B):
     """On the meta device any ``.item()`` / data-dependent Python branch raises."""
-    m = BatchRenorm2d(3, warmup_steps=2, r_ramp_end=5, d_ramp_end=4, device="meta")
+    m = BatchRenorm2d(3, warmup_steps=2, r_ramp_end=5, d_ramp_end=4, B=B, device="meta")
     y = m(torch.randn(4, 3, 2, 2, device="meta"))
     assert y.shape == (4, 3, 2, 2) and y.device.type == "meta"
     rmax, dmax = m.current_limits()
     assert rmax.device.type == "meta" and dmax.device.type == "meta"
+
+
+# --- Normalization batch B: groups of B consecutive samples --------------------------------------
+
+GROUP_CASES = [  # (class, input shape)
+    (BatchRenorm1d, (12, 4)),
+    (BatchRenorm1d, (12, 4, 3)),
+    (BatchRenorm2d, (12, 4, 3, 2)),
+    (BatchRenorm3d, (12, 4, 2, 2, 3)),
+]
+
+
+def _grouped_input(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    per_sample = (shape[0],) + (1,) * (len(shape) - 1)
+    shift = torch.randn(per_sample, generator=g, dtype=F64) * 2
+    scale = torch.rand(per_sample, generator=g, dtype=F64) * 3 + 0.3
+    return torch.randn(shape, generator=g, dtype=F64) * scale + shift
+
+
+@pytest.mark.parametrize("cls,shape", GROUP_CASES, ids=["1d-NC", "1d-NCL", "2d", "3d"])
+@pytest.mark.parametrize("B", [2, 3, 6])
+def test_groups_equal_batch_renorm_applied_to_each_group(cls, shape, B):
+    """Per group: own mu_B, sigma_B, r, d against the shared starting running statistics."""
+    kw = dict(momentum=0.2, r_max=1.5, d_max=0.4, warmup_steps=0, r_ramp_end=0, d_ramp_end=0,
+              dtype=F64)
+    m = cls(4, B=B, **kw)
+    _random_affine(m)
+    with torch.no_grad():
+        m.running_mean.copy_(torch.tensor([0.5, -0.5, 0.0, 2.0], dtype=F64))
+        m.running_var.copy_(torch.tensor([0.3, 2.0, 1.0, 8.0], dtype=F64))
+        m.num_batches_tracked.fill_(4)
+    ref = cls(4, **kw)  # B=None: the whole input is one group
+    ref.load_state_dict(m.state_dict())
+    refs = [copy.deepcopy(ref) for _ in range(shape[0] // B)]
+
+    x = _grouped_input(shape, seed=B).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = m(x)
+    y_ref = torch.cat([r(group) for r, group in zip(refs, x_ref.split(B))])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    if B < shape[0]:  # the groups really differ from whole-batch renorm
+        assert not torch.allclose(y, copy.deepcopy(ref)(x.detach()))
+
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    for name in ("weight", "bias"):
+        ref_grad = sum(getattr(r, name).grad for r in refs)
+        torch.testing.assert_close(getattr(m, name).grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+    # Once per forward, with the average over groups of the means and of the stds.
+    mean = torch.stack([r.running_mean for r in refs]).mean(0)
+    std = torch.stack([r.running_var.sqrt() for r in refs]).mean(0)
+    torch.testing.assert_close(m.running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.running_var, std.square(), rtol=1e-12, atol=1e-12)
+    assert m.num_batches_tracked.item() == 5
+
+
+def test_group_running_stats_formula_and_counter():
+    m = BatchRenorm2d(3, momentum=0.3, B=2, warmup_steps=0, dtype=F64)
+    rm, rv = m.running_mean.clone(), m.running_var.clone()
+    for step in range(3):
+        x = _grouped_input((6, 3, 2, 2), seed=step)
+        m(x)
+        groups = x.view(3, 2, 3, 4)
+        mu = groups.mean((1, 3)).mean(0)
+        sd = groups.var((1, 3), unbiased=True).sqrt().mean(0)
+        rm = rm + 0.3 * (mu - rm)
+        rv = (rv.sqrt() + 0.3 * (sd - rv.sqrt())) ** 2
+        torch.testing.assert_close(m.running_mean, rm, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.running_var, rv, rtol=1e-12, atol=1e-12)
+        assert m.num_batches_tracked.item() == step + 1
+
+
+def test_whole_batch_group_equals_default():
+    kw = dict(momentum=0.3, r_max=1.5, d_max=0.4, warmup_steps=0, r_ramp_end=0, d_ramp_end=0,
+              dtype=F64)
+    whole = BatchRenorm2d(3, **kw)
+    grouped = BatchRenorm2d(3, B=6, **kw)
+    assert whole.B is None and grouped.B == 6
+    for step in range(3):
+        x = _grouped_input((6, 3, 3, 3), seed=step)
+        torch.testing.assert_close(grouped(x), whole(x), rtol=1e-12, atol=1e-12)
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(grouped.state_dict()[k], v, rtol=1e-12, atol=1e-12)
+
+
+def test_group_eval_is_unchanged_and_any_batch_size():
+    m = BatchRenorm2d(3, B=4)
+    m(torch.randn(8, 3, 2, 2))
+    ref = BatchRenorm2d(3)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(3, 3, 2, 2)  # not divisible by B: fine in eval
+    assert torch.equal(m.eval()(x), ref.eval()(x))
+
+
+def test_group_errors_and_repr():
+    m = BatchRenorm2d(3, B=4)
+    assert "B=4" in repr(m) and "B=" not in repr(BatchRenorm2d(3))
+    with pytest.raises(ValueError, match=r"B=4 .* batch has 6 samples.*divisible by 4"):
+        m(torch.randn(6, 3, 2, 2))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchRenorm1d(3, B=1)(torch.randn(4, 3))
+    assert m.num_batches_tracked.item() == 0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="B"):
+            BatchRenorm2d(3, B=bad)
+    with pytest.raises(TypeError):
+        BatchRenorm2d(3, 1e-5, 0.01, True, 2)  # B is keyword-only
