@@ -11,11 +11,10 @@ reaches the convolution differs (``centralized_weight``).
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 from torch import nn
-from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 
 __all__ = ["CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight"]
 
@@ -27,7 +26,28 @@ def centralize_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _CenConvMixin:
-    """Convolve with the centralized weight; everything else is the parent ``nn.ConvNd``."""
+    """Convolve with the centralized weight; everything else is the parent ``nn.ConvNd``.
+
+    The constructor keeps the parent's arguments with the published defaults
+    (``kernel_size=3``, ``bias=False``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, ...]] = 3,
+        stride: Union[int, Tuple[int, ...]] = 1,
+        padding: Union[str, int, Tuple[int, ...]] = 0,
+        dilation: Union[int, Tuple[int, ...]] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
 
     @property
     def centralized_weight(self) -> torch.Tensor:
@@ -40,23 +60,6 @@ class _CenConvMixin:
 class CenConv1d(_CenConvMixin, nn.Conv1d):
     """``nn.Conv1d`` whose filters are centralized per output channel before use."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _size_1_t = 3,
-        stride: _size_1_t = 1,
-        padding: Union[str, _size_1_t] = 0,
-        dilation: _size_1_t = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-
 
 class CenConv2d(_CenConvMixin, nn.Conv2d):
     """``nn.Conv2d`` whose filters are centralized per output channel before use.
@@ -66,40 +69,6 @@ class CenConv2d(_CenConvMixin, nn.Conv2d):
     groups=1, bias=False)``; ``padding_mode``, ``device`` and ``dtype`` follow ``nn.Conv2d``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _size_2_t = 3,
-        stride: _size_2_t = 1,
-        padding: Union[str, _size_2_t] = 0,
-        dilation: _size_2_t = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-
 
 class CenConv3d(_CenConvMixin, nn.Conv3d):
     """``nn.Conv3d`` whose filters are centralized per output channel before use."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _size_3_t = 3,
-        stride: _size_3_t = 1,
-        padding: Union[str, _size_3_t] = 0,
-        dilation: _size_3_t = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
