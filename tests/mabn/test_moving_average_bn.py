@@ -328,3 +328,16 @@ def test_window_math_single_value_window():
     chi = x.square().mean(dim=(0, 2, 3))
     torch.testing.assert_close(y, layer.weight.view(1, 2, 1, 1) * x / torch.sqrt(chi + 1e-5).view(1, 2, 1, 1) + layer.bias.view(1, 2, 1, 1))
     assert math.isclose(layer.window, 1)
+
+
+def test_inplace_activation_after_mabn_keeps_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    grads = []
+    for inplace in (False, True):
+        layer = MABN2d(3, 2, 4, warmup_iters=0, split_batch=True)
+        net = torch.nn.Sequential(layer, torch.nn.ReLU(inplace=inplace))
+        xi = x.clone().requires_grad_()
+        net(xi).square().sum().backward()
+        grads.append((xi.grad, layer.weight.grad))
+    torch.testing.assert_close(grads[0], grads[1])
