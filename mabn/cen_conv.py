@@ -19,10 +19,26 @@ from torch import nn
 __all__ = ["CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight"]
 
 
+def _subtract_filter_means(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor - tensor.mean(dim=tuple(range(1, tensor.dim())), keepdim=True)
+
+
+class _Centralize(torch.autograd.Function):
+    """Centralization is a symmetric projection, so its backward is the same projection of the
+    gradient: two kernels instead of autograd's chain through ``mean`` and ``sub``."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        return _subtract_filter_means(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _subtract_filter_means(grad)
+
+
 def centralize_weight(weight: torch.Tensor) -> torch.Tensor:
     """Subtract from each output filter its mean over (in_channels / groups, *kernel)."""
-    dims = tuple(range(1, weight.dim()))
-    return weight - weight.mean(dim=dims, keepdim=True)
+    return _Centralize.apply(weight)
 
 
 class _CenConvMixin:
