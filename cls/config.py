@@ -1,0 +1,255 @@
+"""Command-line flags and ``--config`` files.
+
+The flags of the published ``cls/train.py`` keep their names and defaults; the rest are
+additions (see ``docs/cls.md``). A ``--config FILE`` (yaml, a flat mapping from flag names to
+values, e.g. ``configs/cls/mabn_b2.yaml``) replaces the defaults, and flags given explicitly on
+the command line override the file: the file is turned into command-line tokens that are parsed
+*before* the real ones, so for every flag the last occurrence wins.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Dict, List, Optional, Sequence, Set
+
+import yaml
+
+from cls.errors import UserError
+
+__all__ = ["ARCHS", "NORMS", "build_parser", "parse_args", "config_tokens", "explicit_flags"]
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet20")
+NORMS = ("bn", "brn", "gn", "in", "ln", "syncbn", "mabn", "frozenbn")
+DATASETS = ("imagefolder", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises :class:`UserError` instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(message)
+
+
+def _lower(text: str) -> str:
+    return str(text).lower()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+_positive_int.__name__ = "positive int"
+_non_negative_int.__name__ = "non-negative int"
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The trainer's flags. With ``suppress_defaults`` only flags actually given appear."""
+    parser = _Parser(
+        prog="cls/train.py",
+        description="ResNet on ImageNet (or the embedded dataset) with small normalization batches",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+    )
+
+    def add(*names, default=None, **kwargs):
+        if not suppress_defaults:
+            kwargs["default"] = default
+        parser.add_argument(*names, **kwargs)
+
+    flag = argparse.BooleanOptionalAction
+    # The published flags (same names and defaults).
+    add("--batch_size", type=_positive_int, default=256, help="global SGD batch over all processes")
+    add("--total_epoch", type=_positive_int, default=120, help="epochs of --iters_per_epoch iterations")
+    add("--learning_rate", type=float, default=0.1, help="initial learning rate")
+    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--weight_decay", type=float, default=1e-4, help="weight decay, on every parameter")
+    add("--save", type=str, default="./MABN", help="output directory (checkpoint, log, TensorBoard)")
+    add("--save_interval", type=_positive_int, default=2, help="save a checkpoint every N epochs (and at the end)")
+    add("--train_dir", type=str, default=None, help="ImageFolder training set; without it the embedded dataset is used")
+    add("--val_dir", type=str, default=None, help="ImageFolder validation set")
+    add("--checkpoint_dir", type=str, default=None,
+        help="checkpoint file (or a directory holding checkpoint.pth) to resume from or test")
+    add("--test_only", action=flag, default=False, help="only evaluate the checkpoint")
+    add("--local_rank", "--local-rank", type=int, default=None, dest="local_rank",
+        help="set by torch.distributed.launch; LOCAL_RANK is used when present")
+    add("--gpu_num", type=_positive_int, default=None, help="number of processes; must equal the world size")
+    add("--record_statistics", action=flag, default=False,
+        help="log mu_B, sigma^2_B, g_B and Psi_B of every batch-norm layer to TensorBoard")
+    # Additions.
+    add("--config", type=str, default=None, help="yaml file of flag values (command-line flags override it)")
+    add("--norm", type=_lower, choices=NORMS, default="mabn", help="normalization layer")
+    add("--norm_batch", type=_positive_int, default=None,
+        help="normalization batch b (default: the per-process batch; 2 for mabn, as published)")
+    add("--ma_batch", type=_positive_int, default=32, help="MABN moving-average batch (real_B)")
+    add("--warmup_iters", type=_non_negative_int, default=100, help="MABN iterations with the group's own statistics")
+    add("--gn_groups", type=_positive_int, default=32, help="GroupNorm groups (reduced to gcd(C, groups) per layer)")
+    add("--arch", type=_lower, choices=ARCHS, default="resnet50", help="network")
+    add("--image_size", type=_positive_int, default=224, help="training crop; validation resizes to size*256/224")
+    add("--num_classes", type=_positive_int, default=None, help="classifier outputs (default: the dataset's classes)")
+    add("--iters_per_epoch", type=_positive_int, default=5000, help="iterations per epoch")
+    add("--lr_milestones", type=_positive_int, nargs="*", default=[30, 60, 90, 120],
+        help="epochs after which the learning rate is multiplied by 0.1")
+    add("--eval_interval", type=_non_negative_int, default=0,
+        help="evaluate every N epochs (0: only after the last one)")
+    add("--val_batch_size", type=_positive_int, default=200, help="per-process validation batch")
+    add("--workers", type=_non_negative_int, default=None,
+        help="data loading processes per training process (default: min(8, CPUs per process))")
+    add("--seed", type=_non_negative_int, default=0, help="seed of initialization, data order and augmentation")
+    add("--device", type=_lower, choices=DEVICES, default="auto", help="auto: cuda when available")
+    add("--amp", action=flag, default=False, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    add("--dataset", type=_lower, choices=DATASETS, default=None,
+        help="imagefolder (--train_dir/--val_dir) or synthetic (default when no --train_dir)")
+    add("--data_cache", type=str, default=None,
+        help="cache directory of the embedded dataset (default: $MABN_CACHE or ~/.cache/mabn)")
+    add("--data_seed", type=_non_negative_int, default=0, help="seed of the embedded dataset's images")
+    add("--synthetic_classes", type=_positive_int, default=16, help="classes of the embedded dataset (2-16)")
+    add("--synthetic_train_per_class", type=_positive_int, default=600, help="embedded training images per class")
+    add("--synthetic_val_per_class", type=_positive_int, default=100, help="embedded validation images per class")
+    add("--synthetic_image_size", type=_positive_int, default=40, help="side of the embedded images (pixels)")
+    add("--export_folded", type=str, default=None, help="write the folded inference model (mabn.fold) to PATH")
+    add("--stat_channel", type=_non_negative_int, default=0, help="channel logged by --record_statistics")
+    add("--stat_interval", type=_positive_int, default=1, help="--record_statistics every N iterations")
+    add("--log_interval", type=_positive_int, default=20, help="TensorBoard training scalars every N iterations")
+    add("--progress", action=flag, default=True, help="tqdm progress bar on rank 0")
+    return parser
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def config_tokens(path: str, parser: Optional[argparse.ArgumentParser] = None) -> List[str]:
+    """Read a yaml config and return the equivalent command-line tokens."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid yaml ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    actions = _actions_by_dest(parser or build_parser())
+    tokens: List[str] = []
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in actions or key == "config":
+            valid = ", ".join(sorted(k for k in actions if k != "config"))
+            raise UserError(f"--config {path}: unknown key {raw_key!r}; valid keys: {valid}")
+        if value is None:
+            continue
+        action = actions[key]
+        option = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise UserError(f"--config {path}: {key} must be true or false, got {value!r}")
+            tokens.append(option if value else "--no-" + option[2:])
+        elif action.nargs in ("*", "+"):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            tokens.extend([option] + [str(v) for v in values])
+        else:
+            if isinstance(value, (list, tuple, dict)) or isinstance(value, bool):
+                raise UserError(f"--config {path}: {key} expects a single value, got {value!r}")
+            tokens.extend([option, str(value)])
+    try:
+        build_parser(suppress_defaults=True).parse_args(tokens)
+    except UserError as exc:
+        raise UserError(f"--config {path}: {exc}") from None
+    return tokens
+
+
+def explicit_flags(argv: Sequence[str]) -> Set[str]:
+    """Names (dests) of the flags given on the command line ``argv``."""
+    return set(vars(build_parser(suppress_defaults=True).parse_args(list(argv))))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Defaults, then the ``--config`` file, then the explicit command-line flags.
+
+    The namespace gets two extra attributes: ``explicit`` (flags from the command line) and
+    ``from_config`` (flags from the config file).
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    explicit = explicit_flags(argv)
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    tokens: List[str] = []
+    if first.config:
+        tokens = config_tokens(first.config, parser)
+    args = parser.parse_args(tokens + argv)
+    args.explicit = sorted(explicit)
+    args.from_config = sorted(set(vars(build_parser(suppress_defaults=True).parse_args(tokens))) - explicit)
+    return args
+
+
+BATCH_NORMS = ("bn", "brn", "mabn")  # the norms whose normalization batch --norm_batch sets
+MABN_DEFAULT_NORM_BATCH = 2  # the published MABN2d always split the batch into pairs
+
+
+def resolve(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Check the flags against each other and the world size; fill in derived values.
+
+    Adds ``per_gpu_batch`` and resolves ``norm_batch`` and ``dataset``. Raises
+    :class:`UserError` with a one-line message.
+    """
+    if args.gpu_num is not None and args.gpu_num != world_size:
+        raise UserError(f"--gpu_num={args.gpu_num} but the world size is {world_size}; launch "
+                        f"{args.gpu_num} processes (e.g. torchrun --nproc_per_node={args.gpu_num}) or drop --gpu_num")
+    if args.batch_size % world_size != 0:
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the world size {world_size}")
+    args.per_gpu_batch = args.batch_size // world_size
+    if args.norm in BATCH_NORMS:
+        if args.norm_batch is None:
+            # The published MABN normalizes pairs of images; BN and BRN default to the whole local batch.
+            args.norm_batch = MABN_DEFAULT_NORM_BATCH if args.norm == "mabn" else args.per_gpu_batch
+        if args.per_gpu_batch % args.norm_batch != 0:
+            raise UserError(f"the per-process batch {args.per_gpu_batch} (--batch_size {args.batch_size} / "
+                            f"{world_size} processes) is not divisible by --norm_batch {args.norm_batch}")
+        if args.norm == "mabn" and args.ma_batch % args.norm_batch != 0:
+            raise UserError(f"--ma_batch {args.ma_batch} must be a multiple of --norm_batch {args.norm_batch} "
+                            f"(MABN averages over ma_batch / norm_batch groups)")
+    elif args.norm == "syncbn":
+        if args.norm_batch not in (None, args.batch_size):
+            raise UserError(f"--norm syncbn normalizes over the global batch ({args.batch_size}); "
+                            f"--norm_batch {args.norm_batch} does not apply (use --norm bn for a smaller one)")
+        args.norm_batch = args.batch_size
+    else:
+        args.norm_batch = None  # GN / IN / LN / FrozenBN do not depend on the batch
+    if args.record_statistics and args.norm not in BATCH_NORMS + ("syncbn",):
+        raise UserError(f"--record_statistics needs a batch normalization (bn, brn, mabn, syncbn), got --norm {args.norm}")
+    if not 2 <= args.synthetic_classes <= 16:
+        raise UserError(f"--synthetic_classes must lie in 2..16, got {args.synthetic_classes}")
+    if list(args.lr_milestones) != sorted(args.lr_milestones):
+        raise UserError(f"--lr_milestones must be increasing, got {args.lr_milestones}")
+    if args.learning_rate <= 0 or args.momentum < 0 or args.weight_decay < 0:
+        raise UserError("--learning_rate must be > 0, --momentum and --weight_decay >= 0")
+
+    has_dirs = args.train_dir is not None or args.val_dir is not None
+    if args.dataset is None:
+        args.dataset = "imagefolder" if has_dirs else "synthetic"
+    if args.dataset == "synthetic" and has_dirs:
+        raise UserError("--dataset synthetic uses the embedded dataset; drop --train_dir/--val_dir "
+                        "(or use --dataset imagefolder)")
+    if args.dataset == "imagefolder":
+        if args.val_dir is None:
+            raise UserError("--val_dir is required with an ImageFolder dataset")
+        if args.train_dir is None and not args.test_only:
+            raise UserError("--train_dir is required for training (or pass --test_only)")
+    if args.test_only and args.checkpoint_dir is None:
+        raise UserError("--test_only needs --checkpoint_dir (the checkpoint to evaluate)")
+    return args

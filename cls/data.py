@@ -1,0 +1,176 @@
+"""ImageFolder reading, per-rank sampling and the data loaders.
+
+Training sampling (differs from the published code, which drew every batch with replacement
+from a generator seeded by the local rank): each rank reads a stream of distinct images. For
+epoch ``e`` the stream is built from permutations of the whole dataset drawn from
+``(seed, e, pass)``; every permutation (its length rounded down to a multiple of the world
+size) is dealt round-robin to the ranks, so within a pass no image goes to two ranks or twice
+to one. An epoch of ``--iters_per_epoch`` batches takes as many passes as it needs. Every
+sample also carries its augmentation seed ``(seed, e, rank, position)``, so data order and
+augmentation are fixed by ``--seed`` alone, whatever the number of workers, and a resumed run
+continues the stream exactly.
+
+Evaluation reads the WHOLE validation set once: rank ``r`` takes images ``r, r + W, r + 2W, ...``
+(uneven shards, nothing duplicated or dropped) and the caller sums the results over ranks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from cls.errors import CorruptImageError, UserError
+
+__all__ = ["load_bgr", "AugmentedImageFolder", "TrainBatchSampler", "ShardSampler", "open_image_folder",
+           "build_train_loader", "build_val_loader"]
+
+
+def load_bgr(path: str) -> np.ndarray:
+    """Decode an image file into an (H, W, 3) BGR uint8 array; :class:`CorruptImageError` otherwise."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise CorruptImageError(f"cannot read image file {path!r}: {exc.strerror}") from None
+    image = None
+    if data.size:
+        try:
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        except cv2.error:
+            image = None
+    if image is None:
+        raise CorruptImageError(f"cannot decode image file {path!r} (corrupt or not an image)")
+    return image
+
+
+def open_image_folder(root: str, flag: str) -> ImageFolder:
+    """An ImageFolder over ``root`` with the OpenCV loader; :class:`UserError` when missing or empty."""
+    if not os.path.isdir(root):
+        raise UserError(f"{flag} {root}: no such directory")
+    try:
+        folder = ImageFolder(root, loader=load_bgr)
+    except FileNotFoundError as exc:
+        raise UserError(f"{flag} {root}: no images found (expected {root}/<class>/<image> with "
+                        f"extensions {', '.join(IMG_EXTENSIONS)}; {str(exc).splitlines()[0]})") from None
+    if len(folder) == 0:
+        raise UserError(f"{flag} {root}: no images found")
+    return folder
+
+
+class AugmentedImageFolder(Dataset):
+    """An ImageFolder whose transform receives a per-sample random generator.
+
+    Items are ``(index, seed)`` pairs from :class:`TrainBatchSampler` or plain indices
+    (deterministic transforms, as for validation).
+    """
+
+    def __init__(self, folder: ImageFolder, transform):
+        self.folder = folder
+        self.transform = transform
+
+    @property
+    def classes(self) -> List[str]:
+        return self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, seed = item
+            rng = np.random.default_rng(seed)
+        else:
+            index, rng = item, None
+        path, target = self.folder.samples[index]
+        return self.transform(self.folder.loader(path), rng), target
+
+
+class TrainBatchSampler(Sampler):
+    """Per-rank batches of ``(index, augmentation seed)`` without replacement; see the module doc.
+
+    ``set_epoch(epoch, start_step)`` selects the epoch (1-based) and the first batch to yield
+    (for resuming inside an epoch); an iterator yields ``iters_per_epoch - start_step`` batches.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, iters_per_epoch: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        if num_samples < world_size:
+            raise UserError(f"the training set has {num_samples} images, fewer than the {world_size} processes")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.iters_per_epoch = iters_per_epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 1
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's image indices for the whole of ``epoch``, in order."""
+        needed = self.iters_per_epoch * self.batch_size
+        per_pass = self.num_samples // self.world_size
+        shards = []
+        for pass_index in range(-(-needed // per_pass)):
+            order = np.random.default_rng([self.seed, epoch, pass_index]).permutation(self.num_samples)
+            shards.append(order[:per_pass * self.world_size][self.rank::self.world_size])
+        return np.concatenate(shards)[:needed]
+
+    def __iter__(self) -> Iterator[List[Tuple[int, Tuple[int, ...]]]]:
+        indices = self.epoch_indices(self.epoch)
+        for step in range(self.start_step, self.iters_per_epoch):
+            first = step * self.batch_size
+            yield [(int(indices[p]), (self.seed, self.epoch, self.rank, p))
+                   for p in range(first, first + self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.iters_per_epoch - self.start_step
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world_size, ...`` below ``num_samples``: exact, uneven shards."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def _worker_init(_worker_id: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _loader_options(workers: int, device: torch.device) -> dict:
+    options = {"num_workers": workers, "pin_memory": device.type == "cuda",
+               "generator": torch.Generator()}  # keep the global RNG out of the loader
+    if workers > 0:
+        options.update(worker_init_fn=_worker_init, persistent_workers=True)
+    return options
+
+
+def build_train_loader(dataset: Dataset, sampler: TrainBatchSampler, workers: int,
+                       device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, **_loader_options(workers, device))
+
+
+def build_val_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int,
+                     device: torch.device) -> DataLoader:
+    sampler = ShardSampler(len(dataset), rank, world_size)
+    options = _loader_options(workers, device)
+    options.pop("persistent_workers", None)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)

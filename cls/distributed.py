@@ -1,0 +1,145 @@
+"""Launcher environment, device and process group.
+
+Works under ``python -m torch.distributed.launch`` (``--local-rank=N`` on the command line and
+``LOCAL_RANK`` in the environment), ``torchrun`` (environment only), multi-node launches and a
+plain ``python cls/train.py`` (one process, no process group). The backend is NCCL on CUDA and
+gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from cls.errors import UserError
+
+__all__ = ["DistEnv", "GradientAveraging", "setup", "cleanup"]
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None  # None: no process group (single process)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (on the collective's device) and return it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        if not self.distributed:
+            return [obj]
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def setup(device: str = "auto", local_rank_flag: Optional[int] = None, timeout_s: float = 1800.0) -> DistEnv:
+    """Read the launcher's environment, pick the device and initialize the process group."""
+    world_size = _env_int("WORLD_SIZE") or 1
+    rank = _env_int("RANK") or 0
+    local_rank = _env_int("LOCAL_RANK")
+    if local_rank is None:
+        local_rank = local_rank_flag if local_rank_flag is not None else 0
+    local_world_size = _env_int("LOCAL_WORLD_SIZE") or (world_size if world_size > 1 else 1)
+    launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ and _env_int("WORLD_SIZE") is not None
+    if world_size > 1 and not launched:
+        raise UserError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun")
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but CUDA is not available (use --device cpu or auto)")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} CUDA devices")
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+
+    backend = None
+    if launched:
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, init_method="env://",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank,
+                   local_world_size=local_world_size, device=torch_device, backend=backend)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class GradientAveraging(torch.nn.Module):
+    """Data parallelism without DDP: forward as the wrapped module; after the backward,
+    :meth:`average_gradients` all-reduces every gradient (one flat buffer) and divides by the world
+    size, which is what DDP does.
+
+    Used only where DDP refuses the model: ``torch.nn.parallel.DistributedDataParallel`` rejects
+    ``SyncBatchNorm`` layers in CPU modules, while ``mabn.SyncBatchNorm`` works on CPU/gloo.
+    Buffers are never synchronized (as with ``broadcast_buffers=False``).
+    """
+
+    def __init__(self, module: torch.nn.Module, world_size: int):
+        super().__init__()
+        self.module = module
+        self.world_size = world_size
+        with torch.no_grad():  # start from rank 0's parameters, as DDP does
+            for parameter in module.parameters():
+                dist.broadcast(parameter, src=0)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()

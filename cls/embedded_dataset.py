@@ -1,0 +1,203 @@
+"""The embedded dataset: procedural classification images written once as an ImageFolder.
+
+Sixteen classes are the pairs (fill texture, shape) of four textures (solid, stripes, checker,
+dots) and four shapes (circle, square, triangle, cross). An image shows one target object of its
+class on a cluttered background: a gradient, a faint texture of a random kind, random lines and
+up to two smaller distractor objects of random classes; then Gaussian pixel noise. Colours,
+contrast, size, aspect, rotation, position and texture period are random, so telling the
+texture apart needs figure-ground segregation and the random-resized crops of training often
+cut the target off: ResNet-20 does not saturate it within a few thousand iterations.
+
+Every image is a function of ``(seed, split, class, index)`` only (its own
+``numpy.random.Generator``), so the dataset is the same on every machine and run. It is written
+as PNG files to ``<cache>/<name>/{train,val}/<class>/<index>.png`` and read back through the
+ImageFolder path used for ImageNet. Writing is atomic: the writer renders into a temporary
+directory next to the target and renames it into place, holding an exclusive ``flock`` on a
+lock file meanwhile, so concurrent processes (all ranks of a launch, several launches) wait for
+one writer and never see a partial dataset.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+__all__ = ["CLASS_NAMES", "VERSION", "default_cache_dir", "dataset_name", "ensure_embedded_dataset",
+           "render_image", "write_embedded_dataset"]
+
+VERSION = 2
+SHAPES = ("circle", "square", "triangle", "cross")
+TEXTURES = ("solid", "stripes", "checker", "dots")
+CLASS_NAMES = tuple(f"{k:02d}_{TEXTURES[k // len(SHAPES)]}_{SHAPES[k % len(SHAPES)]}"
+                    for k in range(len(SHAPES) * len(TEXTURES)))
+_SPLIT_IDS = {"train": 0, "val": 1}
+_SUPERSAMPLE = 2
+
+
+def default_cache_dir() -> Path:
+    """``$MABN_CACHE`` if set, else ``~/.cache/mabn``."""
+    env = os.environ.get("MABN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mabn"
+
+
+def dataset_name(seed: int, classes: int, train_per_class: int, val_per_class: int, size: int) -> str:
+    return f"embedded-shapes-v{VERSION}-seed{seed}-c{classes}-train{train_per_class}-val{val_per_class}-px{size}"
+
+
+def _texture(rng: np.random.Generator, kind: str, shape: Tuple[int, int], color: np.ndarray,
+             contrast: float) -> np.ndarray:
+    """An (H, W, 3) float image of the texture ``kind`` around ``color``."""
+    h, w = shape
+    if kind == "solid":
+        return np.broadcast_to(color, (h, w, 3)).astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0.0, math.pi)
+    period = rng.uniform(4.0, 7.0) * _SUPERSAMPLE
+    u = xx * math.cos(theta) + yy * math.sin(theta) + rng.uniform(0.0, period)
+    v = -xx * math.sin(theta) + yy * math.cos(theta) + rng.uniform(0.0, period)
+    if kind == "stripes":
+        pattern = (np.sin(2.0 * math.pi * u / period) > 0).astype(np.float32)
+    elif kind == "checker":
+        pattern = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    else:  # dots
+        du = np.mod(u, period) - period / 2
+        dv = np.mod(v, period) - period / 2
+        pattern = (du * du + dv * dv < (0.3 * period) ** 2).astype(np.float32)
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    other = np.clip(color + sign * contrast, 0.0, 255.0)
+    return color + (other - color) * pattern[..., None]
+
+
+def _shape_mask(rng: np.random.Generator, kind: str, canvas: int, center: Tuple[float, float],
+                radius: float) -> np.ndarray:
+    """A (canvas, canvas) float mask in [0, 1] of the shape ``kind``."""
+    mask = np.zeros((canvas, canvas), np.uint8)
+    cx, cy = center
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    aspect = rng.uniform(0.75, 1.0)
+    if kind == "circle":
+        axes = (max(1, int(round(radius))), max(1, int(round(radius * aspect))))
+        cv2.ellipse(mask, (int(round(cx)), int(round(cy))), axes, math.degrees(angle), 0, 360, 255, -1, cv2.LINE_AA)
+        return mask.astype(np.float32) / 255.0
+    if kind == "square":
+        half = radius / math.sqrt(2.0) * 1.1
+        points = np.array([[-half, -half * aspect], [half, -half * aspect], [half, half * aspect],
+                           [-half, half * aspect]])
+    elif kind == "triangle":
+        points = np.array([[radius * math.cos(a), radius * math.sin(a) * aspect]
+                           for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
+    else:  # cross
+        arm = radius * 0.32
+        r = radius
+        points = np.array([[-arm, -r], [arm, -r], [arm, -arm], [r, -arm], [r, arm], [arm, arm],
+                           [arm, r], [-arm, r], [-arm, arm], [-r, arm], [-r, -arm], [-arm, -arm]])
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    polygon = points @ rotation.T + np.array([cx, cy])
+    cv2.fillPoly(mask, [np.round(polygon * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    return mask.astype(np.float32) / 255.0
+
+
+def _random_color(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(20.0, 235.0, size=3).astype(np.float32)
+
+
+def _draw_object(rng: np.random.Generator, image: np.ndarray, class_index: int, radius: float) -> None:
+    canvas = image.shape[0]
+    margin = radius * 0.6
+    center = (rng.uniform(margin, canvas - margin), rng.uniform(margin, canvas - margin))
+    texture = TEXTURES[class_index // len(SHAPES)]
+    shape = SHAPES[class_index % len(SHAPES)]
+    mask = _shape_mask(rng, shape, canvas, center, radius)[..., None]
+    fill = _texture(rng, texture, image.shape[:2], _random_color(rng), rng.uniform(50.0, 120.0))
+    image *= 1.0 - mask
+    image += fill * mask
+
+
+def render_image(seed: int, split: str, class_index: int, index: int, size: int = 40) -> np.ndarray:
+    """The BGR uint8 (size, size, 3) image number ``index`` of ``class_index`` in ``split``."""
+    rng = np.random.default_rng([VERSION, seed, _SPLIT_IDS[split], class_index, index])
+    canvas = size * _SUPERSAMPLE
+    # Background: a gradient between two colours, a faint texture of any kind, random lines.
+    top, bottom = _random_color(rng), _random_color(rng)
+    ramp = np.linspace(0.0, 1.0, canvas, dtype=np.float32)[:, None, None]
+    image = np.ascontiguousarray(np.broadcast_to(top + (bottom - top) * ramp, (canvas, canvas, 3)))
+    if rng.random() < 0.2:
+        image = np.ascontiguousarray(np.rot90(image))
+    background = _texture(rng, TEXTURES[rng.integers(len(TEXTURES))], (canvas, canvas),
+                          np.zeros(3, np.float32), rng.uniform(8.0, 25.0))
+    image += background
+    for _ in range(rng.integers(1, 5)):
+        p1 = tuple(int(v) for v in rng.integers(0, canvas, size=2))
+        p2 = tuple(int(v) for v in rng.integers(0, canvas, size=2))
+        color = tuple(float(c) for c in _random_color(rng))
+        cv2.line(image, p1, p2, color, int(rng.integers(1, 4)), cv2.LINE_AA)
+    # Up to two distractors of random classes, then the target on top.
+    for _ in range(rng.integers(0, 3)):
+        _draw_object(rng, image, int(rng.integers(len(CLASS_NAMES))), rng.uniform(0.10, 0.18) * canvas)
+    _draw_object(rng, image, class_index, rng.uniform(0.26, 0.40) * canvas)
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    image += rng.normal(0.0, rng.uniform(3.0, 14.0), size=image.shape).astype(np.float32)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def write_embedded_dataset(root: Path, seed: int, classes: int, train_per_class: int,
+                           val_per_class: int, size: int) -> None:
+    """Render every image into ``root/{train,val}/<class>/<index>.png`` (``root`` must not exist)."""
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for k in range(classes):
+            folder = root / split / CLASS_NAMES[k]
+            folder.mkdir(parents=True)
+            for i in range(count):
+                ok, encoded = cv2.imencode(".png", render_image(seed, split, k, i, size))
+                if not ok:
+                    raise RuntimeError(f"PNG encoding failed for {folder}/{i:05d}.png")
+                (folder / f"{i:05d}.png").write_bytes(encoded.tobytes())
+    meta = {"version": VERSION, "seed": seed, "classes": classes, "train_per_class": train_per_class,
+            "val_per_class": val_per_class, "size": size, "class_names": list(CLASS_NAMES[:classes])}
+    (root / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def ensure_embedded_dataset(cache_dir: Optional[os.PathLike] = None, seed: int = 0, classes: int = 16,
+                            train_per_class: int = 600, val_per_class: int = 100, size: int = 40,
+                            log=print) -> Path:
+    """Return the dataset directory, writing it first if no process has yet.
+
+    Safe to call from every rank at once: one process renders into a temporary directory and
+    renames it into place under an exclusive lock; the others block on the lock and then find
+    the finished directory.
+    """
+    if not 2 <= classes <= len(CLASS_NAMES):
+        raise ValueError(f"classes must lie in 2..{len(CLASS_NAMES)}, got {classes}")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / dataset_name(seed, classes, train_per_class, val_per_class, size)
+    if (target / "meta.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / (target.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (target / "meta.json").is_file():
+                return target
+            if target.exists():  # left over by something else than this writer: do not trust it
+                shutil.rmtree(target)
+            log(f"writing the embedded dataset ({classes} classes x {train_per_class}+{val_per_class} "
+                f"images of {size} px) to {target}")
+            temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
+            try:
+                shutil.rmtree(temporary)
+                write_embedded_dataset(temporary, seed, classes, train_per_class, val_per_class, size)
+                os.rename(temporary, target)
+            finally:
+                if temporary.exists():
+                    shutil.rmtree(temporary, ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
