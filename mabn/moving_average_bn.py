@@ -71,14 +71,18 @@ def _per_plane(per_group: Tensor, batch: int) -> Tensor:
     return per_group.unsqueeze(1).expand(groups, batch // groups, channels).reshape(-1)
 
 
-def _affine_planes(planes: Tensor, scale: Tensor, shift: Optional[Tensor]) -> Tensor:
-    """``planes * scale + shift`` for (1, P, S) planes and (P,) coefficients.
+def _affine_planes(planes: Tensor, scale: Tensor, shift: Optional[Tensor], out: Tensor) -> Tensor:
+    """``out = planes * scale + shift`` for (1, P, S) planes and (P,) coefficients.
 
-    BN's inference kernel (mean 0, variance 1, eps 0) does this in one vectorized pass; a
-    broadcast ``addcmul`` is several times slower on CPU.
+    ``out`` may be a view of a tensor of another shape: writing through it lets a custom
+    Function return a fresh (non-view) tensor, so in-place ops downstream (``ReLU(inplace=True)``)
+    need no CopySlices. A broadcast multiply then an in-place add is faster on CPU than
+    ``addcmul``.
     """
-    return torch.batch_norm(planes, scale, shift, torch.zeros_like(scale), torch.ones_like(scale),
-                            False, 0.0, 0.0, False)
+    torch.mul(planes, scale.view(1, -1, 1), out=out)
+    if shift is not None:
+        out.add_(shift.view(1, -1, 1))
+    return out
 
 
 def _plane_sums(grad: Tensor, planes: Tensor) -> Tuple[Tensor, Tensor]:
@@ -135,33 +139,34 @@ def _(x, running_var, num_batches_tracked, groups_seen, chi_window, groups, warm
 class _MABNFunction(torch.autograd.Function):
     """``y = weight * u * x + bias`` with MABN's moving-average backward.
 
-    ``x`` arrives as (1, N * C, S) planes, one per (sample, channel), so that each step is a
-    single vectorized kernel with one coefficient per plane. ``u = r / sqrt(chi + eps)`` and
-    ``inv_var = 1 / (chi + eps)`` are per group (G, C) and constants. The backward averages
+    ``x`` is (N, C, *); the work is done on its (1, N * C, S) view, one coefficient per
+    (sample, channel) plane, so each step is one vectorized kernel. ``u = r / sqrt(chi + eps)``
+    and ``inv_var = 1 / (chi + eps)`` are per group (G, C) and constants. The backward averages
     ``psi`` over the window in ``psi_window`` (updated in place) and returns the input, weight
     and bias gradients.
     """
 
     @staticmethod
-    def forward(ctx, planes: Tensor, weight: Tensor, bias: Tensor, u: Tensor, inv_var: Tensor,
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, u: Tensor, inv_var: Tensor,
                 use_own: Tensor, psi_window: Tensor) -> Tensor:
-        compute_dtype = torch.float32 if planes.dtype in _LOW_PRECISION else planes.dtype
-        batch = planes.shape[1] // weight.shape[0]
-        scale = _per_plane((weight * u).to(compute_dtype), batch)
-        y = _affine_planes(planes.to(compute_dtype), scale, bias.to(compute_dtype).repeat(batch))
-        ctx.save_for_backward(planes, weight, u, inv_var, use_own, psi_window)
-        return y.to(planes.dtype)
+        compute_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        batch = x.shape[0]
+        planes = x.to(compute_dtype).reshape(1, batch * x.shape[1], -1)
+        y = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
+        _affine_planes(planes, _per_plane((weight * u).to(compute_dtype), batch),
+                       bias.to(compute_dtype).repeat(batch), y.view(planes.shape))
+        ctx.save_for_backward(x, weight, u, inv_var, use_own, psi_window)
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        planes, weight, u, inv_var, use_own, psi_window = ctx.saved_tensors
-        compute_dtype = torch.float32 if planes.dtype in _LOW_PRECISION else planes.dtype
-        channels, groups = weight.shape[0], u.shape[0]
-        batch = planes.shape[1] // channels
-        x = planes.to(compute_dtype)
-        grad = grad_out.to(compute_dtype)
+        x, weight, u, inv_var, use_own, psi_window = ctx.saved_tensors
+        compute_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        batch, channels, groups = x.shape[0], x.shape[1], u.shape[0]
+        planes = x.to(compute_dtype).reshape(1, batch * channels, -1)
+        grad = grad_out.to(compute_dtype).reshape(planes.shape)
 
-        grad_x_sums, grad_sums = _plane_sums(grad, x)
+        grad_x_sums, grad_sums = _plane_sums(grad, planes)
         dy_x = grad_x_sums.view(groups, -1, channels).sum(dim=1).to(u.dtype)
         grad_weight = (dy_x * u).sum(dim=0)
         grad_bias = grad_sums.view(batch, channels).sum(dim=0)
@@ -169,9 +174,11 @@ class _MABNFunction(torch.autograd.Function):
         psi_used, new_window = _windowed(psi_window, psi, use_own)
         psi_window.copy_(new_window)
 
-        grad_x = _affine_planes(grad, _per_plane((weight * u).to(compute_dtype), batch), None)
-        grad_x.addcmul_(x, _per_plane((-psi_used * inv_var).to(compute_dtype), batch).view(1, -1, 1))
-        return (grad_x.to(planes.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
+        grad_x = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
+        grad_planes = _affine_planes(grad, _per_plane((weight * u).to(compute_dtype), batch), None,
+                                     grad_x.view(planes.shape))
+        grad_planes.addcmul_(planes, _per_plane((-psi_used * inv_var).to(compute_dtype), batch).view(1, -1, 1))
+        return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
                 None, None, None, None)
 
 
@@ -268,9 +275,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
         x = input.reshape(input.shape[0], input.shape[1], -1)
         groups = self._num_groups(x.shape[0])
         u, inv_var, use_own = self._update_forward_statistics(x, groups)
-        planes = x.reshape(1, -1, x.shape[2])
-        y = _MABNFunction.apply(planes, self.weight, self.bias, u, inv_var, use_own, self.buffer_gz)
-        return y.view(input.shape)
+        return _MABNFunction.apply(input, self.weight, self.bias, u, inv_var, use_own, self.buffer_gz)
 
     def _update_forward_statistics(self, x: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
         """Advance the schedule by one forward; return ``u``, ``1 / (chi + eps)`` and the own-stat mask."""
