@@ -19,7 +19,7 @@ __all__ = ["LOGGER_NAME", "RunLog", "train_line", "test_line"]
 
 LOGGER_NAME = "cls"
 _FORMAT = "[%(asctime)s] %(message)s"
-_DATE_FORMAT = "%d %I:%M:%S"
+_DATE_FORMAT = "%d %H:%M:%S"  # the published "%d %I:%M:%S", on a 24-hour clock
 
 
 def train_line(epoch: int, lr: float, loss: float, top1_err: float, top5_err: float) -> str:
