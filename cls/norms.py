@@ -45,11 +45,7 @@ class NormChoice:
         kwargs = dict(self.kwargs)
         if self.name == "GN":
             kwargs["num_groups"] = math.gcd(channels, self.gn_groups)
-        try:
-            return mabn.get_norm(self.name, channels, **kwargs)
-        except TypeError as exc:
-            raise UserError(f"mabn.get_norm({self.name!r}, {channels}, **{kwargs}) failed: {exc}; this mabn "
-                            f"version does not support these options (B= needs the ghost-batch version)") from None
+        return mabn.get_norm(self.name, channels, **kwargs)
 
     def describe(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
