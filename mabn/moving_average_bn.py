@@ -65,23 +65,25 @@ def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, 
     return torch.where(use_own, values, moving), stream[-size:]
 
 
-def _per_plane(per_group: Tensor, batch: int) -> Tensor:
-    """Expand (G, C) group coefficients to (N * C,), one per (sample, channel) plane."""
+def _per_sample(per_group: Tensor, batch: int) -> Tensor:
+    """(G, C) group coefficients as a (1 or N, C, 1) tensor that broadcasts over (N, C, S)."""
     groups, channels = per_group.shape
-    return per_group.unsqueeze(1).expand(groups, batch // groups, channels).reshape(-1)
+    if groups == 1:
+        return per_group.view(1, channels, 1)
+    return per_group.unsqueeze(1).expand(groups, batch // groups, channels).reshape(batch, channels, 1)
 
 
-def _affine_planes(planes: Tensor, scale: Tensor, shift: Optional[Tensor], out: Tensor) -> Tensor:
-    """``out = planes * scale + shift`` for (1, P, S) planes and (P,) coefficients.
+def _scale_shift(x: Tensor, scale: Tensor, shift: Optional[Tensor], out: Tensor) -> Tensor:
+    """``out = x * scale + shift`` for (N, C, S) ``x`` and coefficients broadcasting over S.
 
     ``out`` may be a view of a tensor of another shape: writing through it lets a custom
     Function return a fresh (non-view) tensor, so in-place ops downstream (``ReLU(inplace=True)``)
     need no CopySlices. A broadcast multiply then an in-place add is faster on CPU than
     ``addcmul``.
     """
-    torch.mul(planes, scale.view(1, -1, 1), out=out)
+    torch.mul(x, scale, out=out)
     if shift is not None:
-        out.add_(shift.view(1, -1, 1))
+        out.add_(shift)
     return out
 
 
@@ -111,7 +113,7 @@ def _advance_forward_statistics_impl(x: Tensor, running_var: Tensor, num_batches
 
     std = (chi_used + eps).sqrt()
     r = (std / (running_var + eps).sqrt()).clamp(1.0 / r_max, r_max)
-    r = torch.where(step > r_warmup_iters, r, torch.ones_like(r))
+    r = torch.where(step > r_warmup_iters, r, 1.0)
 
     running_var.mul_(momentum).add_(chi_used.mean(dim=0), alpha=1.0 - momentum)
     chi_window.copy_(new_window)
@@ -139,8 +141,8 @@ def _(x, running_var, num_batches_tracked, groups_seen, chi_window, groups, warm
 class _MABNFunction(torch.autograd.Function):
     """``y = weight * u * x + bias`` with MABN's moving-average backward.
 
-    ``x`` is (N, C, *); the work is done on its (1, N * C, S) view, one coefficient per
-    (sample, channel) plane, so each step is one vectorized kernel. ``u = r / sqrt(chi + eps)``
+    ``x`` is (N, C, *); the work is done on its (N, C, S) view with coefficients per group
+    broadcast to its samples, so each step is one vectorized kernel. ``u = r / sqrt(chi + eps)``
     and ``inv_var = 1 / (chi + eps)`` are per group (G, C) and constants. The backward averages
     ``psi`` over the window in ``psi_window`` (updated in place) and returns the input, weight
     and bias gradients.
@@ -150,11 +152,10 @@ class _MABNFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, u: Tensor, inv_var: Tensor,
                 use_own: Tensor, psi_window: Tensor) -> Tensor:
         compute_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-        batch = x.shape[0]
-        planes = x.to(compute_dtype).reshape(1, batch * x.shape[1], -1)
+        x3 = x.to(compute_dtype).reshape(x.shape[0], x.shape[1], -1)
         y = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
-        _affine_planes(planes, _per_plane((weight * u).to(compute_dtype), batch),
-                       bias.to(compute_dtype).repeat(batch), y.view(planes.shape))
+        _scale_shift(x3, _per_sample((weight * u).to(compute_dtype), x.shape[0]),
+                     bias.to(compute_dtype).view(1, -1, 1), y.view(x3.shape))
         ctx.save_for_backward(x, weight, u, inv_var, use_own, psi_window)
         return y.to(x.dtype)
 
@@ -163,21 +164,20 @@ class _MABNFunction(torch.autograd.Function):
         x, weight, u, inv_var, use_own, psi_window = ctx.saved_tensors
         compute_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         batch, channels, groups = x.shape[0], x.shape[1], u.shape[0]
-        planes = x.to(compute_dtype).reshape(1, batch * channels, -1)
-        grad = grad_out.to(compute_dtype).reshape(planes.shape)
+        x3 = x.to(compute_dtype).reshape(batch, channels, -1)
+        grad = grad_out.to(compute_dtype).reshape(x3.shape)
 
-        grad_x_sums, grad_sums = _plane_sums(grad, planes)
+        grad_x_sums, grad_sums = _plane_sums(grad.view(1, -1, x3.shape[2]), x3.view(1, -1, x3.shape[2]))
         dy_x = grad_x_sums.view(groups, -1, channels).sum(dim=1).to(u.dtype)
         grad_weight = (dy_x * u).sum(dim=0)
         grad_bias = grad_sums.view(batch, channels).sum(dim=0)
-        psi = weight * u * dy_x / ((batch // groups) * planes.shape[2])
+        psi = weight * u * dy_x / ((batch // groups) * x3.shape[2])
         psi_used, new_window = _windowed(psi_window, psi, use_own)
         psi_window.copy_(new_window)
 
         grad_x = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
-        grad_planes = _affine_planes(grad, _per_plane((weight * u).to(compute_dtype), batch), None,
-                                     grad_x.view(planes.shape))
-        grad_planes.addcmul_(planes, _per_plane((-psi_used * inv_var).to(compute_dtype), batch).view(1, -1, 1))
+        grad_x3 = _scale_shift(grad, _per_sample((weight * u).to(compute_dtype), batch), None, grad_x.view(x3.shape))
+        grad_x3.addcmul_(x3, _per_sample((-psi_used * inv_var).to(compute_dtype), batch))
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
                 None, None, None, None)
 
