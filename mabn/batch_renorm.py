@@ -62,15 +62,10 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
+from mabn.precision import statistics_dtype
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision dtypes, the dtype itself otherwise."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 class _BatchRenorm(_BatchNorm):
@@ -128,7 +123,7 @@ class _BatchRenorm(_BatchNorm):
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """``(rmax_t, dmax_t)`` as 0-dim tensors for the current ``num_batches_tracked``."""
-        t = self.num_batches_tracked.to(_compute_dtype(self.running_mean.dtype))
+        t = self.num_batches_tracked.to(statistics_dtype(self.running_mean.dtype))
         rmax = 1.0 + (self.r_max - 1.0) * self._ramp(t, self.r_ramp_end)
         dmax = self.d_max * self._ramp(t, self.d_ramp_end)
         return rmax, dmax
@@ -138,7 +133,7 @@ class _BatchRenorm(_BatchNorm):
         if input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__} expected {self.num_features} channels in "
                              f"dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})")
-        dtype = _compute_dtype(input.dtype)
+        dtype = statistics_dtype(input.dtype)
         x = input.to(dtype)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)

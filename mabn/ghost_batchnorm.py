@@ -42,9 +42,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from mabn.precision import statistics_dtype
+
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_group_size(B: object) -> int:
@@ -109,7 +110,7 @@ class _GhostBatchNormMixin:
         if per_group < 2:
             raise ValueError(f"Expected more than 1 value per channel when training, got groups of "
                              f"B={self.B} samples of shape {tuple(input.shape[1:])}")
-        dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
+        dtype = statistics_dtype(input.dtype)
         x = input.to(dtype).unflatten(0, (groups, self.B))  # (G, B, C, *spatial), a view
         dims = [1, *range(3, x.dim())]
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)  # (G, 1, C, 1, ...)

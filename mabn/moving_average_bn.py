@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mabn.precision import statistics_dtype
+
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, Tensor]:
@@ -106,7 +107,7 @@ def _advance_forward_statistics_impl(x: Tensor, running_var: Tensor, num_batches
     group_index = groups_seen + torch.arange(1, groups + 1, device=x.device)
     use_own = ((step < warmup_iters) | (group_index <= window)).unsqueeze(1)
 
-    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    stat_dtype = statistics_dtype(x.dtype)
     sample_x2 = torch.linalg.vector_norm(x, dim=2, dtype=stat_dtype).square() / x.shape[2]
     chi = sample_x2.view(groups, -1, x.shape[1]).mean(dim=1).to(chi_window.dtype)
     chi_used, new_window = _windowed(chi_window, chi, use_own)
@@ -151,7 +152,7 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, u: Tensor, inv_var: Tensor,
                 use_own: Tensor, psi_window: Tensor) -> Tensor:
-        compute_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        compute_dtype = statistics_dtype(x.dtype)
         x3 = x.to(compute_dtype).reshape(x.shape[0], x.shape[1], -1)
         y = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
         _scale_shift(x3, _per_sample((weight * u).to(compute_dtype), x.shape[0]),
@@ -162,7 +163,7 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, u, inv_var, use_own, psi_window = ctx.saved_tensors
-        compute_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        compute_dtype = statistics_dtype(x.dtype)
         batch, channels, groups = x.shape[0], x.shape[1], u.shape[0]
         x3 = x.to(compute_dtype).reshape(batch, channels, -1)
         grad = grad_out.to(compute_dtype).reshape(x3.shape)

@@ -70,7 +70,8 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from mabn.precision import statistics_dtype
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -104,10 +105,6 @@ def _all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     return _AllReduceSum.apply(tensor, group)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _sync_batch_norm_all_reduce(
     input: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -124,7 +121,7 @@ def _sync_batch_norm_all_reduce(
     param_shape = [1, num_channels] + [1] * (input.dim() - 2)
     local_count = input.numel() // num_channels  # 0 for an empty local batch
 
-    x = input.to(_stats_dtype(input.dtype))
+    x = input.to(statistics_dtype(input.dtype))
 
     # All-reduce #1: per-channel sums and the (per-channel) count, packed, in float64.
     local_sum = x.sum(dim=reduce_dims).to(torch.float64)

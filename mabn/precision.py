@@ -1,0 +1,13 @@
+"""The dtype in which the norms compute statistics: float32 for float16/bfloat16 inputs (e.g.
+under ``torch.autocast``), so that ``x ** 2`` and sums neither overflow nor lose precision; the
+input's own dtype for float32 and float64."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["statistics_dtype"]
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, the dtype itself for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
