@@ -76,7 +76,6 @@ from mabn.precision import statistics_dtype
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
 
-
 def _torch_sync_devices() -> Tuple[str, ...]:
     """Device types for which ``torch.nn.SyncBatchNorm`` has a synchronized implementation."""
     return ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())
