@@ -5,7 +5,8 @@ them. When such a value was computed from a running statistic that the same forw
 updates in place (Batch Renorm's ``r`` and ``d``), the recomputation reads the UPDATED buffer
 and the gradients come out wrong (torch 2.14: silently with inductor, a version-counter error
 with ``aot_eager_decomp_partition``). Passing the value through an opaque custom op makes it a
-saved tensor: the partitioner cannot recompute through the op.
+saved tensor: the partitioner cannot recompute through the op. Eager mode saves what autograd
+saves anyway, so there the values pass through untouched.
 """
 from __future__ import annotations
 
@@ -28,5 +29,7 @@ def _(tensors):
 
 
 def saved_for_backward(*tensors: Tensor) -> List[Tensor]:
-    """Copies of ``tensors`` (no gradient) that a compiled backward saves rather than recomputes."""
-    return _copies([t.detach() for t in tensors])
+    """``tensors`` without gradient; under ``torch.compile``, copies that the compiled backward
+    saves rather than recomputes."""
+    detached = [t.detach() for t in tensors]
+    return _copies(detached) if torch.compiler.is_compiling() else detached

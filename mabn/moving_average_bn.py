@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mabn.compile_barrier import saved_for_backward
 from mabn.precision import statistics_dtype
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
@@ -96,10 +97,11 @@ def _plane_sums(grad: Tensor, planes: Tensor) -> Tuple[Tensor, Tensor]:
     return grad_x_sums, grad_sums
 
 
-def _advance_forward_statistics_impl(x: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
-                                     groups_seen: Tensor, chi_window: Tensor, groups: int, warmup_iters: int,
-                                     r_warmup_iters: int, eps: float, momentum: float,
-                                     r_max: float) -> Tuple[Tensor, Tensor, Tensor]:
+@torch.no_grad()
+def _advance_forward_statistics(x: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                                groups_seen: Tensor, chi_window: Tensor, groups: int, warmup_iters: int,
+                                r_warmup_iters: int, eps: float, momentum: float,
+                                r_max: float) -> Tuple[Tensor, Tensor, Tensor]:
     """One training forward's statistics: returns ``u = r / sqrt(chi + eps)``, ``1 / (chi + eps)``
     (both (G, C)) and the own-statistic mask (G, 1), and advances the buffers in place."""
     step = num_batches_tracked + 1
@@ -120,23 +122,7 @@ def _advance_forward_statistics_impl(x: Tensor, running_var: Tensor, num_batches
     chi_window.copy_(new_window)
     num_batches_tracked.add_(1)
     groups_seen.add_(groups)
-    return r / std, 1.0 / (chi_used + eps), use_own
-
-
-# Under torch.compile the statistics go through this opaque op, so their outputs are saved for
-# the backward instead of being recomputed there from buffers the op has already updated. Eager
-# mode calls the function directly and skips the op's dispatch cost.
-_advance_forward_statistics_op = torch.library.custom_op(
-    "mabn::advance_forward_statistics",
-    mutates_args=("running_var", "num_batches_tracked", "groups_seen", "chi_window"),
-)(_advance_forward_statistics_impl)
-
-
-@_advance_forward_statistics_op.register_fake
-def _(x, running_var, num_batches_tracked, groups_seen, chi_window, groups, warmup_iters, r_warmup_iters,
-      eps, momentum, r_max):
-    per_group = x.new_empty((groups, x.shape[1]), dtype=chi_window.dtype)
-    return per_group, torch.empty_like(per_group), x.new_empty((groups, 1), dtype=torch.bool)
+    return tuple(saved_for_backward(r / std, 1.0 / (chi_used + eps), use_own))
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -172,12 +158,13 @@ class _MABNFunction(torch.autograd.Function):
         dy_x = grad_x_sums.view(groups, -1, channels).sum(dim=1).to(u.dtype)
         grad_weight = (dy_x * u).sum(dim=0)
         grad_bias = grad_sums.view(batch, channels).sum(dim=0)
-        psi = weight * u * dy_x / ((batch // groups) * x3.shape[2])
+        scale = weight * u
+        psi = scale * dy_x / ((batch // groups) * x3.shape[2])
         psi_used, new_window = _windowed(psi_window, psi, use_own)
         psi_window.copy_(new_window)
 
         grad_x = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
-        grad_x3 = _scale_shift(grad, _per_sample((weight * u).to(compute_dtype), batch), None, grad_x.view(x3.shape))
+        grad_x3 = _scale_shift(grad, _per_sample(scale.to(compute_dtype), batch), None, grad_x.view(x3.shape))
         grad_x3.addcmul_(x3, _per_sample((-psi_used * inv_var).to(compute_dtype), batch))
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
                 None, None, None, None)
@@ -275,15 +262,10 @@ class _MovingAverageBatchNorm(_BatchNorm):
                                 False, 0.0, self.eps)
         x = input.reshape(input.shape[0], input.shape[1], -1)
         groups = self._num_groups(x.shape[0])
-        u, inv_var, use_own = self._update_forward_statistics(x, groups)
-        return _MABNFunction.apply(input, self.weight, self.bias, u, inv_var, use_own, self.buffer_gz)
-
-    def _update_forward_statistics(self, x: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """Advance the schedule by one forward; return ``u``, ``1 / (chi + eps)`` and the own-stat mask."""
-        advance = _advance_forward_statistics_op if torch.compiler.is_compiling() else _advance_forward_statistics_impl
-        return advance(
-            x.detach(), self.running_var, self.num_batches_tracked, self.groups_seen, self.buffer_x2,
+        u, inv_var, use_own = _advance_forward_statistics(
+            x, self.running_var, self.num_batches_tracked, self.groups_seen, self.buffer_x2,
             groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
+        return _MABNFunction.apply(input, self.weight, self.bias, u, inv_var, use_own, self.buffer_gz)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
