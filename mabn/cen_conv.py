@@ -16,7 +16,9 @@ from typing import Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight"]
+__all__ = ["CONV_TYPES", "CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight", "plain_conv_class"]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _subtract_filter_means(tensor: torch.Tensor) -> torch.Tensor:
@@ -34,6 +36,11 @@ class _Centralize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _subtract_filter_means(grad)
+
+
+def plain_conv_class(conv: nn.Module) -> type:
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``: the torch conv that ``conv`` derives from."""
+    return next(cls for cls in type(conv).__mro__ if cls in CONV_TYPES)
 
 
 def centralize_weight(weight: torch.Tensor) -> torch.Tensor:

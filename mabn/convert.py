@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from mabn.cen_conv import CenConv1d, CenConv2d, CenConv3d, centralize_weight
+from mabn.cen_conv import CONV_TYPES, CenConv1d, CenConv2d, CenConv3d, centralize_weight, plain_conv_class
 from mabn.factory import NORM_CLASSES_BY_DIM, NormSpec, get_norm, resolve_norm_name
 from mabn.moving_average_bn import _MovingAverageBatchNorm
 
@@ -114,7 +114,7 @@ def convert_norm(module: nn.Module, norm: NormSpec, *, source: SourceSpec = is_b
 
 _CONV_TARGETS = {
     "cenconv": {nn.Conv1d: CenConv1d, nn.Conv2d: CenConv2d, nn.Conv3d: CenConv3d},
-    "conv": {nn.Conv1d: nn.Conv1d, nn.Conv2d: nn.Conv2d, nn.Conv3d: nn.Conv3d},
+    "conv": {cls: cls for cls in CONV_TYPES},
 }
 
 
@@ -131,16 +131,13 @@ def convert_conv(module: nn.Module, conv: str = "CenConv") -> nn.Module:
     to_plain = key == "conv"
     cen_types = (CenConv1d, CenConv2d, CenConv3d)
 
-    def base_type(m: nn.Module) -> type:
-        return next(cls for cls in type(m).__mro__ if cls in _CONV_TARGETS["conv"])
-
     def match(m: nn.Module) -> bool:
-        if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if not isinstance(m, CONV_TYPES):
             return False
         return isinstance(m, cen_types) if to_plain else not isinstance(m, cen_types)
 
     def build(old: nn.Module) -> nn.Module:
-        new = _CONV_TARGETS[key][base_type(old)](
+        new = _CONV_TARGETS[key][plain_conv_class(old)](
             old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
             old.groups, old.bias is not None, old.padding_mode, device=old.weight.device, dtype=old.weight.dtype)
         with torch.no_grad():

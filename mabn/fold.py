@@ -42,16 +42,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from mabn.cen_conv import _CenConvMixin, centralize_weight
+from mabn.cen_conv import CONV_TYPES, _CenConvMixin, centralize_weight, plain_conv_class
 
 __all__ = ["fold_norms", "fold_conv_norm"]
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM_TYPES = (_BatchNorm, FrozenBatchNorm2d)
-
-
-def _plain_conv_type(conv: nn.Module) -> type:
-    return next(cls for cls in type(conv).__mro__ if cls in _CONV_TYPES)
 
 
 def _effective_conv_weight(conv: nn.Module) -> Optional[torch.Tensor]:
@@ -62,7 +57,7 @@ def _effective_conv_weight(conv: nn.Module) -> Optional[torch.Tensor]:
     ``weight``; CenConv uses the centralized weight. Other subclasses (QAT ``ConvBn``, weight
     standardization, ...) compute something else, so they are not folded.
     """
-    base = _plain_conv_type(conv)
+    base = plain_conv_class(conv)
     if type(conv)._conv_forward is not base._conv_forward:
         return None
     if type(conv).forward is _CenConvMixin.forward:
@@ -79,7 +74,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _is_foldable_conv(module: nn.Module) -> bool:
-    if not isinstance(module, _CONV_TYPES) or _has_hooks(module):
+    if not isinstance(module, CONV_TYPES) or _has_hooks(module):
         return False
     if any(is_lazy(p) for p in module.parameters(recurse=False)):
         return False
@@ -130,7 +125,7 @@ def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> nn.Module:
     fused_w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
     fused_b = (b - mean) * scale + beta
 
-    fused = _plain_conv_type(conv)(
+    fused = plain_conv_class(conv)(
         conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
         device=device, dtype=dtype)
@@ -145,7 +140,7 @@ class _ConvNormLeafTracer(torch.fx.Tracer):
     """Keeps convolutions and BN-like norms as ``call_module`` nodes, wherever they come from."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _CONV_TYPES + _NORM_TYPES):
+        if isinstance(m, CONV_TYPES + _NORM_TYPES):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -161,7 +156,7 @@ def _fx_pairs(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             calls[id(module)] += 1
-            if not isinstance(module, _CONV_TYPES + _NORM_TYPES):
+            if not isinstance(module, CONV_TYPES + _NORM_TYPES):
                 hidden.update(id(m) for m in module.modules())
         elif node.op == "get_attr":
             try:
@@ -170,7 +165,7 @@ def _fx_pairs(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
                 pass
     # A get_attr names a shared tensor by one of its paths only: match tensors by identity.
     for module in model.modules():
-        if isinstance(module, _CONV_TYPES + _NORM_TYPES):
+        if isinstance(module, CONV_TYPES + _NORM_TYPES):
             own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
             if any(id(t) in read_tensors for t in own):
                 hidden.add(id(module))
