@@ -13,7 +13,7 @@ Modules, one concern each:
 * :mod:`cls.transforms`: the published OpenCV augmentation;
 * :mod:`cls.data`: ImageFolder reading, per-rank samplers, data loaders;
 * :mod:`cls.norms`: ``--norm`` / ``--norm_batch`` to ``mabn.get_norm`` calls;
-* :mod:`cls.models`: ResNet-18/34/50/101 and the CIFAR-style ResNet-20;
+* :mod:`cls.models`: ResNet-18/34/50/101 (torchvision's, with the chosen norm) and the CIFAR-style ResNet-20;
 * :mod:`cls.metrics`: loss, top-k counts, meters;
 * :mod:`cls.checkpoint`: atomic checkpoints, published-format loading, RNG state;
 * :mod:`cls.bn_statistics`: ``--record_statistics`` (mu_B, sigma^2_B, g_B, Psi_B);

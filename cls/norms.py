@@ -23,12 +23,10 @@ from typing import Any, Dict
 from torch import nn
 
 import mabn
+from cls.config import NORMS
 from cls.errors import UserError
 
-__all__ = ["NormChoice", "norm_choice", "FACTORY_NAMES"]
-
-FACTORY_NAMES = {"bn": "BN", "brn": "BRN", "mabn": "MABN", "syncbn": "SyncBN", "gn": "GN",
-                 "in": "IN", "ln": "LN", "frozenbn": "FrozenBN"}
+__all__ = ["NormChoice", "norm_choice"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +55,9 @@ def norm_choice(norm: str, per_gpu_batch: int, norm_batch=None, ma_batch: int = 
                 gn_groups: int = 32) -> NormChoice:
     """The layers for ``--norm norm`` with a per-process batch ``per_gpu_batch``."""
     key = norm.lower()
-    if key not in FACTORY_NAMES:
-        raise UserError(f"unknown norm {norm!r}; choose from {', '.join(FACTORY_NAMES)}")
-    name = FACTORY_NAMES[key]
+    if key not in NORMS:
+        raise UserError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+    name = mabn.resolve_norm_name(key)
     b = per_gpu_batch if norm_batch is None else norm_batch
     if key in ("bn", "brn"):
         kwargs = {} if b == per_gpu_batch else {"B": b}
