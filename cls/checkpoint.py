@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 
 __all__ = ["CHECKPOINT_NAME", "save_atomic", "resolve_checkpoint_path", "read_checkpoint", "strip_module_prefix",
            "load_model_state", "rank_buffers", "load_rank_buffers", "capture_rng", "restore_rng"]

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Set
 
 import yaml
 
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 
 __all__ = ["ARCHS", "NORMS", "build_parser", "parse_args", "config_tokens", "explicit_flags"]
 

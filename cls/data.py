@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from cls.errors import CorruptImageError, UserError
+from mabn.utils.errors import CorruptImageError, UserError
 
 __all__ = ["load_bgr", "AugmentedImageFolder", "TrainBatchSampler", "ShardSampler", "open_image_folder",
            "build_train_loader", "build_val_loader"]

@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 
 __all__ = ["DistEnv", "GradientAveraging", "setup", "cleanup"]
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from cls.checkpoint import CHECKPOINT_NAME, capture_rng, rank_buffers, save_atomic
 from cls.distributed import DistEnv
-from cls.errors import NonFiniteLossError
+from mabn.utils.errors import NonFiniteLossError
 from cls.metrics import Meter, label_smoothing_loss, topk_correct
 from cls.run_log import RunLog, test_line, train_line
 

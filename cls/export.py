@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cls.checkpoint import save_atomic
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 
 __all__ = ["export_folded"]
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 import mabn
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 
 __all__ = ["ARCH_BUILDERS", "CifarResNet", "build_model", "init_weights"]
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import mabn
 from cls.config import NORMS
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 
 __all__ = ["NormChoice", "norm_choice"]
 

@@ -32,7 +32,7 @@ from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loade
                       build_val_loader, open_image_folder)
 from cls.distributed import DistEnv, GradientAveraging, cleanup, setup  # noqa: E402
 from cls.engine import StopFlag, Trainer, TrainState  # noqa: E402
-from cls.errors import NonFiniteLossError, UserError, one_line  # noqa: E402
+from mabn.utils.errors import NonFiniteLossError, UserError, one_line  # noqa: E402
 from cls.metrics import Meter  # noqa: E402
 from cls.models import build_model  # noqa: E402
 from cls.norms import norm_choice  # noqa: E402

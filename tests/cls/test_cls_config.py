@@ -7,7 +7,7 @@ import pytest
 from cls_helpers import REPO
 
 from cls.config import config_tokens, explicit_flags, parse_args, resolve
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 
 CONFIGS = REPO / "configs" / "cls"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cls.data import ShardSampler, TrainBatchSampler, load_bgr, open_image_folder
-from cls.errors import CorruptImageError, UserError
+from mabn.utils.errors import CorruptImageError, UserError
 
 
 def _epoch(sampler, epoch, start=0):

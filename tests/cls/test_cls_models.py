@@ -7,7 +7,7 @@ from torch import nn
 
 import mabn
 from cls.config import parse_args, resolve
-from cls.errors import UserError
+from mabn.utils.errors import UserError
 from cls.models import build_model
 from cls.norms import norm_choice
 

@@ -1,4 +1,5 @@
-"""Errors that ``cls.train.main`` reports as one line (``error: ...``, exit code 2)."""
+"""Errors that the trainers (``cls``, ``det``) report as one line (``error: ...``): exit code 2
+for bad input, 3 for a non-finite loss."""
 from __future__ import annotations
 
 __all__ = ["UserError", "CorruptImageError", "NonFiniteLossError", "one_line"]
