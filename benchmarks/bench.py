@@ -1,10 +1,10 @@
-"""Speed (and memory) of MABN against native BN and the other norms: ``python -m mabn.bench``.
+"""Speed (and memory) of MABN against native BN and the other norms: ``python -m benchmarks.bench``.
 
 Usage::
 
-    python -m mabn.bench --quick                  # < 2 min on 2 CPU cores: the smoke-sized run
-    python -m mabn.bench --json bench.json        # full run (about 10-15 min on a small CPU)
-    python -m mabn.bench --rounds 20 --threads 4 --device cuda
+    python -m benchmarks.bench --quick                  # < 2 min on 2 CPU cores: the smoke-sized run
+    python -m benchmarks.bench --json bench.json        # full run (about 10-15 min on a small CPU)
+    python -m benchmarks.bench --rounds 20 --threads 4 --device cuda
 
 Flags: ``--quick`` (smaller shapes, 64 px ResNet-50 at batch 2, fewer rounds), ``--json PATH``
 (write every number, plus machine info), ``--rounds N`` (timed rounds of every section),
@@ -306,7 +306,7 @@ def measure_memory(case: Case, device: torch.device, saved: bool) -> Dict[str, O
 def build_layer(variant: str, channels: int) -> nn.Module:
     """The norm layer benchmarked as ``variant`` (one of LAYER_VARIANTS or SPLIT_VARIANT)."""
     from mabn import BatchRenorm2d, MABN2d, get_norm
-    from mabn.naive_mabn import NaiveMABN2d
+    from benchmarks.naive_mabn import NaiveMABN2d
 
     mabn_kw = dict(B=MABN_B, real_B=MABN_REAL_B, warmup_iters=0, r_warmup_iters=0)
     if variant == "BN":
@@ -685,7 +685,7 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m mabn.bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smaller shapes, ResNet-50 at 64 px and batch 2, fewer rounds (< 2 min on 2 cores)")

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from mabn import MABN2d
-from mabn import bench
-from mabn.naive_mabn import NaiveMABN2d
+from benchmarks import bench
+from benchmarks.naive_mabn import NaiveMABN2d
 
 
 def _max_rel(actual, expected):

@@ -1,4 +1,4 @@
-"""A deliberately naive MABN layer: the BASELINE of ``python -m mabn.bench``, nothing else.
+"""A deliberately naive MABN layer: the BASELINE of ``python -m benchmarks.bench``, nothing else.
 
 Do not use this layer to train; use :class:`mabn.MABN2d`. It exists so the benchmark can show
 what the straightforward way of writing MABN costs next to the fast implementation. It follows
