@@ -2,9 +2,9 @@
 from setuptools import find_packages, setup
 
 CORE = ["torch>=2.4", "torchvision>=0.19"]
-CLS = ["yacs", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml"]
-DET = ["yacs", "pycocotools", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib"]
-DEV = ["pytest", "onnx", "onnxscript"]
+CLS = ["yacs", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml", "filelock"]
+DET = ["yacs", "pycocotools", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml", "filelock"]
+DEV = ["pytest", "pytest-timeout", "pytest-randomly", "onnx", "onnxscript", "timm"]
 
 setup(
     name="mabn",
