@@ -2,12 +2,12 @@
 with, plus the tools to put them into models and fold them away for inference."""
 from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mabn.cen_conv import CenConv1d, CenConv2d, CenConv3d, centralize_weight
-from mabn.convert import convert_conv, convert_norm, is_batch_norm
+from mabn.convert import convert_conv, convert_norm, convert_sync_batchnorm, is_batch_norm, revert_sync_batchnorm
 from mabn.fold import fold_conv_norm, fold_norms
 from mabn.factory import NORM_NAMES, get_norm, norm_class, resolve_norm_name
 from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from mabn.moving_average_bn import MABN1d, MABN2d, MABN3d
-from mabn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from mabn.sync_batchnorm import SyncBatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ and the device/dtype.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple, Type, Union
+from typing import Any, Callable, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from mabn.cen_conv import CONV_TYPES, CenConv1d, CenConv2d, CenConv3d, centraliz
 from mabn.factory import NORM_CLASSES_BY_DIM, NormSpec, get_norm, resolve_norm_name
 from mabn.moving_average_bn import _MovingAverageBatchNorm
 
-__all__ = ["convert_norm", "convert_conv", "is_batch_norm"]
+__all__ = ["convert_conv", "convert_norm", "convert_sync_batchnorm", "is_batch_norm", "revert_sync_batchnorm"]
 
 _SPATIAL_DIM = {cls: dim for table in NORM_CLASSES_BY_DIM.values() for dim, cls in table.items()}
 
@@ -110,6 +110,31 @@ def convert_norm(module: nn.Module, norm: NormSpec, *, source: SourceSpec = is_b
         return new
 
     return _replace(module, match, build)
+
+
+def _is_plain_batch_norm(module: nn.Module) -> bool:
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace torch's ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` layers by :class:`mabn.SyncBatchNorm`.
+
+    Unlike ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, BN subclasses with other semantics
+    (MABN, Batch Renorm, ghost BN) are left alone. Parameters are shared and statistics copied
+    (see :func:`convert_norm`).
+    """
+    return convert_norm(module, "SyncBN", source=_is_plain_batch_norm, process_group=process_group)
+
+
+def revert_sync_batchnorm(module: nn.Module, dim: int = 2) -> nn.Module:
+    """Turn every ``torch.nn.SyncBatchNorm`` (ours included) back into ``BatchNorm{dim}d``.
+
+    A SyncBatchNorm accepts any (N, C, ...) input, so the target dimensionality is an argument
+    (pytorch#41081 asks for this reverse conversion). Parameters are shared, statistics copied.
+    """
+    if dim not in (1, 2, 3):
+        raise ValueError(f"dim must be 1, 2 or 3 (target BatchNorm{{dim}}d), got {dim!r}")
+    return convert_norm(module, "BN", source=nn.SyncBatchNorm, dim=dim)
 
 
 _CONV_TARGETS = {

@@ -59,9 +59,9 @@ agree and none is left waiting).
 Every rank must call ``backward`` through the layer's output when the others do (as with DDP):
 the backward all-reduces are collectives too.
 
-Conversion helpers: :meth:`SyncBatchNorm.convert_sync_batchnorm` (also the module-level
-:func:`convert_sync_batchnorm`) and :func:`revert_sync_batchnorm` for the way back
-(pytorch/pytorch#41081).
+Conversion: :func:`mabn.convert_sync_batchnorm` and, for the way back,
+:func:`mabn.revert_sync_batchnorm` (pytorch/pytorch#41081), both in :mod:`mabn.convert`; this
+module depends on no other part of the package but :mod:`mabn.precision`.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ from torch import nn
 
 from mabn.precision import statistics_dtype
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm"]
 
 
 def _torch_sync_devices() -> Tuple[str, ...]:
@@ -239,38 +239,6 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Replace torch's ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` layers by this class.
-
-        Unlike torch's version, BN subclasses with other semantics (MABN, Batch Renorm) are
-        left alone. Parameters are shared and statistics copied (see :func:`mabn.convert_norm`).
-        """
-        from mabn.convert import convert_norm
-
-        return convert_norm(module, "SyncBN", source=_is_plain_batch_norm, process_group=process_group)
-
-    @classmethod
-    def revert_sync_batchnorm(cls, module: nn.Module, dim: int = 2) -> nn.Module:
-        """Alias of the module-level :func:`revert_sync_batchnorm`."""
-        return revert_sync_batchnorm(module, dim)
-
-
-def _is_plain_batch_norm(module: nn.Module) -> bool:
-    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """Module-level alias of :meth:`SyncBatchNorm.convert_sync_batchnorm`."""
-    return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-
-
-def revert_sync_batchnorm(module: nn.Module, dim: int = 2) -> nn.Module:
-    """Turn every ``torch.nn.SyncBatchNorm`` (ours included) back into ``BatchNorm{dim}d``.
-
-    A SyncBatchNorm accepts any (N, C, ...) input, so the target dimensionality is an argument
-    (pytorch#41081 asks for this reverse conversion). Parameters are shared, statistics copied.
-    """
-    from mabn.convert import convert_norm
-
-    if dim not in (1, 2, 3):
-        raise ValueError(f"dim must be 1, 2 or 3 (target BatchNorm{{dim}}d), got {dim!r}")
-    return convert_norm(module, "BN", source=nn.SyncBatchNorm, dim=dim)
+        """Not here: use :func:`mabn.convert_sync_batchnorm` (torch's classmethod, inherited otherwise,
+        would build ``torch.nn.SyncBatchNorm`` layers, which fail on CPU)."""
+        raise TypeError("use mabn.convert_sync_batchnorm(module, process_group) to convert to mabn.SyncBatchNorm")

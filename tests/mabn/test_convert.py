@@ -112,3 +112,48 @@ def test_convert_conv_keeps_arguments():
     for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
         assert getattr(cen, attr) == getattr(conv, attr), attr
     assert torch.equal(cen.bias, conv.bias)
+
+
+def _package_imports() -> dict:
+    """``{module: {mabn modules it imports}}`` for every module of the package, function-level
+    imports included (a lazy import is still an edge of the dependency graph)."""
+    import ast
+    from pathlib import Path
+
+    import mabn
+
+    root = Path(mabn.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("mabn",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mabn"):
+                edges.add(node.module)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.startswith("mabn"))
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_package_import_graph_has_no_cycle():
+    graph = _package_imports()
+    assert graph["mabn.convert"] >= {"mabn.factory"} and "mabn.convert" not in graph["mabn.factory"]
+    for layer in ("mabn.sync_batchnorm", "mabn.moving_average_bn", "mabn.batch_renorm", "mabn.ghost_batchnorm",
+                  "mabn.cen_conv", "mabn.factory"):
+        assert not graph[layer] & {"mabn", "mabn.convert", "mabn.fold"}, layer
+    state = {}
+
+    def visit(module, stack):
+        state[module] = "open"
+        for dep in graph.get(module, ()):
+            if dep == "mabn" or dep not in graph:
+                continue
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join(stack + [module, dep])}"
+            if dep not in state:
+                visit(dep, stack + [module])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mabn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from mabn.convert import convert_sync_batchnorm, revert_sync_batchnorm
+from mabn.sync_batchnorm import SyncBatchNorm
 
 DIST_OK = dist.is_available() and dist.is_gloo_available()
 
@@ -145,7 +146,7 @@ def test_convert_revert_round_trip():
     flags = [x.training for x in orig.modules()]
     rg = {n: p.requires_grad for n, p in orig.named_parameters()}
 
-    conv = SyncBatchNorm.convert_sync_batchnorm(orig, process_group=None)
+    conv = convert_sync_batchnorm(orig, process_group=None)
     bns = [x for x in conv.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
     assert len(bns) == 5 and all(type(x) is SyncBatchNorm for x in bns)
     assert [x.training for x in conv.modules()] == flags
@@ -156,7 +157,7 @@ def test_convert_revert_round_trip():
     for k, v in conv.state_dict().items():
         assert torch.equal(v, ref_state[k]), k
     # already ours: kept as is
-    assert SyncBatchNorm.convert_sync_batchnorm(conv[0]) is conv[0]
+    assert convert_sync_batchnorm(conv[0]) is conv[0]
     assert convert_sync_batchnorm(conv) is conv
 
     back = revert_sync_batchnorm(conv)  # dim=2 by default
@@ -168,7 +169,7 @@ def test_convert_revert_round_trip():
     for k, v in back.state_dict().items():
         assert torch.equal(v, ref_state[k]), k
 
-    again = SyncBatchNorm.revert_sync_batchnorm(convert_sync_batchnorm(_model()), dim=3)
+    again = revert_sync_batchnorm(convert_sync_batchnorm(_model()), dim=3)
     assert all(
         type(x) is nn.BatchNorm3d
         for x in again.modules()
