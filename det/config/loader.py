@@ -1,0 +1,126 @@
+"""Read a config: defaults, then a yaml file, then ``KEY VALUE`` pairs from the command line.
+
+Stricter than yacs' ``merge_from_file``: an unknown key anywhere is a one-line
+:class:`~mabn.utils.errors.UserError` that names the closest valid key, a key written twice in one
+yaml mapping is an error (yaml would silently keep the last one), and a value of the wrong type
+names the key. Config files are found relative to the working directory first, then relative to
+the repository's ``configs/det`` (so ``configs/e2e_...yaml`` works from the repository root and
+from ``det/``, where ``det/configs`` links to ``../configs/det``).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from det.config.defaults import get_default_config
+from mabn.utils.errors import UserError
+
+__all__ = ["CONFIG_ROOT", "all_keys", "load_config", "resolve_config_file"]
+
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "det"
+"""The repository's detection configs (``configs/det``)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe yaml loader that refuses a key written twice in one mapping."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise UserError(f"config key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                            f"{key_node.start_mark.line + 1} of {node.start_mark.name}); keep one")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def all_keys(node: CN, prefix: str = "") -> List[str]:
+    """Every leaf key of ``node`` as a dotted name (``MODEL.RPN.NMS_THRESH``)."""
+    keys = []
+    for name, value in node.items():
+        dotted = f"{prefix}{name}"
+        keys.extend(all_keys(value, dotted + ".") if isinstance(value, CN) else [dotted])
+    return keys
+
+
+def _unknown_key_error(key: str, valid: Iterable[str], where: str) -> UserError:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    # Prefer a key with the same last component (a key put in the wrong section).
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    suggestion = (difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) or close or [""])[0]
+    hint = f"; did you mean {suggestion}?" if suggestion else ""
+    return UserError(f"unknown config key {key} in {where}{hint}")
+
+
+def _check_keys(data: Any, defaults: CN, prefix: str, where: str, valid: List[str]) -> None:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'the top level'} must be a mapping of keys, "
+                        f"got {type(data).__name__}")
+    for name, value in data.items():
+        dotted = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in defaults:
+            raise _unknown_key_error(dotted, valid, where)
+        if isinstance(defaults[name], CN):
+            _check_keys(value, defaults[name], dotted + ".", where, valid)
+
+
+def resolve_config_file(config_file: str) -> Path:
+    """``config_file`` as given if it exists, else relative to ``configs/det``; a ``configs/``
+    prefix is accepted there (the published command lines say ``configs/e2e_...yaml``)."""
+    given = Path(config_file).expanduser()
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+        for candidate in (CONFIG_ROOT / given, CONFIG_ROOT.joinpath(*parts) if parts else None):
+            if candidate is not None and candidate.is_file():
+                return candidate
+    raise UserError(f"--config-file {config_file}: no such file (looked in {os.getcwd()} and {CONFIG_ROOT})")
+
+
+def _merge(config: CN, other: CN, where: str) -> None:
+    try:
+        config.merge_from_other_cfg(other)
+    except ValueError as exc:  # yacs' type check: names the key and both types
+        raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), freeze: bool = True) -> CN:
+    """The defaults, merged with ``config_file`` (if given) and then with ``opts``
+    (``["KEY", "VALUE", ...]`` as on the command line; values parsed as Python literals)."""
+    config = get_default_config()
+    valid = all_keys(config)
+    if config_file:
+        path = resolve_config_file(config_file)
+        try:
+            with open(path, "r") as stream:
+                data = yaml.load(stream, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid yaml ({str(exc).splitlines()[0]})") from None
+        data = data or {}
+        _check_keys(data, config, "", str(path), valid)
+        _merge(config, CN(data), str(path))
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UserError(f"command-line options must be KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key in opts[0::2]:
+        if key not in valid:
+            raise _unknown_key_error(key, valid, "the command-line options")
+    try:
+        config.merge_from_list(opts)
+    except ValueError as exc:  # yacs' type check: names the key and both types
+        raise UserError(f"the command-line options: {str(exc).splitlines()[0]}") from None
+    if freeze:
+        config.freeze()
+    return config
