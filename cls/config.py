@@ -9,14 +9,17 @@ the command line override the file: the file is turned into command-line tokens 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from typing import Dict, List, Optional, Sequence, Set
 
 import yaml
 
+import mabn
 from mabn.utils.errors import UserError
 
-__all__ = ["ARCHS", "NORMS", "build_parser", "parse_args", "config_tokens", "explicit_flags"]
+__all__ = ["ARCHS", "NORMS", "MABN_DEFAULT_NORM_BATCH", "build_parser", "config_tokens", "explicit_flags", "layer_default",
+           "parse_args", "resolve"]
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet20")
 NORMS = ("bn", "brn", "gn", "in", "ln", "syncbn", "mabn", "frozenbn")
@@ -51,6 +54,14 @@ def _non_negative_int(text: str) -> int:
 
 _positive_int.__name__ = "positive int"
 _non_negative_int.__name__ = "non-negative int"
+
+
+def layer_default(layer: type, name: str):
+    """The default of constructor argument ``name`` of ``layer``: the layers own their published defaults."""
+    return inspect.signature(layer).parameters[name].default
+
+
+MABN_DEFAULT_NORM_BATCH: int = layer_default(mabn.MABN2d, "B")  # the published MABN2d split the batch into pairs
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -91,8 +102,22 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--norm", type=_lower, choices=NORMS, default="mabn", help="normalization layer")
     add("--norm_batch", type=_positive_int, default=None,
         help="normalization batch b (default: the per-process batch; 2 for mabn, as published)")
-    add("--ma_batch", type=_positive_int, default=32, help="MABN moving-average batch (real_B)")
-    add("--warmup_iters", type=_non_negative_int, default=100, help="MABN iterations with the group's own statistics")
+    add("--ma_batch", type=_positive_int, default=layer_default(mabn.MABN2d, "real_B"),
+        help="MABN moving-average batch (real_B)")
+    add("--warmup_iters", type=_non_negative_int, default=layer_default(mabn.MABN2d, "warmup_iters"),
+        help="MABN iterations with the group's own statistics")
+    add("--mabn_r_warmup", type=_non_negative_int, default=None,
+        help="MABN iterations with r = 1 before r is clamped to [1/r_max, r_max] (default: max(1000, --warmup_iters))")
+    add("--brn_warmup", type=_non_negative_int, default=layer_default(mabn.BatchRenorm2d, "warmup_steps"),
+        help="Batch Renorm iterations of plain batch norm (r = 1, d = 0) before the ramps start")
+    add("--brn_r_ramp_end", type=_non_negative_int, default=layer_default(mabn.BatchRenorm2d, "r_ramp_end"),
+        help="Batch Renorm iteration at which r_max reaches --brn_r_max (linear ramp from 1 after --brn_warmup)")
+    add("--brn_d_ramp_end", type=_non_negative_int, default=layer_default(mabn.BatchRenorm2d, "d_ramp_end"),
+        help="Batch Renorm iteration at which d_max reaches --brn_d_max (linear ramp from 0 after --brn_warmup)")
+    add("--brn_r_max", type=float, default=layer_default(mabn.BatchRenorm2d, "r_max"),
+        help="Batch Renorm final clamp of r to [1/r_max, r_max] (>= 1)")
+    add("--brn_d_max", type=float, default=layer_default(mabn.BatchRenorm2d, "d_max"),
+        help="Batch Renorm final clamp of d to [-d_max, d_max] (>= 0)")
     add("--gn_groups", type=_positive_int, default=32, help="GroupNorm groups (reduced to gcd(C, groups) per layer)")
     add("--arch", type=_lower, choices=ARCHS, default="resnet50", help="network")
     add("--image_size", type=_positive_int, default=224, help="training crop; validation resizes to size*256/224")
@@ -122,6 +147,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--stat_interval", type=_positive_int, default=1, help="--record_statistics every N iterations")
     add("--log_interval", type=_positive_int, default=20, help="TensorBoard training scalars every N iterations")
     add("--progress", action=flag, default=True, help="tqdm progress bar on rank 0")
+    add("--overwrite", action=flag, default=False,
+        help="start over in a --save folder that already holds a checkpoint")
+    add("--trust_checkpoint", action=flag, default=False,
+        help="load a trusted legacy checkpoint with pickle (weights_only=False); never use it on files from others")
     return parser
 
 
@@ -198,7 +227,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 BATCH_NORMS = ("bn", "brn", "mabn")  # the norms whose normalization batch --norm_batch sets
-MABN_DEFAULT_NORM_BATCH = 2  # the published MABN2d always split the batch into pairs
+
+
+def _check_schedules(args: argparse.Namespace) -> None:
+    """The Batch Renorm schedule as BatchRenorm2d requires it, checked before any work."""
+    for flag in ("brn_r_ramp_end", "brn_d_ramp_end"):
+        if getattr(args, flag) < args.brn_warmup:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be >= --brn_warmup {args.brn_warmup} "
+                            f"(the ramp starts when the warm-up ends); raise it or lower --brn_warmup")
+    if args.brn_r_max < 1.0:
+        raise UserError(f"--brn_r_max must be >= 1 (r is clamped to [1/r_max, r_max]), got {args.brn_r_max}")
+    if args.brn_d_max < 0.0:
+        raise UserError(f"--brn_d_max must be >= 0 (d is clamped to [-d_max, d_max]), got {args.brn_d_max}")
 
 
 def resolve(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
@@ -238,6 +278,7 @@ def resolve(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise UserError(f"--lr_milestones must be increasing, got {args.lr_milestones}")
     if args.learning_rate <= 0 or args.momentum < 0 or args.weight_decay < 0:
         raise UserError("--learning_rate must be > 0, --momentum and --weight_decay >= 0")
+    _check_schedules(args)
 
     has_dirs = args.train_dir is not None or args.val_dir is not None
     if args.dataset is None:

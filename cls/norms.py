@@ -5,9 +5,11 @@
 ==========  ==========================================================================
 bn          ``get_norm("BN", C)`` when ``b == n``, else ``get_norm("BN", C, B=b)``: ghost
             batch norm over groups of ``b`` consecutive samples
-brn         the same with ``"BRN"`` (Batch Renormalization per group)
+brn         the same with ``"BRN"`` (Batch Renormalization per group), with the schedule
+            ``warmup_steps, r_ramp_end, d_ramp_end, r_max, d_max`` from ``--brn_*``
 mabn        ``get_norm("MABN", C, B=b, real_B=ma_batch, warmup_iters=..., split_batch=True)``
-            after ``CenConv2d`` convolutions (weight centralization)
+            (and ``r_warmup_iters=--mabn_r_warmup`` when given) after ``CenConv2d``
+            convolutions (weight centralization)
 syncbn      ``get_norm("SyncBN", C)``: statistics of the global batch over all ranks
 gn          ``get_norm("GN", C, num_groups=gcd(C, gn_groups))``
 in, ln      ``get_norm("IN", C)``, ``get_norm("LN", C)``
@@ -16,17 +18,20 @@ frozenbn    ``get_norm("FrozenBN", C)`` (fixed statistics: no normalization at i
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from torch import nn
 
 import mabn
-from cls.config import NORMS
+from cls.config import NORMS, layer_default
 from mabn.utils.errors import UserError
 
-__all__ = ["NormChoice", "norm_choice"]
+__all__ = ["NormChoice", "norm_choice", "norm_choice_from_args"]
+
+_BRN = mabn.BatchRenorm2d
 
 
 @dataclass(frozen=True)
@@ -51,18 +56,39 @@ class NormChoice:
         return f"{self.name}({options}) after {conv}" if options else f"{self.name} after {conv}"
 
 
-def norm_choice(norm: str, per_gpu_batch: int, norm_batch=None, ma_batch: int = 32, warmup_iters: int = 100,
-                gn_groups: int = 32) -> NormChoice:
+def norm_choice(norm: str, per_gpu_batch: int, norm_batch: Optional[int] = None,
+                ma_batch: int = layer_default(mabn.MABN2d, "real_B"),
+                warmup_iters: int = layer_default(mabn.MABN2d, "warmup_iters"), gn_groups: int = 32, *,
+                mabn_r_warmup: Optional[int] = None,
+                brn_warmup: int = layer_default(_BRN, "warmup_steps"),
+                brn_r_ramp_end: int = layer_default(_BRN, "r_ramp_end"),
+                brn_d_ramp_end: int = layer_default(_BRN, "d_ramp_end"),
+                brn_r_max: float = layer_default(_BRN, "r_max"),
+                brn_d_max: float = layer_default(_BRN, "d_max")) -> NormChoice:
     """The layers for ``--norm norm`` with a per-process batch ``per_gpu_batch``."""
     key = norm.lower()
     if key not in NORMS:
         raise UserError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
     name = mabn.resolve_norm_name(key)
     b = per_gpu_batch if norm_batch is None else norm_batch
-    if key in ("bn", "brn"):
-        kwargs = {} if b == per_gpu_batch else {"B": b}
-        return NormChoice(key, name, kwargs)
+    group = {} if b == per_gpu_batch else {"B": b}
+    if key == "bn":
+        return NormChoice(key, name, group)
+    if key == "brn":
+        schedule = {"warmup_steps": brn_warmup, "r_ramp_end": brn_r_ramp_end, "d_ramp_end": brn_d_ramp_end,
+                    "r_max": brn_r_max, "d_max": brn_d_max}
+        return NormChoice(key, name, {**group, **schedule})
     if key == "mabn":
         kwargs = {"B": b, "real_B": ma_batch, "warmup_iters": warmup_iters, "split_batch": True}
+        if mabn_r_warmup is not None:
+            kwargs["r_warmup_iters"] = mabn_r_warmup
         return NormChoice(key, name, kwargs, conv=mabn.CenConv2d)
     return NormChoice(key, name, {}, gn_groups=gn_groups)
+
+
+def norm_choice_from_args(args: argparse.Namespace) -> NormChoice:
+    """:func:`norm_choice` for resolved trainer flags (``cls.config.resolve``)."""
+    return norm_choice(args.norm, args.per_gpu_batch, args.norm_batch, args.ma_batch, args.warmup_iters,
+                       args.gn_groups, mabn_r_warmup=args.mabn_r_warmup, brn_warmup=args.brn_warmup,
+                       brn_r_ramp_end=args.brn_r_ramp_end, brn_d_ramp_end=args.brn_d_ramp_end,
+                       brn_r_max=args.brn_r_max, brn_d_max=args.brn_d_max)

@@ -20,6 +20,56 @@ def test_published_defaults():
     assert (args.norm, args.arch, args.image_size, args.ma_batch) == ("mabn", "resnet50", 224, 32)
     assert args.lr_milestones == [30, 60, 90, 120]
     assert not args.test_only and not args.record_statistics and args.checkpoint_dir is None
+    assert (args.warmup_iters, args.mabn_r_warmup) == (100, None)
+    assert (args.brn_warmup, args.brn_r_ramp_end, args.brn_d_ramp_end, args.brn_r_max, args.brn_d_max) == \
+        (5000, 40000, 25000, 3.0, 5.0)
+    assert args.overwrite is False and args.trust_checkpoint is False
+
+
+def test_layer_defaults_are_the_layers_own():
+    """The defaults of the norm flags are read from the layer constructors, not repeated here."""
+    import inspect
+
+    import mabn
+    from cls.config import MABN_DEFAULT_NORM_BATCH
+
+    mabn_defaults = inspect.signature(mabn.MABN2d).parameters
+    brn_defaults = inspect.signature(mabn.BatchRenorm2d).parameters
+    args = parse_args([])
+    assert MABN_DEFAULT_NORM_BATCH == mabn_defaults["B"].default == 2
+    assert (args.ma_batch, args.warmup_iters) == (mabn_defaults["real_B"].default, mabn_defaults["warmup_iters"].default)
+    assert (args.brn_warmup, args.brn_r_ramp_end, args.brn_d_ramp_end, args.brn_r_max, args.brn_d_max) == tuple(
+        brn_defaults[k].default for k in ("warmup_steps", "r_ramp_end", "d_ramp_end", "r_max", "d_max"))
+
+
+def test_new_flags_from_config_and_command_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("overwrite: true\ntrust_checkpoint: true\nbrn_warmup: 10\nbrn_r_ramp_end: 40\n"
+                      "brn_d_ramp_end: 30\nbrn_r_max: 2.5\nbrn_d_max: 1.5\nmabn_r_warmup: 7\n")
+    args = parse_args(["--config", str(config)])
+    assert args.overwrite and args.trust_checkpoint and args.mabn_r_warmup == 7
+    assert (args.brn_warmup, args.brn_r_ramp_end, args.brn_d_ramp_end, args.brn_r_max, args.brn_d_max) == \
+        (10, 40, 30, 2.5, 1.5)
+    args = parse_args(["--config", str(config), "--no-overwrite", "--no-trust_checkpoint", "--brn_r_max", "1"])
+    assert not args.overwrite and not args.trust_checkpoint and args.brn_r_max == 1.0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--brn_warmup", "100", "--brn_r_ramp_end", "50"], "--brn_r_ramp_end 50 must be >= --brn_warmup 100"),
+    (["--brn_warmup", "30000"], "--brn_d_ramp_end 25000 must be >= --brn_warmup 30000"),
+    (["--brn_r_max", "0.5"], "--brn_r_max must be >= 1"),
+    (["--brn_d_max", "-1"], "--brn_d_max must be >= 0"),
+    (["--mabn_r_warmup", "-1"], "expected an integer >= 0"),
+])
+def test_schedule_constraints(argv, fragment):
+    with pytest.raises(UserError, match=fragment):
+        _resolve(["--norm", "brn", "--batch_size", "8", *argv])
+
+
+def test_short_brn_schedule_is_accepted():
+    args = _resolve(["--norm", "brn", "--batch_size", "8", "--brn_warmup", "0", "--brn_r_ramp_end", "0",
+                     "--brn_d_ramp_end", "0", "--brn_r_max", "1", "--brn_d_max", "0"])
+    assert (args.brn_warmup, args.brn_r_ramp_end, args.brn_r_max, args.brn_d_max) == (0, 0, 1.0, 0.0)
 
 
 def test_config_sets_defaults_and_explicit_flags_win(tmp_path):

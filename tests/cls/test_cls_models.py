@@ -9,23 +9,28 @@ import mabn
 from cls.config import parse_args, resolve
 from mabn.utils.errors import UserError
 from cls.models import build_model
-from cls.norms import norm_choice
+from cls.norms import norm_choice, norm_choice_from_args
+
+BRN_PUBLISHED = {"warmup_steps": 5000, "r_ramp_end": 40000, "d_ramp_end": 25000, "r_max": 3.0, "d_max": 5.0}
 
 
 def _choice(argv, world=1):
-    args = resolve(parse_args(argv), world)
-    return norm_choice(args.norm, args.per_gpu_batch, args.norm_batch, args.ma_batch, args.warmup_iters,
-                       args.gn_groups)
+    return norm_choice_from_args(resolve(parse_args(argv), world))
 
 
 @pytest.mark.parametrize("argv, name, kwargs, conv", [
     (["--norm", "bn", "--batch_size", "16"], "BN", {}, nn.Conv2d),
     (["--norm", "bn", "--batch_size", "16", "--norm_batch", "16"], "BN", {}, nn.Conv2d),
     (["--norm", "bn", "--batch_size", "16", "--norm_batch", "2"], "BN", {"B": 2}, nn.Conv2d),
-    (["--norm", "brn", "--batch_size", "16", "--norm_batch", "4"], "BRN", {"B": 4}, nn.Conv2d),
-    (["--norm", "brn", "--batch_size", "16"], "BRN", {}, nn.Conv2d),
+    (["--norm", "brn", "--batch_size", "16", "--norm_batch", "4"], "BRN", {"B": 4, **BRN_PUBLISHED}, nn.Conv2d),
+    (["--norm", "brn", "--batch_size", "16"], "BRN", BRN_PUBLISHED, nn.Conv2d),
+    (["--norm", "brn", "--batch_size", "16", "--brn_warmup", "10", "--brn_r_ramp_end", "30", "--brn_d_ramp_end", "20",
+      "--brn_r_max", "2", "--brn_d_max", "0.5"], "BRN",
+     {"warmup_steps": 10, "r_ramp_end": 30, "d_ramp_end": 20, "r_max": 2.0, "d_max": 0.5}, nn.Conv2d),
     (["--norm", "mabn", "--batch_size", "16", "--norm_batch", "2", "--ma_batch", "8", "--warmup_iters", "7"], "MABN",
      {"B": 2, "real_B": 8, "warmup_iters": 7, "split_batch": True}, mabn.CenConv2d),
+    (["--norm", "mabn", "--batch_size", "16", "--mabn_r_warmup", "50"], "MABN",
+     {"B": 2, "real_B": 32, "warmup_iters": 100, "split_batch": True, "r_warmup_iters": 50}, mabn.CenConv2d),
     (["--norm", "syncbn", "--batch_size", "16"], "SyncBN", {}, nn.Conv2d),
     (["--norm", "gn", "--batch_size", "16", "--norm_batch", "2"], "GN", {}, nn.Conv2d),
     (["--norm", "in"], "IN", {}, nn.Conv2d),
@@ -80,6 +85,31 @@ def test_real_layers(argv, layer_type):
     conv = model.layer3[0].conv1
     expected_std = (2.0 / (conv.out_channels * 9)) ** 0.5
     assert abs(conv.weight.std().item() - expected_std) / expected_std < 0.1
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"warmup_steps": 5000, "r_ramp_end": 40000, "d_ramp_end": 25000, "r_max": 3.0, "d_max": 5.0}),
+    (["--brn_warmup", "3", "--brn_r_ramp_end", "9", "--brn_d_ramp_end", "6", "--brn_r_max", "1.5", "--brn_d_max", "0"],
+     {"warmup_steps": 3, "r_ramp_end": 9, "d_ramp_end": 6, "r_max": 1.5, "d_max": 0.0}),
+])
+def test_brn_schedule_reaches_the_layers(argv, expected):
+    choice = _choice(["--norm", "brn", "--batch_size", "8", "--norm_batch", "2", *argv])
+    layers = [m for m in build_model("resnet20", 10, choice, choice.conv).modules()
+              if isinstance(m, mabn.BatchRenorm2d)]
+    assert len(layers) == 21
+    for layer in layers:
+        assert {k: getattr(layer, k) for k in expected} == expected and layer.B == 2
+
+
+@pytest.mark.parametrize("argv, warmup, r_warmup", [
+    ([], 100, 1000),  # the layer's default: max(1000, warmup_iters)
+    (["--warmup_iters", "2000"], 2000, 2000),
+    (["--warmup_iters", "5", "--mabn_r_warmup", "20"], 5, 20),
+])
+def test_mabn_schedule_reaches_the_layers(argv, warmup, r_warmup):
+    choice = _choice(["--norm", "mabn", "--batch_size", "8", *argv])
+    layers = [m for m in build_model("resnet20", 10, choice, choice.conv).modules() if isinstance(m, mabn.MABN2d)]
+    assert len(layers) == 21 and all((m.warmup_iters, m.r_warmup_iters) == (warmup, r_warmup) for m in layers)
 
 
 def test_ghost_batch_norm_from_norm_batch():
