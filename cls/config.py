@@ -22,7 +22,8 @@ __all__ = ["ARCHS", "NORMS", "MABN_DEFAULT_NORM_BATCH", "build_parser", "config_
            "parse_args", "resolve"]
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet20")
-NORMS = ("bn", "brn", "gn", "in", "ln", "syncbn", "mabn", "frozenbn")
+# --norm takes the core's norm names (mabn.NORM_NAMES), lower-cased and case-insensitive; no "none".
+NORMS = tuple(name.lower() for name in mabn.NORM_NAMES if name)
 DATASETS = ("imagefolder", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 

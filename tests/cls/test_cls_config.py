@@ -185,6 +185,20 @@ def test_argparse_errors_are_user_errors():
     assert isinstance(parse_args(["--norm", "MABN"]), argparse.Namespace)
 
 
+def test_norm_choices_are_the_core_names():
+    import mabn
+    from cls.config import NORMS
+
+    assert set(NORMS) == {"bn", "brn", "gn", "in", "ln", "syncbn", "mabn", "frozenbn"}  # what the CLI always took
+    assert all(mabn.resolve_norm_name(n).lower() == n for n in NORMS)
+    assert {mabn.resolve_norm_name(n) for n in NORMS} == set(mabn.NORM_NAMES) - {""}
+    for spelling in ("MABN", "SyncBN", "frozenBN", "gn"):
+        assert parse_args(["--norm", spelling]).norm == spelling.lower()
+    for missing in ("", "none"):
+        with pytest.raises(UserError, match="invalid choice"):
+            parse_args(["--norm", missing])
+
+
 def test_mabn_default_norm_batch_is_the_published_pair():
     args = _resolve([], world=8)
     assert (args.norm, args.per_gpu_batch, args.norm_batch, args.ma_batch) == ("mabn", 32, 2, 32)
