@@ -1,0 +1,88 @@
+"""ResNet-FPN backbone: torchvision's ResNet and FeaturePyramidNetwork with one norm factory.
+
+The body is ``torchvision.models.resnet{18,34,50,101,152}`` built with ``norm_layer`` (so a
+torchvision or ``cls`` ResNet state dict loads by name under ``backbone.body.``); the FPN is
+torchvision's with the same ``norm_layer`` on its inner (1x1) and output (3x3) convs and a
+stride-2 max-pool P6, as published. With MABN every conv of body and FPN becomes a
+``mabn.CenConv2d``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torchvision
+from torch import nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.resnet import Bottleneck
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+import mabn
+from mabn.utils.errors import UserError
+from det.modeling.norms import NormSpec
+
+__all__ = ["build_resnet_fpn_backbone", "freeze_body", "move_stride_to_1x1"]
+
+RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+"""Body stages res2..res5 (strides 4..32) as FPN inputs; P6 (stride 64) is pooled from P5."""
+
+
+def move_stride_to_1x1(body: nn.Module) -> None:
+    """Put each bottleneck's stride on its first 1x1 conv instead of the 3x3 (MSRA / published
+    ResNets, ``STRIDE_IN_1X1=True``); parameters and their shapes are unchanged."""
+    for module in body.modules():
+        if isinstance(module, Bottleneck) and module.conv2.stride != (1, 1):
+            module.conv1.stride, module.conv2.stride = module.conv2.stride, (1, 1)
+
+
+def freeze_body(body: nn.Module, freeze_at: int) -> None:
+    """``requires_grad=False`` for the stem (``freeze_at >= 1``) and ``layer1 .. layer{freeze_at-1}``
+    (res2 .. res{freeze_at}), as maskrcnn-benchmark's FREEZE_CONV_BODY_AT; -1 or 0 freeze nothing."""
+    if freeze_at > 5:
+        raise UserError(f"MODEL.BACKBONE.FREEZE_CONV_BODY_AT {freeze_at}: at most 5 (stem and res2..res5), "
+                        f"-1 for nothing")
+    parts = [[body.conv1, body.bn1]] + [[getattr(body, f"layer{i}")] for i in range(1, 5)]
+    for stage in parts[:max(freeze_at, 0)]:
+        for module in stage:
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+
+
+def _resnet(depth: int, norm_layer: Callable[[int], nn.Module], groups: int, width_per_group: int) -> nn.Module:
+    try:
+        return getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer, groups=groups,
+                                                              width_per_group=width_per_group)
+    except ValueError as exc:  # BasicBlock refuses groups / width
+        raise UserError(f"MODEL.RESNETS.NUM_GROUPS / WIDTH_PER_GROUP for R-{depth}: {exc}") from None
+
+
+def build_resnet_fpn_backbone(depth: int, norm: NormSpec, out_channels: int, *, stride_in_1x1: bool,
+                              freeze_at: int, groups: int = 1, width_per_group: int = 64,
+                              stem_out_channels: int = 64, res2_out_channels: Optional[int] = None,
+                              fpn_relu: bool = False) -> BackboneWithFPN:
+    """ResNet-``depth`` body with ``norm`` everywhere, FPN with ``norm`` (none for FrozenBN bodies)
+    producing ``out_channels`` maps '0'..'3' and 'pool' (P2..P6)."""
+    if norm.layer is None:
+        raise UserError("the body needs a norm (FrozenBN for the standard fine-tune body)")
+    body = _resnet(depth, norm.layer, groups, width_per_group)
+    if stem_out_channels != 64:
+        raise UserError(f"MODEL.RESNETS.STEM_OUT_CHANNELS {stem_out_channels}: torchvision's ResNet stem has 64")
+    last_block = body.layer1[-1]
+    res2 = (last_block.conv3 if depth >= 50 else last_block.conv2).out_channels
+    if res2_out_channels is not None and res2_out_channels != res2:
+        raise UserError(f"MODEL.RESNETS.RES2_OUT_CHANNELS {res2_out_channels} does not match R-{depth}, whose res2 "
+                        f"has {res2} channels; set it to {res2}")
+    if stride_in_1x1:
+        move_stride_to_1x1(body)
+    if norm.centralize_convs:
+        body = mabn.convert_conv(body, "CenConv")
+    freeze_body(body, freeze_at)
+    in_channels = [res2 * 2 ** i for i in range(4)]
+    fpn_norm = None if norm.name == "FrozenBN" else norm.layer
+    backbone = BackboneWithFPN(body, RETURN_LAYERS, in_channels, out_channels, extra_blocks=LastLevelMaxPool(),
+                               norm_layer=fpn_norm)
+    if fpn_relu:
+        for block in [*backbone.fpn.inner_blocks, *backbone.fpn.layer_blocks]:
+            block.append(nn.ReLU(inplace=True))
+    if norm.centralize_convs:
+        backbone.fpn = mabn.convert_conv(backbone.fpn, "CenConv")
+    return backbone

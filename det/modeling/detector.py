@@ -1,0 +1,136 @@
+"""``build_detection_model(cfg)``: torchvision's Mask R-CNN (or Faster R-CNN) from the yacs config.
+
+Every RPN, RoI, pooler and input number comes from the config; norm layers reach the modules as
+``norm_layer`` callables built once from the config's names (:mod:`det.modeling.norms`). The
+result is a plain ``torchvision.models.detection.MaskRCNN``: train mode takes ``(images,
+targets)`` and returns the loss dict (``loss_classifier``, ``loss_box_reg``, ``loss_mask``,
+``loss_objectness``, ``loss_rpn_box_reg``), eval mode returns per image ``boxes``, ``labels``,
+``scores`` and ``masks`` (N, 1, H, W probabilities) in original image coordinates.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from yacs.config import CfgNode
+
+from det.modeling.backbone import build_resnet_fpn_backbone
+from det.modeling.heads import build_box_head, build_box_predictor, build_mask_head, build_mask_predictor
+from det.modeling.norms import body_spec, box_head_spec, mask_head_spec
+from det.modeling.transform import DetectionTransform
+from mabn.utils.errors import UserError
+
+__all__ = ["build_detection_model", "FPN_STRIDES"]
+
+FPN_STRIDES = (4, 8, 16, 32, 64)
+"""Strides of P2..P6, the maps the RPN runs on ('0'..'3' and 'pool')."""
+
+TORCHVISION_RPN_MIN_SIZE = 1e-3
+"""torchvision's smallest proposal side: zero-width proposals would give infinite box targets
+(torchvision has no +1 pixel convention), so MODEL.RPN.MIN_SIZE 0 means this."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _featmap_names(scales, key: str) -> List[str]:
+    """FPN map names ('0'..'3' = P2..P5) for the pooler scales (1/4 .. 1/32)."""
+    names = []
+    for scale in scales:
+        level = -math.log2(scale) if scale > 0 else float("nan")
+        _check(level in (2, 3, 4, 5), f"{key} {tuple(scales)}: each scale must be one of 1/4, 1/8, 1/16, 1/32 "
+                                      f"(P2..P5), got {scale}")
+        names.append(str(int(level) - 2))
+    return names
+
+
+def _check_supported(cfg: CfgNode) -> None:
+    model = cfg.MODEL
+    _check(model.META_ARCHITECTURE == "GeneralizedRCNN",
+           f"MODEL.META_ARCHITECTURE {model.META_ARCHITECTURE!r}: only 'GeneralizedRCNN' is available")
+    _check(not model.RPN_ONLY, "MODEL.RPN_ONLY True is not available: the detector always has RoI heads")
+    _check(model.RPN.USE_FPN and model.ROI_HEADS.USE_FPN,
+           "MODEL.RPN.USE_FPN and MODEL.ROI_HEADS.USE_FPN must be True: only R-*-FPN models are available")
+    _check(model.RPN.RPN_HEAD == "SingleConvRPNHead",
+           f"MODEL.RPN.RPN_HEAD {model.RPN.RPN_HEAD!r}: only 'SingleConvRPNHead' is available")
+    _check(tuple(model.RPN.ANCHOR_STRIDE) == FPN_STRIDES,
+           f"MODEL.RPN.ANCHOR_STRIDE {tuple(model.RPN.ANCHOR_STRIDE)}: the FPN levels P2..P6 have strides "
+           f"{FPN_STRIDES}; set it to {FPN_STRIDES}")
+    _check(len(model.RPN.ANCHOR_SIZES) == len(FPN_STRIDES),
+           f"MODEL.RPN.ANCHOR_SIZES {tuple(model.RPN.ANCHOR_SIZES)}: one size per FPN level, {len(FPN_STRIDES)} in all")
+    _check(model.ROI_BOX_HEAD.PREDICTOR in ("FPNPredictor", "FastRCNNPredictor"),
+           f"MODEL.ROI_BOX_HEAD.PREDICTOR {model.ROI_BOX_HEAD.PREDICTOR!r}: use 'FPNPredictor'")
+    if model.MASK_ON:
+        mask = model.ROI_MASK_HEAD
+        _check(mask.PREDICTOR == "MaskRCNNC4Predictor",
+               f"MODEL.ROI_MASK_HEAD.PREDICTOR {mask.PREDICTOR!r}: use 'MaskRCNNC4Predictor'")
+        _check(not mask.SHARE_BOX_FEATURE_EXTRACTOR,
+               "MODEL.ROI_MASK_HEAD.SHARE_BOX_FEATURE_EXTRACTOR True is not available with FPN; set it to False")
+        _check(mask.RESOLUTION == 2 * mask.POOLER_RESOLUTION,
+               f"MODEL.ROI_MASK_HEAD.RESOLUTION {mask.RESOLUTION} must be 2 x POOLER_RESOLUTION "
+               f"({2 * mask.POOLER_RESOLUTION}): the predictor upsamples the pooled features by 2")
+        _check(len(mask.CONV_LAYERS) > 0, "MODEL.ROI_MASK_HEAD.CONV_LAYERS must name at least one conv")
+
+
+def build_detection_model(cfg: CfgNode) -> nn.Module:
+    """Mask R-CNN (``MODEL.MASK_ON``) or Faster R-CNN with a ResNet-FPN backbone, on the CPU."""
+    _check_supported(cfg)
+    model_cfg = cfg.MODEL
+    depth, body_norm = body_spec(cfg)
+    channels = model_cfg.RESNETS.BACKBONE_OUT_CHANNELS
+    backbone = build_resnet_fpn_backbone(
+        depth, body_norm, channels, stride_in_1x1=model_cfg.RESNETS.STRIDE_IN_1X1,
+        freeze_at=model_cfg.BACKBONE.FREEZE_CONV_BODY_AT, groups=model_cfg.RESNETS.NUM_GROUPS,
+        width_per_group=model_cfg.RESNETS.WIDTH_PER_GROUP, stem_out_channels=model_cfg.RESNETS.STEM_OUT_CHANNELS,
+        res2_out_channels=model_cfg.RESNETS.RES2_OUT_CHANNELS, fpn_relu=model_cfg.FPN.USE_RELU)
+
+    rpn = model_cfg.RPN
+    anchors = AnchorGenerator(sizes=tuple((int(size),) for size in rpn.ANCHOR_SIZES),
+                              aspect_ratios=(tuple(float(r) for r in rpn.ASPECT_RATIOS),) * len(rpn.ANCHOR_SIZES))
+    rpn_head = RPNHead(channels, len(rpn.ASPECT_RATIOS))
+
+    box = model_cfg.ROI_BOX_HEAD
+    with_convs, box_norm = box_head_spec(cfg)
+    box_pooler = MultiScaleRoIAlign(_featmap_names(box.POOLER_SCALES, "MODEL.ROI_BOX_HEAD.POOLER_SCALES"),
+                                    box.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO)
+    box_head = build_box_head(channels, box.POOLER_RESOLUTION, with_convs, box.NUM_STACKED_CONVS, box.CONV_HEAD_DIM,
+                              box.MLP_HEAD_DIM, box_norm)
+    roi = model_cfg.ROI_HEADS
+    options = dict(
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOP_N_TRAIN, rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOP_N_TEST,
+        rpn_post_nms_top_n_train=rpn.FPN_POST_NMS_TOP_N_TRAIN, rpn_post_nms_top_n_test=rpn.FPN_POST_NMS_TOP_N_TEST,
+        rpn_nms_thresh=rpn.NMS_THRESH, rpn_fg_iou_thresh=rpn.FG_IOU_THRESHOLD, rpn_bg_iou_thresh=rpn.BG_IOU_THRESHOLD,
+        rpn_batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE, rpn_positive_fraction=rpn.POSITIVE_FRACTION,
+        box_roi_pool=box_pooler, box_head=box_head,
+        box_predictor=build_box_predictor(box.MLP_HEAD_DIM, box.NUM_CLASSES),
+        box_score_thresh=roi.SCORE_THRESH, box_nms_thresh=roi.NMS, box_detections_per_img=roi.DETECTIONS_PER_IMG,
+        box_fg_iou_thresh=roi.FG_IOU_THRESHOLD, box_bg_iou_thresh=roi.BG_IOU_THRESHOLD,
+        box_batch_size_per_image=roi.BATCH_SIZE_PER_IMAGE, box_positive_fraction=roi.POSITIVE_FRACTION,
+        bbox_reg_weights=tuple(float(w) for w in roi.BBOX_REG_WEIGHTS),
+    )
+    if model_cfg.MASK_ON:
+        mask = model_cfg.ROI_MASK_HEAD
+        options.update(
+            mask_roi_pool=MultiScaleRoIAlign(_featmap_names(mask.POOLER_SCALES, "MODEL.ROI_MASK_HEAD.POOLER_SCALES"),
+                                             mask.POOLER_RESOLUTION, mask.POOLER_SAMPLING_RATIO),
+            mask_head=build_mask_head(channels, mask.CONV_LAYERS, mask.DILATION, mask_head_spec(cfg)),
+            mask_predictor=build_mask_predictor(mask.CONV_LAYERS[-1], box.NUM_CLASSES))
+        model = MaskRCNN(backbone, **options)
+    else:
+        model = FasterRCNN(backbone, **options)
+    model.rpn.min_size = max(float(rpn.MIN_SIZE), TORCHVISION_RPN_MIN_SIZE)
+    data = cfg.INPUT
+    _check(len(data.PIXEL_MEAN) == 3 and len(data.PIXEL_STD) == 3 and all(s > 0 for s in data.PIXEL_STD),
+           "INPUT.PIXEL_MEAN and INPUT.PIXEL_STD need 3 values each, the stds positive")
+    model.transform = DetectionTransform(data.MIN_SIZE_TRAIN, data.MAX_SIZE_TRAIN, data.MIN_SIZE_TEST,
+                                         data.MAX_SIZE_TEST, data.PIXEL_MEAN, data.PIXEL_STD, data.TO_BGR255,
+                                         cfg.DATALOADER.SIZE_DIVISIBILITY)
+    return model
