@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
+from mabn.groups import count_groups
 from mabn.precision import statistics_dtype
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
@@ -247,21 +248,13 @@ class _MovingAverageBatchNorm(_BatchNorm):
             raise ValueError(f"{name}({self.num_features}) got an input with {input.shape[1]} channels "
                              f"(shape {tuple(input.shape)}); build the layer with num_features={input.shape[1]}")
 
-    def _num_groups(self, batch: int) -> int:
-        if not self.split_batch:
-            return 1
-        if batch % self.B != 0:
-            raise ValueError(f"{type(self).__name__} with split_batch=True splits the batch into groups of "
-                             f"B={self.B}, but the batch has {batch} samples; use a batch divisible by {self.B}")
-        return batch // self.B
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         x = input.reshape(input.shape[0], input.shape[1], -1)
-        groups = self._num_groups(x.shape[0])
+        groups = count_groups(type(self).__name__, self.B if self.split_batch else None, x.shape[0])
         u, inv_var, use_own = _advance_forward_statistics(
             x, self.running_var, self.num_batches_tracked, self.groups_seen, self.buffer_x2,
             groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
