@@ -1,0 +1,124 @@
+"""The training and test data loaders, from config values passed as plain arguments.
+
+A batch is ``(images, targets, indices)``: lists of the model's image tensors (see
+:mod:`det.data.transforms` for the pixel convention and who resizes), target dicts (boxes,
+labels, masks) and dataset indices (:meth:`COCODataset.image_id` maps them to COCO ids).
+``SOLVER.IMS_PER_BATCH`` and ``TEST.IMS_PER_BATCH`` are global: each process loads its share.
+Workers (``num_workers`` > 0) start with the ``forkserver`` method (``spawn`` where that is
+missing), never ``fork``: forking a process that already runs torch threads or a process group
+is unsafe.
+"""
+from __future__ import annotations
+
+import bisect
+import multiprocessing
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+
+from det.config.paths_catalog import DATASETS as PUBLISHED_DATASETS
+from det.data.catalog import Catalog, resolve_dataset
+from det.data.coco import COCODataset
+from det.data.samplers import IterationBatchSampler, ShardSampler, aspect_ratio_groups
+from det.data.transforms import InferenceTransform, TrainTransform
+from mabn.utils.errors import UserError
+
+__all__ = ["ConcatCOCODataset", "batch_size_per_process", "build_test_loaders", "build_train_loader",
+           "collate"]
+
+
+def batch_size_per_process(ims_per_batch: int, world_size: int, key: str) -> int:
+    """``ims_per_batch / world_size``; :class:`UserError` unless it divides evenly and is positive."""
+    if ims_per_batch < world_size or ims_per_batch % world_size:
+        raise UserError(f"{key} {ims_per_batch} is global and must be a positive multiple of the number of "
+                        f"processes ({world_size}); pass e.g. {key} {max(1, ims_per_batch // world_size) * world_size}")
+    return ims_per_batch // world_size
+
+
+class ConcatCOCODataset(torch.utils.data.Dataset):
+    """Several training datasets as one (as DATASETS.TRAIN may list several); items as in
+    :class:`COCODataset`, indices global."""
+
+    def __init__(self, datasets: Sequence[COCODataset]):
+        self.datasets = list(datasets)
+        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets]).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def aspect_ratios(self) -> np.ndarray:
+        return np.concatenate([d.aspect_ratios() for d in self.datasets])
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        which = bisect.bisect_right(self.offsets, index) - 1
+        local = index - self.offsets[which]
+        image, target, _ = self.datasets[which][(local, seed) if seed is not None else local]
+        return image, target, index
+
+
+def collate(batch: List[tuple]) -> Tuple[list, list, list]:
+    """Lists of images, targets and indices (the model pads the images into one batch itself)."""
+    images, targets, indices = zip(*batch)
+    return list(images), list(targets), list(indices)
+
+
+def _worker_init(_worker_id: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _loader_options(num_workers: int, pin_memory: bool) -> dict:
+    options = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory,
+               "generator": torch.Generator()}  # keeps the global RNG out of the loader
+    if num_workers > 0:
+        methods = multiprocessing.get_all_start_methods()
+        options.update(worker_init_fn=_worker_init,
+                       multiprocessing_context="forkserver" if "forkserver" in methods else "spawn")
+    return options
+
+
+def _open(name: str, root: str, catalog: Catalog, train: bool, transform: Callable,
+          log: Callable[[str], None]) -> COCODataset:
+    files = resolve_dataset(name, root, catalog, log)
+    return COCODataset(name, files.img_dir, files.ann_file, remove_images_without_annotations=train,
+                       transform=transform, layout=files.layout)
+
+
+def build_train_loader(dataset_names: Sequence[str], root: str, min_size_train: Sequence[int], max_size_train: int,
+                       flip_prob: float, to_bgr255: bool, ims_per_batch: int, world_size: int, rank: int,
+                       num_workers: int, aspect_grouping: bool, max_iter: int, start_iter: int = 0, seed: int = 0,
+                       catalog: Optional[Catalog] = None, pin_memory: bool = False,
+                       log: Callable[[str], None] = print) -> DataLoader:
+    """This process's loader of ``max_iter - start_iter`` training batches (DATASETS.TRAIN,
+    INPUT.*_TRAIN, SOLVER.IMS_PER_BATCH/MAX_ITER, DATALOADER.*); ``catalog`` defaults to
+    :data:`det.config.paths_catalog.DATASETS`."""
+    per_process = batch_size_per_process(ims_per_batch, world_size, "SOLVER.IMS_PER_BATCH")
+    if not dataset_names:
+        raise UserError("DATASETS.TRAIN is empty; name at least one dataset")
+    catalog = PUBLISHED_DATASETS if catalog is None else catalog
+    transform = TrainTransform(min_size_train, max_size_train, flip_prob, to_bgr255)
+    dataset = ConcatCOCODataset([_open(n, root, catalog, True, transform, log) for n in dataset_names])
+    groups = aspect_ratio_groups(dataset.aspect_ratios()) if aspect_grouping else None
+    sampler = IterationBatchSampler(len(dataset), per_process, max_iter, start_iter, groups, rank, world_size, seed)
+    return DataLoader(dataset, batch_sampler=sampler, **_loader_options(num_workers, pin_memory))
+
+
+def build_test_loaders(dataset_names: Sequence[str], root: str, to_bgr255: bool, ims_per_batch: int,
+                       world_size: int, rank: int, num_workers: int, catalog: Optional[Catalog] = None,
+                       pin_memory: bool = False,
+                       log: Callable[[str], None] = print) -> List[Tuple[str, COCODataset, DataLoader]]:
+    """``(name, dataset, loader)`` per test dataset (DATASETS.TEST, TEST.IMS_PER_BATCH); each
+    process reads its shard (:class:`ShardSampler`) at the original image size."""
+    per_process = batch_size_per_process(ims_per_batch, world_size, "TEST.IMS_PER_BATCH")
+    catalog = PUBLISHED_DATASETS if catalog is None else catalog
+    loaders = []
+    for name in dataset_names:
+        dataset = _open(name, root, catalog, False, InferenceTransform(to_bgr255), log)
+        batches = BatchSampler(ShardSampler(len(dataset), rank, world_size), per_process, drop_last=False)
+        loaders.append((name, dataset, DataLoader(dataset, batch_sampler=batches,
+                                                  **_loader_options(num_workers, pin_memory))))
+    return loaders
