@@ -1,67 +1,37 @@
-"""Speed (and memory) of MABN against native BN and the other norms: ``python -m benchmarks.bench``.
+"""Speed, op count and memory of MABN against native BN and the other norms.
 
-Usage::
+Usage (from the repository root)::
 
-    python -m benchmarks.bench --quick                  # < 2 min on 2 CPU cores: the smoke-sized run
-    python -m benchmarks.bench --json bench.json        # full run (about 10-15 min on a small CPU)
+    python -m benchmarks.bench --quick                # about 3 min on 2 CPU cores
+    python -m benchmarks.bench --json bench.json      # full run (ResNet-50 at 224 px)
     python -m benchmarks.bench --rounds 20 --threads 4 --device cuda
 
-Flags: ``--quick`` (smaller shapes, 64 px ResNet-50 at batch 2, fewer rounds), ``--json PATH``
-(write every number, plus machine info), ``--rounds N`` (timed rounds of every section),
-``--threads N`` (``torch.set_num_threads``), ``--device {auto,cpu,cuda}`` (auto: CUDA when
-available). Progress goes to stderr, the markdown tables and target lines to stdout.
+Every timing is a median over interleaved rounds (:mod:`benchmarks.harness`) and every ratio
+divides two medians measured in the same rounds. Sections, in order:
 
-Method. Every section runs *interleaved rounds*: a round runs each variant once, in an order
-rotated by one position per round, so slow drifts of a shared machine hit all variants alike.
-After untimed warm-up rounds, each variant's time is the median over rounds, and ratios are
-medians divided by the native-BN median measured in the same rounds. On CUDA each timed call is
-bracketed by ``torch.cuda.synchronize``. The Python garbage collector runs between calls, never
-inside one. Anything not part of the measured work (zeroing gradients) runs untimed.
+1. ``ops``: operator calls dispatched by one training forward + backward of a single layer on a
+   (2, 64, 7, 7) input (the split/grouped variants get a batch of 4, i.e. two groups of B=2),
+   counted with a ``TorchDispatchMode``; and the kernels inductor generates for one compiled
+   MABN forward + backward.
+2. ``layers``: forward + backward of one layer with a fixed upstream gradient, as a ratio to
+   BN, to GroupNorm (32 groups) and in *copies*: units of ``x.clone()`` timed in the same rounds.
+   ``MABN`` is ``MABN2d(C, B=2, real_B=32, warmup_iters=0, r_warmup_iters=0)``, so the moving
+   averages and ``r`` are live; ``MABN naive`` is :class:`benchmarks.naive_mabn.NaiveMABN2d`.
+   The baseline shapes add ghost BN, Batch Renorm (``warmup_steps=0``) and split MABN at B=2.
+3. ``train``: torchvision ResNet training step (forward, cross-entropy, backward,
+   ``SGD(lr=0, momentum=0.9).step()``: every operation runs, weights stay finite). ``MABN+CenConv``
+   is ``convert_norm(model, "MABN", B=batch, real_B=32, warmup_iters=0)`` then
+   ``convert_conv(model, "CenConv")``. After the timed rounds one untimed step per variant
+   measures the activation bytes saved for backward (parameters and buffers excluded).
+4. ``infer``: eval-mode ``no_grad`` forward of ``fold_norms(MABN+CenConv model)`` against the
+   same network with no norm at all.
 
-Sections:
-
-1. Layers: forward + backward of one norm layer with a fixed upstream gradient, input shapes
-   (2,256,56,56), (32,64,56,56), (2,64,200,200). ``MABN`` is ``MABN2d(C, B=2, real_B=32,
-   warmup_iters=0, r_warmup_iters=0)`` so the moving averages and ``r`` are live; at shapes whose
-   batch holds several groups of B=2 an extra ``MABN split_batch`` row uses ``split_batch=True``.
-   ``MABN naive`` is :class:`mabn.naive_mabn.NaiveMABN2d`, written the way the published
-   reference layer was; BRN is :class:`mabn.BatchRenorm2d`; GN has 32 groups; LN is
-   ``GroupNorm(1, C)``; IN is affine ``InstanceNorm2d``.
-2. ResNet-50 (torchvision, ``weights=None``) training step: forward, cross-entropy, backward
-   and ``SGD(momentum=0.9).step()``, at batch 2 and 8, 224 px. The SGD learning rate is 0: the
-   step still performs all of its arithmetic, but weights stay at their initialization, so the
-   un-normalized network (which diverges to inf/NaN within a step or two at any useful learning
-   rate) keeps finite activations; inf/NaN/denormal arithmetic would distort its timings.
-   ``MABN+CenConv`` is ``convert_norm(model, "MABN", B=batch, real_B=32, warmup_iters=0)`` then
-   ``convert_conv(model, "CenConv")``; ``no norm`` is ``convert_norm(model, "")``, the limit.
-3. ResNet-50 inference (eval, ``torch.no_grad``) at batch 4, 224 px, for the same variants
-   plus ``MABN folded`` and ``BN folded`` (``mabn.fold.fold_norms``: each conv+norm pair
-   becomes one plain conv).
-
-Memory, measured on one extra, untimed step per variant after the timed rounds:
-
-* ``peak MiB``: bytes allocated during the step above what was allocated at its start, at their
-  peak. On CUDA that is ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` at
-  the start. On CPU (no allocator statistics) it is the peak total size of tensor storages
-  created by the step's operators and alive at the same time, tracked with a
-  ``TorchDispatchMode`` (outputs that alias an operator input, i.e. views and in-place results,
-  are not new memory). Weights, optimizer state and the input batch exist before the step and
-  are not counted; the gradients are (they are set to None before the step). Allocator caching
-  and fragmentation are not counted on CPU.
-* ``saved MiB`` (training only): activation memory saved for backward - the total size of the
-  distinct storages packed by autograd's saved-tensor hooks during the forward, parameters and
-  buffers excluded (the input batch is included). Same method on every device.
-
-Targets (printed as PASS/MISS with the measured ratio; never weakened): MABN layer forward +
-backward <= 1.3x native BN at each layer shape; ResNet-50 training step with MABN+CenConv <=
-1.10x BN at each batch; folded MABN inference at >= 0.97x the speed of the no-norm network
-(time ratio folded / no-norm <= 1 / 0.97). With ``--quick`` the target lines are computed on
-the quick sizes and are labelled so.
+``--quick`` runs the same sections and reports the same targets: the layer shapes are the real
+ones with fewer rounds; ResNet-50 runs at 112 px with fewer rounds, which the report says.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import gc
@@ -69,262 +39,118 @@ import json
 import math
 import os
 import platform
-import statistics
-import sys
 import time
-import weakref
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-__all__ = [
-    "BenchConfig", "FULL", "QUICK", "LAYER_VARIANTS", "TRAIN_VARIANTS", "INFER_VARIANTS",
-    "Case", "interleaved_times", "bench_layers", "bench_resnet_train", "bench_resnet_infer",
-    "measure_memory", "evaluate_targets", "machine_info", "run_benchmark", "format_markdown", "main",
-]
+from benchmarks.harness import (Case, compiled_kernel_count, count_ops, interleaved_times, log, saved_bytes,
+                                summarize)
+from benchmarks.targets import Target, check, format_target
 
-LAYER_VARIANTS = ("BN", "MABN", "MABN naive", "BRN", "GN", "IN", "LN")
-SPLIT_VARIANT = "MABN split_batch"
-TRAIN_VARIANTS = ("BN", "MABN+CenConv", "GN", "IN", "LN", "no norm")
-INFER_VARIANTS = TRAIN_VARIANTS + ("MABN folded", "BN folded")
-MABN_B, MABN_REAL_B = 2, 32
+__all__ = ["BenchConfig", "FULL", "QUICK", "TINY", "build_layer", "build_resnet", "bench_ops",
+           "bench_layers", "bench_train", "bench_infer", "evaluate_targets", "run_benchmark",
+           "format_markdown", "main"]
 
-LAYER_TARGET = 1.3
-TRAIN_TARGET = 1.10
-FOLDED_SPEED_TARGET = 0.97
-
+Shape = Tuple[int, int, int, int]
 MIB = 2.0 ** 20
+B = 2              # MABN's normalization batch, and the group size of the grouped baselines
+REAL_B = 32        # MABN's real_B (the statistics window covers real_B // B iterations)
+
+BN, GN, MABN, SPLIT, NAIVE = "BN", "GN", "MABN", "MABN split B=2", "MABN naive"
+BRN, BRN_GROUPED, GHOST, COPY = "BRN", "BRN B=2", "ghost BN B=2", "copy"
+MABN_CENCONV, NO_NORM, MABN_FOLDED = "MABN+CenConv", "no norm", "MABN folded"
+
+OP_COUNT_VARIANTS = (MABN, SPLIT, BRN, BRN_GROUPED, GHOST, BN, GN)
+GROUPED_VARIANTS = (SPLIT, BRN_GROUPED, GHOST)     # these get a batch holding several groups of B
+LAYER_VARIANTS = (BN, MABN, SPLIT, NAIVE, GN, COPY)
+BASELINE_VARIANTS = (GHOST, BRN_GROUPED)           # added at the baseline shapes
+TRAIN_VARIANTS = (BN, MABN_CENCONV, GN)
+INFER_VARIANTS = (NO_NORM, MABN_FOLDED)
+
+OPS_LIMIT, OPS_MOONSHOT = 24, 12
+SMALL_LIMIT, FULL_LIMIT = 1.3, 1.0
+GN_GOAL, COPIES_GOAL = 1.0, 6.0
+BASELINE_LIMIT = 1.5
+TRAIN_LIMITS = {2: (1.10, 1.05)}   # batch -> (target, goal); other batches: TRAIN_LIMIT
+TRAIN_LIMIT = 1.0
+SAVED_LIMIT = 1.10
+FOLDED_SPEED_LIMIT = 0.97
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchConfig:
-    """Sizes and repetitions of one benchmark run (``FULL``, ``QUICK`` or a custom one)."""
+    """Sizes and repetitions of one run (``FULL``, ``QUICK`` or ``TINY``)."""
 
-    layer_shapes: Sequence[Tuple[int, int, int, int]] = ((2, 256, 56, 56), (32, 64, 56, 56), (2, 64, 200, 200))
+    name: str = "full"
+    op_shape: Shape = (2, 64, 7, 7)
+    op_grouped_batch: int = 4
+    small_shapes: Tuple[Shape, ...] = ((2, 64, 7, 7), (2, 256, 14, 14), (8, 32, 28, 28))
+    full_shapes: Tuple[Shape, ...] = ((2, 256, 56, 56), (32, 64, 56, 56), (2, 64, 200, 200))
+    baseline_shapes: Tuple[Shape, ...] = ((32, 16, 32, 32), (32, 64, 56, 56))
     layer_rounds: int = 30
     layer_warmup: int = 3
+    arch: str = "resnet50"
     resolution: int = 224
-    train_batches: Sequence[int] = (2, 8)
-    infer_batch: int = 4
+    train_batches: Tuple[int, ...] = (2, 8)
     train_rounds: int = 10
+    infer_batch: int = 4
     infer_rounds: int = 15
     resnet_warmup: int = 2
-    arch: str = "resnet50"
-    quick: bool = False
+    compile_kernels: bool = True
 
     def with_rounds(self, rounds: int) -> "BenchConfig":
         return dataclasses.replace(self, layer_rounds=rounds, train_rounds=rounds, infer_rounds=rounds)
 
 
 FULL = BenchConfig()
-QUICK = BenchConfig(layer_shapes=((2, 64, 28, 28), (8, 32, 28, 28), (2, 32, 64, 64)), layer_rounds=12,
-                    layer_warmup=2, resolution=64, train_batches=(2,), infer_batch=4, train_rounds=6,
-                    infer_rounds=8, resnet_warmup=1, quick=True)
+QUICK = dataclasses.replace(FULL, name="quick", layer_rounds=7, layer_warmup=1, resolution=112, train_rounds=4,
+                            infer_rounds=5, resnet_warmup=1)
+# Seconds-long smoke run for the tests (hidden ``--tiny`` flag): numbers are meaningless.
+TINY = dataclasses.replace(FULL, name="tiny", op_shape=(2, 8, 4, 4), small_shapes=((2, 8, 4, 4),),
+                           full_shapes=((4, 8, 6, 6),), baseline_shapes=((4, 8, 6, 6),), layer_rounds=2,
+                           layer_warmup=1, arch="resnet18", resolution=32, train_batches=(2,), train_rounds=1,
+                           infer_batch=2, infer_rounds=1, resnet_warmup=1, compile_kernels=False)
 
 
-def _log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------- timing core
-
-
-@dataclass
-class Case:
-    """One variant: ``run`` is timed, ``prepare`` (untimed) runs right before each ``run``."""
-
-    run: Callable[[], object]
-    prepare: Optional[Callable[[], None]] = None
-    params: Tuple[Tensor, ...] = ()
-    state: dict = field(default_factory=dict)
-
-
-def _rotated(names: Sequence[str], shift: int) -> List[str]:
-    shift %= max(len(names), 1)
-    return list(names[shift:]) + list(names[:shift])
-
-
-def interleaved_times(cases: Dict[str, Case], rounds: int, warmup: int, device: torch.device,
-                      label: str = "") -> Dict[str, List[float]]:
-    """Seconds per call of every case: ``warmup`` untimed rounds, then ``rounds`` timed rounds.
-
-    Each round runs every case once, the order rotated by one position per round.
-    """
-    names = list(cases)
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    try:
-        for index in range(warmup + rounds):
-            timed = index >= warmup
-            if label:
-                what = f"round {index - warmup + 1}/{rounds}" if timed else f"warm-up {index + 1}/{warmup}"
-                _log(f"{label}: {what}")
-            for name in _rotated(names, index):
-                case = cases[name]
-                gc.collect()
-                gc.disable()
-                if case.prepare is not None:
-                    case.prepare()
-                _sync(device)
-                start = time.perf_counter()
-                case.run()
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                gc.enable()
-                if timed:
-                    times[name].append(elapsed)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
-def _summary(seconds: List[float]) -> Dict[str, object]:
-    ms = [s * 1e3 for s in seconds]
-    median = statistics.median(ms)
-    if len(ms) >= 4:
-        q = statistics.quantiles(ms, n=4)
-        iqr_pct = 100.0 * (q[2] - q[0]) / median
-    else:
-        iqr_pct = 100.0 * (max(ms) - min(ms)) / median
-    return {"median_ms": median, "iqr_pct": iqr_pct, "times_ms": ms}
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-class _LiveStorageBytes(TorchDispatchMode):
-    """Peak total size of tensor storages created by operators while active and alive at once.
-
-    A storage counts from the operator that returns it until it is freed. Outputs sharing a
-    storage with one of the operator's inputs (views, in-place and ``out=`` results) are not
-    new allocations.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: Dict[int, Tuple[int, object]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int, token: object) -> None:
-        entry = self._live.get(key)
-        if entry is not None and entry[1] is token:
-            del self._live[key]
-            self.current -= entry[0]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, Tensor):
-                continue
-            try:
-                storage = tensor.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                continue
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in inputs or key in self._live:
-                continue
-            token = object()
-            self._live[key] = (nbytes, token)
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._release, key, token)
-        return out
-
-
-def _storage_key(tensor: Tensor) -> Optional[int]:
-    try:
-        return tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-class _SavedForBackwardBytes:
-    """Total size of the distinct storages autograd saves for backward, ``exclude`` left out."""
-
-    def __init__(self, exclude: Sequence[Tensor]) -> None:
-        self.exclude = {_storage_key(t) for t in exclude}
-        self.seen: set = set()
-        self.total = 0
-
-    def pack(self, tensor: Tensor) -> Tensor:
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return tensor
-        key = storage.data_ptr()
-        if key not in self.exclude and key not in self.seen:
-            self.seen.add(key)
-            self.total += storage.nbytes()
-        return tensor
-
-    @staticmethod
-    def unpack(tensor: Tensor) -> Tensor:
-        return tensor
-
-
-def measure_memory(case: Case, device: torch.device, saved: bool) -> Dict[str, Optional[float]]:
-    """Run ``case`` once (untimed) and return ``peak_mib`` and, if ``saved``, ``saved_mib``."""
-    if case.prepare is not None:
-        case.prepare()
-    gc.collect()
-    saved_counter = _SavedForBackwardBytes(case.params) if saved else None
-    hooks = (torch.autograd.graph.saved_tensors_hooks(saved_counter.pack, saved_counter.unpack)
-             if saved_counter is not None else contextlib.nullcontext())
-    if device.type == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        with hooks:
-            case.run()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        tracker = _LiveStorageBytes()
-        with hooks, tracker:
-            case.run()
-        peak = tracker.peak
-    return {"peak_mib": peak / MIB, "saved_mib": (saved_counter.total / MIB) if saved_counter else None}
+def _shape_str(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
 
 
 # ----------------------------------------------------------------------------- layers
 
 
 def build_layer(variant: str, channels: int) -> nn.Module:
-    """The norm layer benchmarked as ``variant`` (one of LAYER_VARIANTS or SPLIT_VARIANT)."""
-    from mabn import BatchRenorm2d, MABN2d, get_norm
+    """The single norm layer benchmarked as ``variant``, in training mode."""
+    from mabn import BatchRenorm2d, GhostBatchNorm2d, MABN2d
+
     from benchmarks.naive_mabn import NaiveMABN2d
 
-    mabn_kw = dict(B=MABN_B, real_B=MABN_REAL_B, warmup_iters=0, r_warmup_iters=0)
-    if variant == "BN":
-        return nn.BatchNorm2d(channels)
-    if variant == "MABN":
-        return MABN2d(channels, **mabn_kw)
-    if variant == SPLIT_VARIANT:
-        return MABN2d(channels, split_batch=True, **mabn_kw)
-    if variant == "MABN naive":
-        return NaiveMABN2d(channels, **mabn_kw)
-    if variant == "BRN":
-        return BatchRenorm2d(channels)
-    if variant in ("GN", "IN", "LN"):
-        return get_norm(variant, channels)
-    raise ValueError(f"unknown layer variant {variant!r}")
+    mabn_kwargs = dict(B=B, real_B=REAL_B, warmup_iters=0, r_warmup_iters=0)
+    builders = {
+        BN: lambda: nn.BatchNorm2d(channels),
+        GN: lambda: nn.GroupNorm(32 if channels % 32 == 0 else channels, channels),
+        MABN: lambda: MABN2d(channels, **mabn_kwargs),
+        SPLIT: lambda: MABN2d(channels, split_batch=True, **mabn_kwargs),
+        NAIVE: lambda: NaiveMABN2d(channels, **mabn_kwargs),
+        BRN: lambda: BatchRenorm2d(channels, warmup_steps=0),
+        BRN_GROUPED: lambda: BatchRenorm2d(channels, warmup_steps=0, B=B),
+        GHOST: lambda: GhostBatchNorm2d(channels, B),
+    }
+    if variant not in builders:
+        raise ValueError(f"unknown layer variant {variant!r}; choose one of {sorted(builders)}")
+    return builders[variant]().train()
 
 
-def _layer_case(layer: nn.Module, x: Tensor, grad: Tensor) -> Case:
+def _layer_case(variant: str, x: Tensor, grad: Tensor) -> Case:
+    """Forward + backward of ``variant`` on ``x`` (or, for ``copy``, one ``clone`` of its data)."""
+    if variant == COPY:
+        data = x.detach()
+        return Case(run=data.clone)
+    layer = build_layer(variant, x.shape[1]).to(x.device)
     params = tuple(layer.parameters())
 
     def prepare() -> None:
@@ -332,78 +158,105 @@ def _layer_case(layer: nn.Module, x: Tensor, grad: Tensor) -> Case:
         for p in params:
             p.grad = None
 
-    def run() -> None:
-        layer(x).backward(grad)
-
-    return Case(run=run, prepare=prepare, params=params)
+    return Case(run=lambda: layer(x).backward(grad), prepare=prepare, params=params + tuple(layer.buffers()))
 
 
-def _ratios(rows: List[dict], key: str = "ratio_to_bn", reference: str = "BN") -> None:
-    base = next((r["median_ms"] for r in rows if r["variant"] == reference), None)
+def _inputs(shape: Sequence[int], device: torch.device) -> Tuple[Tensor, Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(*shape, device=device).requires_grad_(), torch.randn(*shape, device=device)
+
+
+def bench_ops(config: BenchConfig, device: torch.device) -> List[dict]:
+    """Operator calls of one training forward + backward per variant (after one warm-up call)."""
+    rows = []
+    for variant in OP_COUNT_VARIANTS:
+        shape = list(config.op_shape)
+        if variant in GROUPED_VARIANTS:
+            shape[0] = config.op_grouped_batch
+        case = _layer_case(variant, *_inputs(shape, device))
+        case.prepare()
+        case.run()
+        counter = count_ops(case)
+        rows.append(dict(variant=variant, shape=shape, ops=counter.total, views=counter.views,
+                         by_op=dict(counter.by_op.most_common())))
+    return rows
+
+
+def compiled_mabn_kernels(config: BenchConfig, device: torch.device) -> int:
+    """Kernels inductor generates for one ``torch.compile``-d MABN forward + backward."""
+    x, grad = _inputs(config.op_shape, device)
+    layer = torch.compile(build_layer(MABN, x.shape[1]).to(device))
+    return compiled_kernel_count(lambda: layer(x).backward(grad))
+
+
+def _layer_shapes(config: BenchConfig) -> List[Tuple[Shape, List[str]]]:
+    """Every distinct shape once, with the union of the variants its targets need."""
+    plan: Dict[Shape, List[str]] = {}
+    for shape in config.small_shapes + config.full_shapes + config.baseline_shapes:
+        variants = plan.setdefault(tuple(shape), [])
+        wanted = list(LAYER_VARIANTS) + (list(BASELINE_VARIANTS) if shape in config.baseline_shapes else [])
+        if not (shape[0] > B and shape[0] % B == 0):
+            wanted.remove(SPLIT)
+        variants += [v for v in wanted if v not in variants]
+    return list(plan.items())
+
+
+def _add_ratio(rows: List[dict], key: str, reference: str) -> None:
+    base = next((row["median_ms"] for row in rows if row["variant"] == reference), None)
     for row in rows:
         row[key] = row["median_ms"] / base if base else None
 
 
-def bench_layers(shapes: Sequence[Tuple[int, int, int, int]], rounds: int, warmup: int,
-                 device: torch.device, variants: Sequence[str] = LAYER_VARIANTS) -> List[dict]:
-    """Forward + backward of each layer variant at each shape; one row per (shape, variant)."""
+def bench_layers(config: BenchConfig, device: torch.device) -> List[dict]:
+    """One row per (shape, variant): median ms, ratio to BN and to GN, and copies of the input."""
     rows: List[dict] = []
-    for shape in shapes:
-        torch.manual_seed(0)
-        names = list(variants)
-        if shape[0] % MABN_B == 0 and shape[0] > MABN_B and "MABN" in names:
-            names.insert(names.index("MABN") + 1, SPLIT_VARIANT)
-        x = torch.randn(shape, device=device).requires_grad_()
-        grad = torch.randn(shape, device=device)
-        cases = {name: _layer_case(build_layer(name, shape[1]).to(device).train(), x, grad) for name in names}
-        label = "layers " + "x".join(map(str, shape))
-        times = interleaved_times(cases, rounds, warmup, device, label=label)
-        shape_rows = [dict(section="layer", shape=list(shape), variant=name, **_summary(times[name])) for name in names]
-        _ratios(shape_rows)
-        rows.extend(shape_rows)
+    for shape, variants in _layer_shapes(config):
+        x, grad = _inputs(shape, device)
+        cases = {variant: _layer_case(variant, x, grad) for variant in variants}
+        times = interleaved_times(cases, config.layer_rounds, config.layer_warmup, device,
+                                  label=f"layers {_shape_str(shape)}")
+        shape_rows = [dict(shape=list(shape), variant=v, **summarize(times[v])) for v in variants]
+        _add_ratio(shape_rows, "ratio_to_bn", BN)
+        _add_ratio(shape_rows, "ratio_to_gn", GN)
+        _add_ratio(shape_rows, "copies", COPY)
+        rows += shape_rows
         del cases, x, grad
+        gc.collect()
     return rows
 
 
-# ----------------------------------------------------------------------------- ResNet-50
+# ----------------------------------------------------------------------------- ResNet
 
 
-def mabn_real_B(batch: int, real_B: int = MABN_REAL_B) -> int:
-    """``real_B`` (32) when the batch divides it, else the smallest multiple of the batch above it."""
-    return real_B if real_B % batch == 0 else batch * math.ceil(real_B / batch)
+def build_resnet(variant: str, batch: int, base: nn.Module) -> nn.Module:
+    """A deep copy of the torchvision ``base`` with the norms of ``variant``."""
+    from mabn import convert_conv, convert_norm, fold_norms
 
-
-def base_resnet(arch: str = "resnet50", seed: int = 0) -> nn.Module:
-    """torchvision ``arch(weights=None)`` initialized from ``seed``."""
-    import torchvision
-
-    torch.manual_seed(seed)
-    return getattr(torchvision.models, arch)(weights=None)
-
-
-def build_resnet(variant: str, batch: int, arch: str = "resnet50", base: Optional[nn.Module] = None) -> nn.Module:
-    """A torchvision ``arch`` (random init, or a deep copy of ``base``) with the norms of ``variant``."""
-    from mabn import convert_conv, convert_norm
-
-    model = base_resnet(arch) if base is None else copy.deepcopy(base)
-    if variant == "BN":
+    model = copy.deepcopy(base)
+    if variant == BN:
         return model
-    if variant == "MABN+CenConv":
-        model = convert_norm(model, "MABN", B=batch, real_B=mabn_real_B(batch), warmup_iters=0)
-        return convert_conv(model, "CenConv")
-    if variant in ("GN", "IN", "LN"):
-        return convert_norm(model, variant)
-    if variant == "no norm":
+    if variant in (MABN_CENCONV, MABN_FOLDED):
+        real_b = REAL_B if REAL_B % batch == 0 else batch * math.ceil(REAL_B / batch)
+        model = convert_conv(convert_norm(model, "MABN", B=batch, real_B=real_b, warmup_iters=0), "CenConv")
+        return fold_norms(model) if variant == MABN_FOLDED else model
+    if variant == GN:
+        return convert_norm(model, "GN")
+    if variant == NO_NORM:
         return convert_norm(model, "")
     raise ValueError(f"unknown ResNet variant {variant!r}")
 
 
+def _base_resnet(arch: str) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, arch)(weights=None)
+
+
 def _train_case(model: nn.Module, images: Tensor, labels: Tensor) -> Case:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    case = Case(run=lambda: None, prepare=None, params=tuple(model.parameters()) + tuple(model.buffers()))
-
-    def prepare() -> None:
-        optimizer.zero_grad(set_to_none=True)
+    case = Case(run=lambda: None, prepare=lambda: optimizer.zero_grad(set_to_none=True),
+                params=tuple(model.parameters()) + tuple(model.buffers()))
 
     def run() -> None:
         loss = F.cross_entropy(model(images), labels)
@@ -411,309 +264,250 @@ def _train_case(model: nn.Module, images: Tensor, labels: Tensor) -> Case:
         optimizer.step()
         case.state["loss"] = loss.detach()
 
-    case.run, case.prepare = run, prepare
-    return case
-
-
-def _infer_case(model: nn.Module, images: Tensor) -> Case:
-    case = Case(run=lambda: None, params=tuple(model.parameters()) + tuple(model.buffers()))
-
-    def run() -> None:
-        with torch.no_grad():
-            case.state["out"] = model(images)
-
     case.run = run
     return case
 
 
-def bench_resnet_train(batch: int, resolution: int, rounds: int, warmup: int, device: torch.device,
-                       variants: Sequence[str] = TRAIN_VARIANTS, arch: str = "resnet50") -> List[dict]:
-    """Training step (forward, cross-entropy, backward, SGD step) per variant; one row each."""
+def bench_train(config: BenchConfig, batch: int, device: torch.device) -> List[dict]:
+    """Training step per variant, then the activation bytes each saves for backward."""
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, resolution, resolution, device=device)
+    images = torch.randn(batch, 3, config.resolution, config.resolution, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    cases: Dict[str, Case] = {}
-    base = base_resnet(arch)
-    for name in variants:
-        _log(f"{arch} train b{batch} {resolution}px: building {name}")
-        model = build_resnet(name, batch, arch, base).to(device).train()
-        cases[name] = _train_case(model, images, labels)
-    del base
-    times = interleaved_times(cases, rounds, warmup, device, label=f"{arch} train b{batch} {resolution}px")
+    base = _base_resnet(config.arch)
+    cases = {v: _train_case(build_resnet(v, batch, base).to(device).train(), images, labels) for v in TRAIN_VARIANTS}
+    label = f"{config.arch} train b{batch} {config.resolution}px"
+    times = interleaved_times(cases, config.train_rounds, config.resnet_warmup, device, label=label)
     rows = []
-    for name in variants:
-        memory = measure_memory(cases[name], device, saved=True)
-        loss = cases[name].state["loss"]
-        rows.append(dict(section="train", arch=arch, batch=batch, resolution=resolution, variant=name,
-                         **_summary(times[name]), **memory, finite=bool(torch.isfinite(loss).item())))
-    _ratios(rows)
+    for variant, case in cases.items():
+        saved = saved_bytes(case)
+        rows.append(dict(arch=config.arch, batch=batch, resolution=config.resolution, variant=variant,
+                         **summarize(times[variant]), saved_mib=saved / MIB,
+                         finite=bool(torch.isfinite(case.state["loss"]).item())))
+    _add_ratio(rows, "ratio_to_bn", BN)
+    bn_saved = next(row["saved_mib"] for row in rows if row["variant"] == BN)
+    for row in rows:
+        row["saved_ratio_to_bn"] = row["saved_mib"] / bn_saved
     return rows
 
 
-def bench_resnet_infer(batch: int, resolution: int, rounds: int, warmup: int, device: torch.device,
-                       variants: Sequence[str] = INFER_VARIANTS, arch: str = "resnet50") -> Tuple[List[dict], List[str]]:
-    """Eval-mode ``no_grad`` forward per variant; returns the rows and notes (skipped variants)."""
+def bench_infer(config: BenchConfig, device: torch.device) -> List[dict]:
+    """Eval ``no_grad`` forward of the folded MABN+CenConv network against the no-norm one."""
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, resolution, resolution, device=device)
-    notes: List[str] = []
-    models: Dict[str, nn.Module] = {}
-    sources = {"MABN folded": "MABN+CenConv", "BN folded": "BN"}
-    base = base_resnet(arch)
-    for name in variants:
-        if name in sources:
-            continue
-        _log(f"{arch} infer b{batch} {resolution}px: building {name}")
-        models[name] = build_resnet(name, batch, arch, base).to(device).eval()
-    folded = [name for name in variants if name in sources]
-    if folded:
-        try:
-            from mabn.fold import fold_norms
-        except ImportError as error:
-            notes.append(f"{', '.join(folded)} skipped: mabn.fold is not importable ({error})")
-            folded = []
-        for name in folded:
-            source = models.get(sources[name])
-            if source is None:
-                source = build_resnet(sources[name], batch, arch, base).to(device).eval()
-            _log(f"{arch} infer b{batch} {resolution}px: folding {sources[name]}")
-            models[name] = fold_norms(source).to(device).eval()
-    del base
-    names = [name for name in variants if name in models]
-    cases = {name: _infer_case(models[name], images) for name in names}
-    times = interleaved_times(cases, rounds, warmup, device, label=f"{arch} infer b{batch} {resolution}px")
-    rows = []
-    for name in names:
-        memory = measure_memory(cases[name], device, saved=False)
-        out = cases[name].state["out"]
-        row = dict(section="infer", arch=arch, batch=batch, resolution=resolution, variant=name,
-                   **_summary(times[name]), peak_mib=memory["peak_mib"], finite=bool(torch.isfinite(out).all().item()))
-        if name in sources and sources[name] in cases:
-            reference = cases[sources[name]].state["out"]
-            row["max_rel_diff_to_unfolded"] = ((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
-        rows.append(row)
-    _ratios(rows)
-    _ratios(rows, key="ratio_to_no_norm", reference="no norm")
-    return rows, notes
+    images = torch.randn(config.infer_batch, 3, config.resolution, config.resolution, device=device)
+    base = _base_resnet(config.arch)
+    models = {v: build_resnet(v, config.infer_batch, base).to(device).eval() for v in INFER_VARIANTS}
+    unfolded = build_resnet(MABN_CENCONV, config.infer_batch, base).to(device).eval()
+    cases = {}
+    for variant, model in models.items():
+        cases[variant] = Case(run=torch.no_grad()(lambda model=model: model(images)))
+    times = interleaved_times(cases, config.infer_rounds, config.resnet_warmup, device,
+                              label=f"{config.arch} infer b{config.infer_batch} {config.resolution}px")
+    rows = [dict(arch=config.arch, batch=config.infer_batch, resolution=config.resolution, variant=v,
+                 **summarize(times[v])) for v in INFER_VARIANTS]
+    _add_ratio(rows, "ratio_to_no_norm", NO_NORM)
+    with torch.no_grad():
+        folded, reference = models[MABN_FOLDED](images), unfolded(images)
+    rows[INFER_VARIANTS.index(MABN_FOLDED)]["max_rel_diff_to_unfolded"] = (
+        (folded - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+    return rows
 
 
 # ----------------------------------------------------------------------------- targets, report
 
 
-def _shape_str(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape))
+def _row(rows: List[dict], variant: str, **where) -> Optional[dict]:
+    return next((r for r in rows if r["variant"] == variant and all(r[k] == v for k, v in where.items())), None)
 
 
-def evaluate_targets(results: dict) -> List[dict]:
-    """PASS/MISS records of the targets for whatever sections ``results`` holds."""
-    targets = []
-    for row in results.get("layers", []):
-        if row["variant"] == "MABN":
-            ratio = row["ratio_to_bn"]
-            targets.append(dict(name=f"MABN layer fwd+bwd {_shape_str(row['shape'])} vs BN", measured=ratio,
-                                limit=LAYER_TARGET, rule="time ratio <=", passed=ratio <= LAYER_TARGET))
-    for row in results.get("resnet_train", []):
-        if row["variant"] == "MABN+CenConv":
-            ratio = row["ratio_to_bn"]
-            targets.append(dict(name=f"{row['arch']} train step b{row['batch']} {row['resolution']}px MABN+CenConv vs BN",
-                                measured=ratio, limit=TRAIN_TARGET, rule="time ratio <=", passed=ratio <= TRAIN_TARGET))
-    for row in results.get("resnet_infer", []):
-        if row["variant"] == "MABN folded" and row.get("ratio_to_no_norm"):
-            speed = 1.0 / row["ratio_to_no_norm"]
-            targets.append(dict(name=f"{row['arch']} inference b{row['batch']} {row['resolution']}px MABN folded vs no norm",
-                                measured=speed, limit=FOLDED_SPEED_TARGET, rule="speed ratio >=",
-                                passed=speed >= FOLDED_SPEED_TARGET))
+def _value(row: Optional[dict], key: str) -> Optional[float]:
+    return None if row is None else row.get(key)
+
+
+def evaluate_targets(results: dict, config: BenchConfig) -> List[Target]:
+    """Every target and goal of the run, in report order."""
+    targets: List[Target] = []
+    ops = results.get("ops", [])
+    for variant in (MABN, SPLIT):
+        row = _row(ops, variant)
+        name = f"{variant} ops per fwd+bwd {_shape_str(row['shape']) if row else ''}"
+        targets.append(check(name, _value(row, "ops"), "<=", OPS_LIMIT, unit="ops"))
+        targets.append(check(name + " (moonshot)", _value(row, "ops"), "<=", OPS_MOONSHOT, "goal", "ops"))
+    layers = results.get("layers", [])
+    for shape in config.small_shapes:
+        row = _row(layers, MABN, shape=list(shape))
+        targets.append(check(f"MABN layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=", SMALL_LIMIT))
+    for shape in config.full_shapes:
+        row = _row(layers, MABN, shape=list(shape))
+        targets.append(check(f"MABN layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=", FULL_LIMIT))
+    for shape in config.full_shapes:
+        row = _row(layers, MABN, shape=list(shape))
+        targets.append(check(f"MABN layer {_shape_str(shape)} vs GN", _value(row, "ratio_to_gn"), "<=", GN_GOAL, "goal"))
+        targets.append(check(f"MABN layer {_shape_str(shape)} in input copies", _value(row, "copies"), "<=",
+                             COPIES_GOAL, "goal", "copies"))
+    for shape in config.baseline_shapes:
+        for variant in (GHOST, BRN_GROUPED, SPLIT):
+            row = _row(layers, variant, shape=list(shape))
+            targets.append(check(f"{variant} layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=",
+                                 BASELINE_LIMIT))
+    train = results.get("train", [])
+    where = f"{config.arch} {config.resolution}px"
+    for batch in config.train_batches:
+        row = _row(train, MABN_CENCONV, batch=batch)
+        limit, goal = TRAIN_LIMITS.get(batch, (TRAIN_LIMIT, None))
+        name = f"{where} train step b{batch} MABN+CenConv vs BN"
+        targets.append(check(name, _value(row, "ratio_to_bn"), "<=", limit))
+        if goal is not None:
+            targets.append(check(name, _value(row, "ratio_to_bn"), "<=", goal, "goal"))
+    batch = min(config.train_batches)
+    row = _row(train, MABN_CENCONV, batch=batch)
+    targets.append(check(f"{where} b{batch} activation memory saved for backward MABN+CenConv vs BN",
+                         _value(row, "saved_ratio_to_bn"), "<=", SAVED_LIMIT))
+    row = _row(results.get("infer", []), MABN_FOLDED)
+    ratio = _value(row, "ratio_to_no_norm")
+    targets.append(check(f"{where} b{config.infer_batch} inference speed MABN folded vs no norm",
+                         None if ratio is None else 1.0 / ratio, ">=", FOLDED_SPEED_LIMIT))
     return targets
 
 
 def machine_info(device: torch.device) -> dict:
-    """Versions, threads, device and CPU model (from /proc/cpuinfo where present)."""
+    """Versions, threads, device, CPU model and load (the context every number needs)."""
     import torchvision
 
-    cpu_model = None
-    try:
+    cpu_model = platform.processor() or None
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "device": str(device), "threads": torch.get_num_threads(),
-        "cpu_model": cpu_model or platform.processor() or None, "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+            cpu_model = next((line.split(":", 1)[1].strip() for line in handle
+                              if line.lower().startswith("model name")), cpu_model)
+    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(), "cpu_model": cpu_model,
+            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     return info
 
 
-def memory_description(device: torch.device) -> dict:
-    if device.type == "cuda":
-        peak = ("peak_mib: torch.cuda.max_memory_allocated() during one untimed step minus "
-                "memory_allocated() at its start (weights, optimizer state, inputs excluded)")
-    else:
-        peak = ("peak_mib: peak total size of tensor storages created by the step's operators and alive at "
-                "once (TorchDispatchMode; views/in-place results are not new memory; weights, optimizer state "
-                "and inputs exist before the step and are excluded; gradients are included; allocator caching "
-                "is not counted)")
-    return {"peak_mib": peak,
-            "saved_mib": ("saved_mib (training only): activation memory saved for backward - distinct storages "
-                          "packed by autograd saved-tensor hooks during the forward, parameters and buffers "
-                          "excluded, input batch included")}
-
-
 def run_benchmark(config: BenchConfig, device: torch.device) -> dict:
-    """Run every section of ``config``; returns the JSON-ready results (targets included)."""
+    """Every section of ``config``; returns the JSON-ready results, targets included."""
     started = time.perf_counter()
-    results: dict = {"machine": machine_info(device), "config": dataclasses.asdict(config),
-                     "memory": memory_description(device), "notes": []}
-    results["config"]["train_sgd_lr"] = 0.0
-    load = results["machine"].get("load_average")
-    cpus = results["machine"].get("cpu_count") or 1
+    results: dict = {"machine": machine_info(device), "config": dataclasses.asdict(config), "notes": []}
+    load, cpus = results["machine"]["load_average"], results["machine"]["cpu_count"] or 1
     if load and device.type == "cpu" and load[0] > 0.5 * cpus:
-        results["notes"].append(
-            f"the machine was busy when the run started (1-min load average {load[0]:.1f} on {cpus} CPUs): "
-            f"timings are noisy, and with {torch.get_num_threads()} threads multi-threaded kernels can stall "
-            f"waiting for descheduled threads; rerun on a quiet machine (or compare with --threads 1)")
-        _log("warning: " + results["notes"][-1])
-    results["layers"] = bench_layers(config.layer_shapes, config.layer_rounds, config.layer_warmup, device)
-    results["resnet_train"] = []
+        results["notes"].append(f"busy machine at start (1-min load {load[0]:.1f} on {cpus} CPUs): timings are "
+                                f"noisy; only the ratios measured side by side are meaningful")
+    if config.name != "full":
+        results["notes"].append(f"--{config.name} run: ResNet at {config.resolution} px with "
+                                f"{config.train_rounds} train / {config.infer_rounds} inference rounds and "
+                                f"{config.layer_rounds} layer rounds; the ResNet targets are defined at 224 px")
+    log("op counts")
+    results["ops"] = bench_ops(config, device)
+    results["layers"] = bench_layers(config, device)
+    results["train"] = []
     for batch in config.train_batches:
-        results["resnet_train"] += bench_resnet_train(batch, config.resolution, config.train_rounds,
-                                                      config.resnet_warmup, device, arch=config.arch)
+        results["train"] += bench_train(config, batch, device)
         gc.collect()
-    infer_rows, notes = bench_resnet_infer(config.infer_batch, config.resolution, config.infer_rounds,
-                                           config.resnet_warmup, device, arch=config.arch)
-    results["resnet_infer"] = infer_rows
-    results["notes"] += notes
-    results["targets"] = evaluate_targets(results)
+    results["infer"] = bench_infer(config, device)
+    results["compiled_mabn_kernels"] = None
+    if config.compile_kernels:
+        log("torch.compile kernel count")
+        try:
+            results["compiled_mabn_kernels"] = compiled_mabn_kernels(config, device)
+        except Exception as error:  # a missing C++ toolchain must not lose the measured numbers
+            results["notes"].append(f"compiled kernel count skipped: {type(error).__name__}: {error}")
+    else:
+        results["notes"].append("compiled kernel count skipped in this run")
+    results["targets"] = [t.as_dict() for t in evaluate_targets(results, config)]
     results["elapsed_s"] = time.perf_counter() - started
     return results
 
 
-def _fmt_ratio(value: Optional[float]) -> str:
+def _x(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.2f}x"
 
 
-def _fmt_mib(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.1f}"
-
-
 def format_markdown(results: dict) -> str:
-    """The results as markdown tables plus the PASS/MISS target lines."""
-    lines: List[str] = []
-    machine = results["machine"]
-    lines.append(f"# MABN benchmark{' (--quick)' if results['config'].get('quick') else ''}")
-    lines.append("")
-    lines.append(f"torch {machine['torch']}, device {machine['device']}"
-                 f"{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, {machine['threads']} threads, "
-                 f"CPU {machine.get('cpu_model')}; medians over interleaved rounds; ratios are to native BN "
-                 f"timed in the same rounds; IQR = interquartile range / median.")
-    layers = results.get("layers", [])
-    if layers:
-        shapes = []
-        for row in layers:
-            if row["shape"] not in shapes:
-                shapes.append(row["shape"])
-        canonical = list(LAYER_VARIANTS)
-        canonical.insert(canonical.index("MABN") + 1, SPLIT_VARIANT)
-        present = {row["variant"] for row in layers}
-        variants = [v for v in canonical if v in present] + sorted(present - set(canonical))
-        cell = {(tuple(r["shape"]), r["variant"]): r for r in layers}
-        lines += ["", f"## Layer forward + backward ({results['config']['layer_rounds']} rounds)", "",
-                  "| variant | " + " | ".join(_shape_str(s) for s in shapes) + " |",
-                  "|---|" + "---:|" * len(shapes)]
-        for variant in variants:
-            cells = []
-            for shape in shapes:
-                row = cell.get((tuple(shape), variant))
-                cells.append("—" if row is None else
-                             f"{row['median_ms']:.2f} ms ({_fmt_ratio(row['ratio_to_bn'])}, IQR {row['iqr_pct']:.0f}%)")
-            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    train = results.get("resnet_train", [])
+    """The report: markdown tables, notes, then one PASS/MISS line per target."""
+    machine, config = results["machine"], results["config"]
+    lines = [f"# MABN benchmark ({config['name']})", "",
+             f"torch {machine['torch']}, {machine['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, "
+             f"{machine['threads']} threads, CPU {machine['cpu_model']}. Medians of interleaved rounds; every ratio "
+             f"divides medians from the same rounds; copies = time / time of x.clone().", ""]
+    lines += ["## Operators per training forward + backward (one layer)", "",
+              "| variant | input | ops | of which views |", "|---|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {_shape_str(r['shape'])} | {r['ops']} | {r['views']} |" for r in results["ops"]]
+    kernels = results.get("compiled_mabn_kernels")
+    if kernels is not None:
+        lines += ["", f"torch.compile (inductor) kernels for one MABN forward + backward: {kernels}"]
+    lines += ["", f"## Layer forward + backward ({config['layer_rounds']} rounds)", "",
+              "| shape | variant | median ms | vs BN | vs GN | copies | IQR |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {_shape_str(r['shape'])} | {r['variant']} | {r['median_ms']:.3f} | {_x(r['ratio_to_bn'])} | "
+              f"{_x(r['ratio_to_gn'])} | {r['copies']:.1f} | {r['iqr_pct']:.0f}% |" for r in results["layers"]]
+    train = results["train"]
     if train:
-        lines += ["", f"## {train[0]['arch']} training step, {train[0]['resolution']} px "
-                      f"({results['config']['train_rounds']} rounds)", "",
-                  "| batch | variant | median ms | vs BN | IQR | peak MiB | saved MiB |",
+        lines += ["", f"## {train[0]['arch']} training step, {train[0]['resolution']} px ({config['train_rounds']} rounds)",
+                  "", "| batch | variant | median ms | vs BN | IQR | saved for backward MiB | saved vs BN |",
                   "|---:|---|---:|---:|---:|---:|---:|"]
-        for row in train:
-            flag = "" if row.get("finite", True) else " (non-finite loss!)"
-            lines.append(f"| {row['batch']} | {row['variant']}{flag} | {row['median_ms']:.1f} | "
-                         f"{_fmt_ratio(row['ratio_to_bn'])} | {row['iqr_pct']:.0f}% | {_fmt_mib(row['peak_mib'])} | "
-                         f"{_fmt_mib(row['saved_mib'])} |")
-    infer = results.get("resnet_infer", [])
+        lines += [f"| {r['batch']} | {r['variant']}{'' if r['finite'] else ' (non-finite loss!)'} | "
+                  f"{r['median_ms']:.1f} | {_x(r['ratio_to_bn'])} | {r['iqr_pct']:.0f}% | {r['saved_mib']:.1f} | "
+                  f"{_x(r['saved_ratio_to_bn'])} |" for r in train]
+    infer = results["infer"]
     if infer:
         lines += ["", f"## {infer[0]['arch']} inference (eval, no_grad), batch {infer[0]['batch']}, "
-                      f"{infer[0]['resolution']} px ({results['config']['infer_rounds']} rounds)", "",
-                  "| variant | median ms | vs BN | vs no norm | IQR | peak MiB |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for row in infer:
-            extra = ""
-            if "max_rel_diff_to_unfolded" in row:
-                extra = f" (max rel diff to unfolded {row['max_rel_diff_to_unfolded']:.1e})"
-            lines.append(f"| {row['variant']}{extra} | {row['median_ms']:.1f} | {_fmt_ratio(row['ratio_to_bn'])} | "
-                         f"{_fmt_ratio(row.get('ratio_to_no_norm'))} | {row['iqr_pct']:.0f}% | {_fmt_mib(row['peak_mib'])} |")
-    memory = results.get("memory", {})
-    if memory:
-        lines += ["", "Memory columns:"] + [f"- {text}" for text in memory.values()]
-    for note in results.get("notes", []):
-        lines.append(f"- note: {note}")
-    targets = results.get("targets", [])
-    if targets:
-        quick = " [quick sizes; the targets are defined at the full sizes]" if results["config"].get("quick") else ""
-        lines += ["", f"## Targets{quick}", ""]
-        for t in targets:
-            lines.append(f"{'PASS' if t['passed'] else 'MISS'}  {t['name']}: {t['measured']:.3f} "
-                         f"(target {t['rule']} {t['limit']:.2f})")
-    if "elapsed_s" in results:
-        lines += ["", f"Total time {results['elapsed_s']:.0f} s."]
+                      f"{infer[0]['resolution']} px ({config['infer_rounds']} rounds)", "",
+                  "| variant | median ms | vs no norm | IQR |", "|---|---:|---:|---:|"]
+        for r in infer:
+            diff = f" (max rel diff to unfolded {r['max_rel_diff_to_unfolded']:.1e})" if "max_rel_diff_to_unfolded" in r else ""
+            lines.append(f"| {r['variant']}{diff} | {r['median_ms']:.1f} | {_x(r['ratio_to_no_norm'])} | {r['iqr_pct']:.0f}% |")
+    lines += [""] + [f"- note: {note}" for note in results["notes"]]
+    lines += ["", f"## Targets ({config['name']} sizes)", ""]
+    lines += [format_target(Target(**{k: v for k, v in t.items() if k != "passed"})) for t in results["targets"]]
+    lines += ["", f"Total time {results['elapsed_s']:.0f} s."]
     return "\n".join(lines)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, ResNet-50 at 112 px (about 3 min on 2 cores)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long smoke run for tests
+    parser.add_argument("--json", metavar="PATH", help="write every number, the targets and machine info to PATH")
+    parser.add_argument("--rounds", type=int, metavar="N", help="timed rounds of every section")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) (default: torch's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    args = parser.parse_args(argv)
+    if args.quick and args.tiny:
+        parser.error("--quick and --tiny exclude each other; pass one")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here; use --device cpu")
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(directory):
+            parser.error(f"--json {args.json}: directory {directory} does not exist; create it first")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller shapes, ResNet-50 at 64 px and batch 2, fewer rounds (< 2 min on 2 cores)")
-    parser.add_argument("--json", metavar="PATH", help="write all results and machine info to PATH")
-    parser.add_argument("--rounds", type=int, metavar="N", help="timed rounds for every section")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) (default: torch's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="default auto: cuda when available")
-    args = parser.parse_args(argv)
-    if args.rounds is not None and args.rounds < 1:
-        parser.error("--rounds must be >= 1")
+    args = _parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
-    config = QUICK if args.quick else FULL
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    config = TINY if args.tiny else QUICK if args.quick else FULL
     if args.rounds is not None:
         config = config.with_rounds(args.rounds)
-    _log(f"device {device}, {torch.get_num_threads()} threads, {'quick' if config.quick else 'full'} run")
+    log(f"device {device}, {torch.get_num_threads()} threads, {config.name} run")
     results = run_benchmark(config, device)
     print(format_markdown(results), flush=True)
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w") as handle:
+        temporary = f"{args.json}.tmp"
+        with open(temporary, "w") as handle:
             json.dump(results, handle, indent=2)
-        _log(f"wrote {args.json}")
+        os.replace(temporary, args.json)
+        log(f"wrote {args.json}")
     return results
 
 
