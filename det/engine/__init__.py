@@ -1,0 +1,1 @@
+"""Inference (and, in det 2/2, training and evaluation) around the detector."""
