@@ -53,6 +53,15 @@ def all_keys(node: CN, prefix: str = "") -> List[str]:
     return keys
 
 
+def _sections(node: CN, prefix: str = "") -> List[str]:
+    """Every section of ``node`` as a dotted name (``MODEL.RPN``)."""
+    names = []
+    for name, value in node.items():
+        if isinstance(value, CN):
+            names += [f"{prefix}{name}"] + _sections(value, f"{prefix}{name}.")
+    return names
+
+
 def _unknown_key_error(key: str, valid: Iterable[str], where: str) -> UserError:
     valid = list(valid)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
@@ -63,16 +72,16 @@ def _unknown_key_error(key: str, valid: Iterable[str], where: str) -> UserError:
     return UserError(f"unknown config key {key} in {where}{hint}")
 
 
-def _check_keys(data: Any, defaults: CN, prefix: str, where: str, valid: List[str]) -> None:
+def _check_keys(data: Any, defaults: CN, prefix: str, where: str, valid: List[str], sections: List[str]) -> None:
     if not isinstance(data, dict):
         raise UserError(f"{where}: {prefix.rstrip('.') or 'the top level'} must be a mapping of keys, "
                         f"got {type(data).__name__}")
     for name, value in data.items():
         dotted = f"{prefix}{name}"
         if not isinstance(name, str) or name not in defaults:
-            raise _unknown_key_error(dotted, valid, where)
+            raise _unknown_key_error(dotted, sections if isinstance(value, dict) else valid, where)
         if isinstance(defaults[name], CN):
-            _check_keys(value, defaults[name], dotted + ".", where, valid)
+            _check_keys(value, defaults[name], dotted + ".", where, valid, sections)
 
 
 def resolve_config_file(config_file: str) -> Path:
@@ -109,7 +118,7 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
         except yaml.YAMLError as exc:
             raise UserError(f"{path}: not valid yaml ({str(exc).splitlines()[0]})") from None
         data = data or {}
-        _check_keys(data, config, "", str(path), valid)
+        _check_keys(data, config, "", str(path), valid, _sections(config))
         _merge(config, CN(data), str(path))
     opts = list(opts)
     if len(opts) % 2:

@@ -1,0 +1,125 @@
+"""det.config: defaults, published files, strict loading, data root, dataset catalog."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from det_helpers import ALL_CONFIGS, CONFIG_DIR, REPO
+
+from det.config import DATA_ROOT_ENV, all_keys, get_default_config, load_config
+from det.config.paths_catalog import dataset_paths, registered_names
+from mabn.utils.errors import UserError
+
+PUBLISHED = ["e2e_mask_rcnn_R_50_FPN_mabn_2x_from_scratch.yaml", "e2e_mask_rcnn_R_50_FPN_mabn_2x_fine_tune.yaml",
+             "e2e_mask_rcnn_R_50_FPN_syncbn_2x_from_scratch.yaml", "e2e_mask_rcnn_R_50_FPN_syncbn_2x_fine_tune.yaml"]
+
+
+def test_defaults_are_maskrcnn_benchmark_and_new_keys():
+    cfg = get_default_config()
+    assert cfg.MODEL.BACKBONE.FREEZE_CONV_BODY_AT == 2
+    assert cfg.MODEL.RPN.ANCHOR_SIZES == (32, 64, 128, 256, 512)
+    assert cfg.MODEL.ROI_HEADS.BBOX_REG_WEIGHTS == (10.0, 10.0, 5.0, 5.0)
+    assert cfg.INPUT.PIXEL_MEAN == [102.9801, 115.9465, 122.7717] and cfg.INPUT.TO_BGR255
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.TEST.IMS_PER_BATCH == 8
+    assert cfg.SOLVER.WARMUP_FACTOR == pytest.approx(1 / 3)
+    assert (cfg.MODEL.MABN.B, cfg.MODEL.MABN.REAL_B, cfg.MODEL.MABN.WARMUP_ITERS, cfg.MODEL.MABN.MOMENTUM) == (2, 32, 100, 0.98)
+    assert (cfg.MODEL.BRN.WARMUP_ITERS, cfg.MODEL.BRN.R_RAMP_END, cfg.MODEL.BRN.D_RAMP_END) == (5000, 40000, 25000)
+    assert (cfg.MODEL.BRN.R_MAX, cfg.MODEL.BRN.D_MAX, cfg.MODEL.GN.NUM_GROUPS) == (3.0, 5.0, 32)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_keep_published_values(name):
+    cfg = load_config(str(CONFIG_DIR / name))
+    norm = "MABN" if "mabn" in name else "SyncBN"
+    assert cfg.MODEL.BACKBONE.CONV_BODY == f"R-50-FPN-{norm.upper()}"
+    assert cfg.MODEL.RESNETS.TRANS_FUNC == f"BottleneckWith{norm}" and cfg.MODEL.BACKBONE.FREEZE_CONV_BODY_AT == -1
+    assert cfg.MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR == f"FPNXconv1fc{norm}FeatureExtractor"
+    assert cfg.MODEL.ROI_MASK_HEAD.FEATURE_EXTRACTOR == f"MaskRCNNFPN{norm}FeatureExtractor"
+    assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER) == (0.02, (120000, 160000), 180000)
+    assert (cfg.MODEL.RPN.PRE_NMS_TOP_N_TRAIN, cfg.MODEL.RPN.FPN_POST_NMS_TOP_N_TEST) == (2000, 1000)
+    assert cfg.DATASETS.TRAIN == ("coco_2014_train", "coco_2014_valminusminival")
+    assert cfg.DATALOADER.SIZE_DIVISIBILITY == 32 and cfg.MODEL.MASK_ON
+    # Our ImageNet weights (cls, torchvision, R50-wc.pth) put the stride in the 3x3 conv.
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is ("fine_tune" not in name)
+    assert bool(cfg.MODEL.WEIGHT) is ("fine_tune" in name)
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS)
+def test_every_config_loads_frozen(path):
+    cfg = load_config(path)
+    assert cfg.is_frozen()
+
+
+def test_published_command_line_path_works_from_det_folder(monkeypatch):
+    assert os.path.islink(REPO / "det" / "configs") and os.readlink(REPO / "det" / "configs") == "../configs/det"
+    monkeypatch.chdir(REPO / "det")
+    assert load_config("configs/e2e_mask_rcnn_R_50_FPN_mabn_2x_from_scratch.yaml").MODEL.MABN.B == 2
+    monkeypatch.chdir(REPO.parent)  # elsewhere: found relative to the repository's configs/det
+    assert load_config("configs/shapes/mask_rcnn_gn_tiny.yaml").MODEL.GN.NUM_GROUPS == 16
+
+
+def test_missing_config_file_is_one_line_error():
+    with pytest.raises(UserError, match="no such file"):
+        load_config("configs/nope.yaml")
+
+
+def test_opts_override_and_coerce_types():
+    cfg = load_config(None, ["MODEL.RPN.NMS_THRESH", "0.6", "INPUT.MIN_SIZE_TRAIN", "(640, 672)",
+                             "MODEL.MABN.B", "1"])
+    assert cfg.MODEL.RPN.NMS_THRESH == 0.6 and cfg.INPUT.MIN_SIZE_TRAIN == (640, 672) and cfg.MODEL.MABN.B == 1
+
+
+@pytest.mark.parametrize("key, closest", [("MODEL.RPN.NMS_THRES", "MODEL.RPN.NMS_THRESH"),
+                                          ("MODEL.NMS_THRESH", "MODEL.RPN.NMS_THRESH"),
+                                          ("MODEL.MABN.REALB", "MODEL.MABN.REAL_B")])
+def test_unknown_opt_names_closest_key(key, closest):
+    with pytest.raises(UserError) as info:
+        load_config(None, [key, "1"])
+    message = str(info.value)
+    assert "\n" not in message and f"unknown config key {key}" in message and f"did you mean {closest}?" in message
+
+
+def test_unknown_key_in_file_names_closest_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("MODEL:\n  BACKBONE:\n    CONV_BODY: R-50-FPN-MABN\n  RESNET:\n    STRIDE_IN_1X1: False\n")
+    with pytest.raises(UserError, match=r"unknown config key MODEL\.RESNET in .*bad\.yaml; did you mean MODEL\.RESNETS\?"):
+        load_config(str(path))
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("SOLVER:\n  BASE_LR: 0.02\n  MAX_ITER: 10\n  BASE_LR: 0.01\n")
+    with pytest.raises(UserError, match="'BASE_LR' appears twice .*lines 2 and 4"):
+        load_config(str(path))
+
+
+def test_bad_values_and_odd_opts_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="MODEL.RPN.NMS_THRESH"):
+        load_config(None, ["MODEL.RPN.NMS_THRESH", "high"])
+    with pytest.raises(UserError, match="KEY VALUE pairs"):
+        load_config(None, ["MODEL.RPN.NMS_THRESH"])
+    path = tmp_path / "broken.yaml"
+    path.write_text("MODEL: [1, 2\n")
+    with pytest.raises(UserError, match="not valid yaml"):
+        load_config(str(path))
+
+
+def test_data_root_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    assert load_config(None).DATASETS.ROOT == str(tmp_path)
+    assert load_config(None, ["DATASETS.ROOT", "/data"]).DATASETS.ROOT == "/data"
+    monkeypatch.delenv(DATA_ROOT_ENV)
+    assert get_default_config().DATASETS.ROOT == "datasets"
+
+
+def test_paths_catalog_published_layout():
+    paths = dataset_paths("coco_2014_minival", "/data")
+    assert paths == {"img_dir": "/data/coco/val2014", "ann_file": "/data/coco/annotations/instances_minival2014.json"}
+    assert {"coco_2014_train", "coco_2014_valminusminival", "coco_2017_val", "shapes_train"} <= set(registered_names())
+    with pytest.raises(UserError, match="unknown dataset 'coco_2015'.*registered: .*coco_2014_minival"):
+        dataset_paths("coco_2015", "/data")
+
+
+def test_all_keys_lists_leaves():
+    keys = all_keys(get_default_config())
+    assert "MODEL.MABN.R_WARMUP_ITERS" in keys and "MODEL" not in keys and len(keys) == len(set(keys))

@@ -1,0 +1,197 @@
+"""det.modeling: every config builds with the published norm placement; numbers from the config
+reach torchvision's modules; train and eval forwards on small images; freezing; bad names."""
+from __future__ import annotations
+
+import pytest
+import torch
+from det_helpers import ALL_CONFIGS, LOSSES, TINY_NORMS, images_and_targets, tiny_config, type_counts
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import mabn
+from det.config import load_config
+from det.modeling import build_detection_model
+from mabn.utils.errors import UserError
+
+NORM_TYPES = {"MABN": mabn.MABN2d, "SYNCBN": mabn.SyncBatchNorm, "BRN": mabn.BatchRenorm2d,
+              "BN": nn.BatchNorm2d, "GN": nn.GroupNorm}
+BODY_NORMS = {50: 53, 18: 20}  # stem + every block conv + downsamples
+NORM_LIKE = (_BatchNorm, nn.GroupNorm, FrozenBatchNorm2d)
+
+
+def _conv_before(model: nn.Module, norm_name: str) -> nn.Module:
+    """The conv that feeds the norm called ``norm_name`` (torchvision naming: bnK <- convK,
+    Sequential index i <- i - 1)."""
+    parent_name, _, attr = norm_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if attr.startswith("bn"):
+        return getattr(parent, "conv" + attr[2:])
+    return parent[int(attr) - 1]
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS)
+def test_every_config_builds_with_norms_where_published(path):
+    cfg = load_config(path)
+    model = build_detection_model(cfg)
+    suffix = cfg.MODEL.BACKBONE.CONV_BODY.rsplit("-", 1)[-1]
+    norm_type = NORM_TYPES[suffix]
+    depth = int(cfg.MODEL.BACKBONE.CONV_BODY.split("-")[1])
+    counts = {part: sum(type(m) is norm_type for m in module.modules()) for part, module in
+              [("body", model.backbone.body), ("fpn", model.backbone.fpn), ("box", model.roi_heads.box_head),
+               ("mask", model.roi_heads.mask_head)]}
+    assert counts == {"body": BODY_NORMS[depth], "fpn": 8, "box": 4, "mask": 4}
+    total = sum(counts.values())
+    assert sum(isinstance(m, NORM_LIKE) for m in model.modules()) == total  # no other norm anywhere
+    for part in (model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
+        assert not any(isinstance(m, NORM_LIKE) for m in part.modules())
+    cen_convs = sum(isinstance(m, mabn.CenConv2d) for m in model.modules())
+    if suffix == "MABN":
+        assert cen_convs == total == (69 if depth == 50 else 36)
+        for name, module in model.named_modules():
+            if isinstance(module, mabn.MABN2d):
+                assert isinstance(_conv_before(model, name), mabn.CenConv2d), name
+                assert (module.B, module.real_B, module.momentum) == (2, 32, 0.98)
+    else:
+        assert cen_convs == 0
+    layer2 = model.backbone.body.layer2[0]
+    if depth >= 50:  # STRIDE_IN_1X1: published from scratch True; fine-tune False (weights' convention)
+        strides = (layer2.conv1.stride, layer2.conv2.stride)
+        assert strides == (((2, 2), (1, 1)) if cfg.MODEL.RESNETS.STRIDE_IN_1X1 else ((1, 1), (2, 2)))
+
+
+def test_frozen_bn_body_has_no_fpn_or_head_norms():
+    cfg = tiny_config("bn", "MODEL.BACKBONE.CONV_BODY", "R-18-FPN", "MODEL.RESNETS.TRANS_FUNC",
+                      "BottleneckWithFixedBatchNorm", "MODEL.RESNETS.STEM_FUNC", "StemWithFixedBatchNorm",
+                      "MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR", "FPN2MLPFeatureExtractor",
+                      "MODEL.ROI_MASK_HEAD.FEATURE_EXTRACTOR", "MaskRCNNFPNFeatureExtractor")
+    model = build_detection_model(cfg)
+    counts = type_counts(model)
+    assert counts["FrozenBatchNorm2d"] == 20 and sum(isinstance(m, NORM_LIKE) for m in model.modules()) == 20
+    assert counts["TwoMLPHead"] == 1
+    assert all(block[0].bias is not None for block in model.backbone.fpn.inner_blocks)
+
+
+def test_config_numbers_reach_torchvision_modules():
+    cfg = tiny_config("mabn", "MODEL.MABN.B", "1", "MODEL.MABN.REAL_B", "8", "MODEL.MABN.WARMUP_ITERS", "7",
+                      "MODEL.MABN.MOMENTUM", "0.9", "MODEL.MABN.R_WARMUP_ITERS", "11", "MODEL.RPN.NMS_THRESH", "0.65",
+                      "MODEL.ROI_HEADS.SCORE_THRESH", "0.1", "MODEL.RPN.MIN_SIZE", "2", fast=False)
+    model = build_detection_model(cfg)
+    layer = model.backbone.body.bn1
+    assert (layer.B, layer.window, layer.warmup_iters, layer.momentum, layer.r_warmup_iters) == (1, 8, 7, 0.9, 11)
+    rpn, roi = model.rpn, model.roi_heads
+    assert rpn._pre_nms_top_n == {"training": 600, "testing": 300}
+    assert rpn._post_nms_top_n == {"training": 300, "testing": 100}
+    assert (rpn.nms_thresh, rpn.min_size, rpn.fg_bg_sampler.batch_size_per_image) == (0.65, 2.0, 128)
+    assert rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert rpn.anchor_generator.aspect_ratios[0] == (0.5, 1.0, 2.0)
+    assert (roi.score_thresh, roi.nms_thresh, roi.detections_per_img) == (0.1, 0.5, 30)
+    assert roi.fg_bg_sampler.batch_size_per_image == 128 and roi.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert roi.box_roi_pool.featmap_names == ["0", "1", "2", "3"] and roi.box_roi_pool.output_size == (7, 7)
+    assert roi.box_roi_pool.sampling_ratio == 2 and roi.mask_roi_pool.output_size == (14, 14)
+    assert roi.box_predictor.cls_score.out_features == 4
+    transform = model.transform
+    assert (transform.min_size, transform.max_size) == ((128,), 213)
+    model.eval()
+    assert (transform.min_size, transform.max_size) == ((128,), 213) and transform.size_divisible == 32
+    brn = build_detection_model(tiny_config("brn", fast=False)).backbone.body.bn1
+    assert (brn.warmup_steps, brn.r_ramp_end, brn.d_ramp_end, brn.r_max, brn.d_max) == (200, 1500, 1000, 3.0, 5.0)
+    gn = build_detection_model(tiny_config("gn", fast=False)).backbone.body.bn1
+    assert gn.num_groups == 16
+
+
+def test_published_predictor_init():
+    model = build_detection_model(tiny_config("gn"))
+    predictor = model.roi_heads.box_predictor
+    assert 0.005 < predictor.cls_score.weight.std() < 0.015 and 0.0005 < predictor.bbox_pred.weight.std() < 0.0015
+    assert not predictor.cls_score.bias.any() and not predictor.bbox_pred.bias.any()
+    first_conv = model.roi_heads.box_head[0][0]
+    assert 0.005 < first_conv.weight.std() < 0.015 and first_conv.bias is None
+
+
+def test_transform_uses_published_pixel_convention():
+    model = build_detection_model(tiny_config("bn")).eval()
+    image = torch.rand(3, 64, 80)
+    normalized = model.transform.normalize(image)
+    mean = torch.tensor([102.9801, 115.9465, 122.7717]).view(3, 1, 1)
+    torch.testing.assert_close(normalized, image.flip(0) * 255 - mean)
+    batch, _ = model.transform([image])
+    assert batch.image_sizes == [(64, 80)] and batch.tensors.shape[-2:] == (64, 96)  # padded to 32
+
+
+@pytest.mark.parametrize("norm", TINY_NORMS)
+def test_train_forward_returns_the_five_losses(norm):
+    model = build_detection_model(tiny_config(norm)).train()
+    images, targets = images_and_targets()
+    losses = model(images, targets)
+    assert set(losses) == LOSSES
+    assert all(torch.isfinite(value) for value in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.body.conv1.weight.grad is not None
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+
+
+def test_eval_returns_detections_in_original_coordinates():
+    cfg = tiny_config("mabn", "MODEL.ROI_HEADS.SCORE_THRESH", "0.0", "INPUT.MIN_SIZE_TEST", "96",
+                      "INPUT.MAX_SIZE_TEST", "160")
+    model = build_detection_model(cfg).eval()
+    sizes = ((60, 90), (70, 50))
+    images, _ = images_and_targets(sizes)
+    batch, _ = model.transform(images)
+    assert batch.image_sizes == [(96, 144), (134, 96)]  # resized internally
+    with torch.no_grad():
+        outputs = model(images)
+    for (height, width), output in zip(sizes, outputs):
+        assert set(output) == {"boxes", "labels", "scores", "masks"}
+        count = len(output["scores"])
+        assert 0 < count <= cfg.MODEL.ROI_HEADS.DETECTIONS_PER_IMG
+        assert output["masks"].shape == (count, 1, height, width)
+        boxes = output["boxes"]
+        assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        assert boxes[:, 2].max() > 0.5 * width or boxes[:, 3].max() > 0.5 * height  # not left at the resized scale
+        assert ((output["labels"] >= 1) & (output["labels"] <= 3)).all()
+
+
+def test_freeze_conv_body_at():
+    def trainable(model):
+        body = model.backbone.body
+        parts = {"stem": body.conv1, "layer1": body.layer1, "layer2": body.layer2, "layer4": body.layer4}
+        return {name: all(p.requires_grad for p in part.parameters()) for name, part in parts.items()}
+
+    frozen = build_detection_model(tiny_config("bn", "MODEL.BACKBONE.FREEZE_CONV_BODY_AT", "2"))
+    assert trainable(frozen) == {"stem": False, "layer1": False, "layer2": True, "layer4": True}
+    assert not frozen.backbone.body.bn1.weight.requires_grad
+    assert all(p.requires_grad for p in frozen.backbone.fpn.parameters())
+    for nothing in ("-1", "0"):
+        model = build_detection_model(tiny_config("bn", "MODEL.BACKBONE.FREEZE_CONV_BODY_AT", nothing))
+        assert all(trainable(model).values())
+    stem_only = build_detection_model(tiny_config("bn", "MODEL.BACKBONE.FREEZE_CONV_BODY_AT", "1"))
+    assert trainable(stem_only) == {"stem": False, "layer1": True, "layer2": True, "layer4": True}
+    with pytest.raises(UserError, match="FREEZE_CONV_BODY_AT 6"):
+        build_detection_model(tiny_config("bn", "MODEL.BACKBONE.FREEZE_CONV_BODY_AT", "6"))
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.RESNETS.TRANS_FUNC", "BasicBlockWithSyncBN"], "norms disagree.*MABN.*SyncBN"),
+    (["MODEL.RESNETS.STEM_FUNC", "StemWithGN"], "norms disagree"),
+    (["MODEL.BACKBONE.CONV_BODY", "R-50-C4"], "CONV_BODY 'R-50-C4' is not supported; did you mean"),
+    (["MODEL.BACKBONE.CONV_BODY", "R-42-FPN-MABN"], "depth 42"),
+    (["MODEL.BACKBONE.CONV_BODY", "R-18-FPN-XBN"], "unknown norm 'XBN'"),
+    (["MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR", "FPNXconv1fcFrozenBNFeatureExtractor"], "FrozenBN in a randomly"),
+    (["MODEL.ROI_MASK_HEAD.RESOLUTION", "14"], "RESOLUTION 14 must be 2 x POOLER_RESOLUTION"),
+    (["MODEL.ROI_BOX_HEAD.POOLER_SCALES", "(0.3,)"], "POOLER_SCALES"),
+    (["MODEL.RPN.ANCHOR_STRIDE", "(16,)"], "ANCHOR_STRIDE"),
+    (["MODEL.RESNETS.RES2_OUT_CHANNELS", "256"], "RES2_OUT_CHANNELS 256 does not match R-18"),
+    (["MODEL.MABN.REAL_B", "3"], "MODEL.MABN: .*multiple of B"),
+    (["MODEL.RPN_ONLY", "True"], "RPN_ONLY"),
+])
+def test_bad_model_configs_are_one_line_errors(opts, message):
+    with pytest.raises(UserError, match=message) as info:
+        build_detection_model(tiny_config("mabn", *opts))
+    assert "\n" not in str(info.value)
+
+
+def test_faster_rcnn_without_masks():
+    model = build_detection_model(tiny_config("gn", "MODEL.MASK_ON", "False")).train()
+    images, targets = images_and_targets()
+    assert set(model(images, targets)) == LOSSES - {"loss_mask"}
