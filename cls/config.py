@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
-from typing import Dict, List, Optional, Sequence, Set
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import yaml
 
@@ -53,8 +55,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 _positive_int.__name__ = "positive int"
 _non_negative_int.__name__ = "non-negative int"
+_finite_float.__name__ = "float"
 
 
 def layer_default(layer: type, name: str):
@@ -83,9 +93,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     # The published flags (same names and defaults).
     add("--batch_size", type=_positive_int, default=256, help="global SGD batch over all processes")
     add("--total_epoch", type=_positive_int, default=120, help="epochs of --iters_per_epoch iterations")
-    add("--learning_rate", type=float, default=0.1, help="initial learning rate")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--weight_decay", type=float, default=1e-4, help="weight decay, on every parameter")
+    add("--learning_rate", type=_finite_float, default=0.1, help="initial learning rate")
+    add("--momentum", type=_finite_float, default=0.9, help="SGD momentum")
+    add("--weight_decay", type=_finite_float, default=1e-4, help="weight decay, on every parameter")
     add("--save", type=str, default="./MABN", help="output directory (checkpoint, log, TensorBoard)")
     add("--save_interval", type=_positive_int, default=2, help="save a checkpoint every N epochs (and at the end)")
     add("--train_dir", type=str, default=None, help="ImageFolder training set; without it the embedded dataset is used")
@@ -115,9 +125,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="Batch Renorm iteration at which r_max reaches --brn_r_max (linear ramp from 1 after --brn_warmup)")
     add("--brn_d_ramp_end", type=_non_negative_int, default=layer_default(mabn.BatchRenorm2d, "d_ramp_end"),
         help="Batch Renorm iteration at which d_max reaches --brn_d_max (linear ramp from 0 after --brn_warmup)")
-    add("--brn_r_max", type=float, default=layer_default(mabn.BatchRenorm2d, "r_max"),
+    add("--brn_r_max", type=_finite_float, default=layer_default(mabn.BatchRenorm2d, "r_max"),
         help="Batch Renorm final clamp of r to [1/r_max, r_max] (>= 1)")
-    add("--brn_d_max", type=float, default=layer_default(mabn.BatchRenorm2d, "d_max"),
+    add("--brn_d_max", type=_finite_float, default=layer_default(mabn.BatchRenorm2d, "d_max"),
         help="Batch Renorm final clamp of d to [-d_max, d_max] (>= 0)")
     add("--gn_groups", type=_positive_int, default=32, help="GroupNorm groups (reduced to gcd(C, groups) per layer)")
     add("--arch", type=_lower, choices=ARCHS, default="resnet50", help="network")
@@ -159,15 +169,38 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Acti
     return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error (not: the last wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: Dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {first} and {key_node.start_mark.line + 1}); "
+                    f"keep one", None)
+        return super().construct_mapping(node, deep)
+
+
 def config_tokens(path: str, parser: Optional[argparse.ArgumentParser] = None) -> List[str]:
     """Read a yaml config and return the equivalent command-line tokens."""
     if not os.path.isfile(path):
         raise UserError(f"--config {path}: no such file")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: not valid yaml ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--config {path}: not a text file (byte {exc.start} is not UTF-8); "
+                        f"pass a yaml file of flag values") from None
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read it ({exc.strerror})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -193,7 +226,7 @@ def config_tokens(path: str, parser: Optional[argparse.ArgumentParser] = None) -
         else:
             if isinstance(value, (list, tuple, dict)) or isinstance(value, bool):
                 raise UserError(f"--config {path}: {key} expects a single value, got {value!r}")
-            tokens.extend([option, str(value)])
+            tokens.append(f"{option}={value}")  # "=": a value such as -inf must not read as a flag
     try:
         build_parser(suppress_defaults=True).parse_args(tokens)
     except UserError as exc:
@@ -229,6 +262,78 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 BATCH_NORMS = ("bn", "brn", "mabn")  # the norms whose normalization batch --norm_batch sets
 
+# Flags that only one kind of norm reads: giving them with another --norm is reported as a warning.
+_NORM_SPECIFIC_FLAGS = {
+    "norm_batch": BATCH_NORMS + ("syncbn",), "ma_batch": ("mabn",), "warmup_iters": ("mabn",),
+    "mabn_r_warmup": ("mabn",), "brn_warmup": ("brn",), "brn_r_ramp_end": ("brn",), "brn_d_ramp_end": ("brn",),
+    "brn_r_max": ("brn",), "brn_d_max": ("brn",), "gn_groups": ("gn",),
+}
+
+
+def warn_on_stderr(message: str) -> None:
+    """``warning: <message>`` on stderr, from rank 0 only (``RANK`` unset or 0)."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _warn_unused_flags(args: argparse.Namespace, warn: Callable[[str], None]) -> None:
+    given = set(getattr(args, "explicit", ())) | set(getattr(args, "from_config", ()))
+    unused = [f"--{flag} ({', '.join(norms)})" for flag, norms in _NORM_SPECIFIC_FLAGS.items()
+              if flag in given and args.norm not in norms]
+    if unused:
+        warn(f"--norm {args.norm} ignores {', '.join(unused)}: each applies only to the norms named")
+
+
+def _check_writable_dir(flag: str, path: str) -> None:
+    """``path`` is a directory, or one can be created there: no file in the way, a writable ancestor."""
+    target = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UserError(f"{flag} {path} is a file, not a directory; give a directory (it is created if missing)")
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, so the directory cannot be created; "
+                        f"choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable; choose a directory you can write to")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Output paths that would fail only after training: checked before any work."""
+    _check_writable_dir("--save", args.save)
+    if args.dataset == "synthetic":
+        from cls.embedded_dataset import dataset_name, default_cache_dir
+
+        cache = args.data_cache if args.data_cache is not None else str(default_cache_dir())
+        name = dataset_name(args.data_seed, args.synthetic_classes, args.synthetic_train_per_class,
+                            args.synthetic_val_per_class, args.synthetic_image_size)
+        written = os.path.isfile(os.path.join(os.path.expanduser(cache), name, "meta.json"))
+        if not written:  # a finished dataset is only read: a read-only cache is fine then
+            _check_writable_dir("--data_cache", cache)
+    if args.export_folded is not None:
+        target = os.path.abspath(os.path.expanduser(args.export_folded))
+        parent = os.path.dirname(target)
+        if os.path.isdir(target):
+            raise UserError(f"--export_folded {args.export_folded} is a directory; give a file path, "
+                            f"e.g. {os.path.join(args.export_folded, 'folded.pth')}")
+        if not os.path.isdir(parent):
+            raise UserError(f"--export_folded {args.export_folded}: the directory {parent} does not exist; "
+                            f"create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"--export_folded {args.export_folded}: the directory {parent} is not writable")
+
+
+def _check_image_size(args: argparse.Namespace) -> None:
+    from cls.models import OUTPUT_STRIDES, min_image_size
+
+    single_value = args.norm == "in" or (args.norm_batch == 1 and args.norm in BATCH_NORMS + ("syncbn",))
+    minimum = min_image_size(args.arch, single_value)
+    if args.image_size < minimum:
+        last = "2x2, as --norm in or a normalization batch of 1 needs" if single_value else "1x1"
+        raise UserError(f"--image_size {args.image_size} is too small for {args.arch}, which downsamples "
+                        f"{OUTPUT_STRIDES[args.arch]}x: use at least {minimum} (a last feature map of {last})")
+
 
 def _check_schedules(args: argparse.Namespace) -> None:
     """The Batch Renorm schedule as BatchRenorm2d requires it, checked before any work."""
@@ -242,11 +347,13 @@ def _check_schedules(args: argparse.Namespace) -> None:
         raise UserError(f"--brn_d_max must be >= 0 (d is clamped to [-d_max, d_max]), got {args.brn_d_max}")
 
 
-def resolve(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Check the flags against each other and the world size; fill in derived values.
+def resolve(args: argparse.Namespace, world_size: int,
+            warn: Callable[[str], None] = warn_on_stderr) -> argparse.Namespace:
+    """Check the flags against each other, the world size and the file system; fill in derived values.
 
     Adds ``per_gpu_batch`` and resolves ``norm_batch`` and ``dataset``. Raises
-    :class:`UserError` with a one-line message.
+    :class:`UserError` with a one-line message; flags that the chosen norm ignores are reported
+    through ``warn`` (one line).
     """
     if args.gpu_num is not None and args.gpu_num != world_size:
         raise UserError(f"--gpu_num={args.gpu_num} but the world size is {world_size}; launch "
@@ -294,4 +401,7 @@ def resolve(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
             raise UserError("--train_dir is required for training (or pass --test_only)")
     if args.test_only and args.checkpoint_dir is None:
         raise UserError("--test_only needs --checkpoint_dir (the checkpoint to evaluate)")
+    _check_image_size(args)
+    _check_paths(args)
+    _warn_unused_flags(args, warn)
     return args

@@ -12,11 +12,17 @@ continues the stream exactly.
 
 Evaluation reads the WHOLE validation set once: rank ``r`` takes images ``r, r + W, r + 2W, ...``
 (uneven shards, nothing duplicated or dropped) and the caller sums the results over ranks.
+
+Unreadable images are found before training: :func:`open_image_folder` reads the header of
+every image (PIL's ``Image.open``, which parses the header without decoding the pixels) and
+decodes with OpenCV only the files whose header PIL cannot parse or that declare more pixels
+than OpenCV decodes. That finds files that are empty, not images, cut off inside the header or
+too large; a file whose pixel data alone is damaged is still found only when it is read.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -27,8 +33,48 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from mabn.utils.errors import CorruptImageError, UserError
 
-__all__ = ["load_bgr", "AugmentedImageFolder", "TrainBatchSampler", "ShardSampler", "open_image_folder",
-           "build_train_loader", "build_val_loader"]
+__all__ = ["load_bgr", "check_image_file", "opencv_max_pixels", "AugmentedImageFolder", "TrainBatchSampler",
+           "ShardSampler", "open_image_folder", "build_train_loader", "build_val_loader"]
+
+_OPENCV_DEFAULT_MAX_PIXELS = 1 << 30
+
+
+def opencv_max_pixels() -> int:
+    """The most pixels OpenCV decodes: ``$OPENCV_IO_MAX_IMAGE_PIXELS`` (read by OpenCV at its first
+    decode), 2^30 by default."""
+    try:
+        return int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", _OPENCV_DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return _OPENCV_DEFAULT_MAX_PIXELS
+
+
+def _declared_size(path: str) -> Tuple[Optional[Tuple[int, int]], bool]:
+    """``((width, height) or None, too_large_for_pil)`` from the file header, without decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size, False
+    except Image.DecompressionBombError:
+        return None, True
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return None, False
+
+
+def _decode_failure(path: str) -> str:
+    """Why OpenCV returned no image for ``path``: too many pixels, or a corrupt file."""
+    size, over_pil_limit = _declared_size(path)
+    limit = opencv_max_pixels()
+    if size is not None and size[0] * size[1] > limit:
+        declared = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels"
+    elif over_pil_limit:
+        from PIL import Image
+
+        declared = f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
+    else:
+        return f"cannot decode image file {path!r} (corrupt or not an image)"
+    return (f"image file {path!r} is too large to decode ({declared}; OpenCV decodes at most {limit}): "
+            f"downscale it, or set OPENCV_IO_MAX_IMAGE_PIXELS higher if there is memory for it")
 
 
 def load_bgr(path: str) -> np.ndarray:
@@ -44,12 +90,26 @@ def load_bgr(path: str) -> np.ndarray:
         except cv2.error:
             image = None
     if image is None:
-        raise CorruptImageError(f"cannot decode image file {path!r} (corrupt or not an image)")
+        raise CorruptImageError(_decode_failure(path))
     return image
 
 
-def open_image_folder(root: str, flag: str) -> ImageFolder:
-    """An ImageFolder over ``root`` with the OpenCV loader; :class:`UserError` when missing or empty."""
+def check_image_file(path: str) -> None:
+    """Raise :class:`CorruptImageError` if ``path`` will not decode, cheaply: a header that PIL
+    parses and that declares at most OpenCV's pixel limit is accepted without decoding;
+    anything else is decoded with :func:`load_bgr`, which names the problem."""
+    size, _ = _declared_size(path)
+    if size is not None and 0 < size[0] * size[1] <= opencv_max_pixels():
+        return
+    load_bgr(path)
+
+
+def open_image_folder(root: str, flag: str, check_images: bool = True) -> ImageFolder:
+    """An ImageFolder over ``root`` with the OpenCV loader; :class:`UserError` when missing or empty,
+    and (``check_images``) :class:`CorruptImageError` naming the first image that will not decode
+    (see :func:`check_image_file` and the module doc)."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"{flag} {root} is a file; give the directory holding <class>/<image> folders")
     if not os.path.isdir(root):
         raise UserError(f"{flag} {root}: no such directory")
     try:
@@ -59,6 +119,9 @@ def open_image_folder(root: str, flag: str) -> ImageFolder:
                         f"extensions {', '.join(IMG_EXTENSIONS)}; {str(exc).splitlines()[0]})") from None
     if len(folder) == 0:
         raise UserError(f"{flag} {root}: no images found")
+    if check_images:
+        for path, _ in folder.samples:
+            check_image_file(path)
     return folder
 
 

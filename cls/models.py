@@ -21,7 +21,7 @@ from torchvision.models.resnet import BasicBlock
 import mabn
 from mabn.utils.errors import UserError
 
-__all__ = ["ARCH_BUILDERS", "CifarResNet", "build_model", "init_weights"]
+__all__ = ["ARCH_BUILDERS", "OUTPUT_STRIDES", "CifarResNet", "build_model", "init_weights", "min_image_size"]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -80,6 +80,17 @@ ARCH_BUILDERS = {
     "resnet101": _torchvision_resnet("resnet101"),
     "resnet20": lambda n, norm: CifarResNet(3, n, norm),
 }
+
+
+# How much each network downsamples its input: the last feature map of an image_size input is
+# ceil(image_size / stride) pixels on a side.
+OUTPUT_STRIDES = {"resnet18": 32, "resnet34": 32, "resnet50": 32, "resnet101": 32, "resnet20": 4}
+
+
+def min_image_size(arch: str, single_value_norm: bool = False) -> int:
+    """The smallest input side for ``arch``: a last feature map of 1x1, or of 2x2 when a norm
+    would otherwise see a single value per channel (instance norm, or a normalization batch of 1)."""
+    return OUTPUT_STRIDES[arch.lower()] * (2 if single_value_norm else 1)
 
 
 def build_model(arch: str, num_classes: int, norm: NormFactory, conv: Type[nn.Conv2d] = nn.Conv2d) -> nn.Module:

@@ -1,7 +1,7 @@
 """The published ImageNet augmentation, on OpenCV BGR uint8 arrays.
 
-Training: random-resized square crop (area 8%-100% of the image; zero padding when no crop fits
-after 10 attempts), PCA lighting noise (AlexNet style, std 0.1), horizontal flip, then a float
+Training: random-resized square crop (area 8%-100% of the image, at least one pixel, resized up
+or down to the crop size; zero padding when no crop fits after 10 attempts), PCA lighting noise (AlexNet style, std 0.1), horizontal flip, then a float
 BGR tensor in 0-255 with no mean subtraction. Validation: resize the short side to
 ``round(size * 256 / 224)`` (256 for 224) and take the central ``size`` square.
 
@@ -47,7 +47,7 @@ class RandomResizedCrop:
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         height, width = image.shape[:2]
         for _ in range(self.max_attempts):
-            edge = int(round(math.sqrt(height * width * rng.uniform(*self.scale))))
+            edge = max(1, int(round(math.sqrt(height * width * rng.uniform(*self.scale)))))
             spare_h, spare_w = height - edge, width - edge
             left = int(rng.integers(min(spare_w, 0), max(spare_w, 0) + 1))
             top = int(rng.integers(min(spare_h, 0), max(spare_h, 0) + 1))
@@ -82,7 +82,7 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.ascontiguousarray(image[:, ::-1]) if rng.random() < self.p else image
+        return image[:, ::-1].copy() if rng.random() < self.p else image  # a copy: no negative strides
 
 
 class ToBGRTensor:

@@ -203,3 +203,173 @@ def test_mabn_default_norm_batch_is_the_published_pair():
     args = _resolve([], world=8)
     assert (args.norm, args.per_gpu_batch, args.norm_batch, args.ma_batch) == ("mabn", 32, 2, 32)
     assert _resolve(["--norm", "brn", "--batch_size", "16"]).norm_batch == 16
+
+
+FLOAT_FLAGS = ["learning_rate", "momentum", "weight_decay", "brn_r_max", "brn_d_max"]
+
+
+def test_every_float_flag_is_listed():
+    from cls.config import build_parser
+
+    floats = {a.dest for a in build_parser()._actions if getattr(a.type, "__name__", "") == "float"}
+    assert floats == set(FLOAT_FLAGS)
+
+
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_floats_are_rejected(flag, value):
+    with pytest.raises(UserError, match=f"argument --{flag}: expected a finite number, got {value}"):
+        parse_args([f"--{flag}={value}"])
+    with pytest.raises(UserError, match=f"argument --{flag}"):  # "-inf" reads as a flag: an error as well
+        parse_args([f"--{flag}", value])
+
+
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_floats_in_config_are_rejected(tmp_path, flag, value):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{flag}: {value}\n")
+    with pytest.raises(UserError, match=f"--config {config}: argument --{flag}: expected a finite number"):
+        parse_args(["--config", str(config)])
+
+
+def test_binary_config_file(tmp_path):
+    config = tmp_path / "model.pth"
+    config.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=r"--config .*model.pth: not a text file \(byte 128 is not UTF-8\)") as info:
+        parse_args(["--config", str(config)])
+    assert "\n" not in str(info.value)
+    config.write_bytes(b"norm: bn\n\x00\x01\x02")  # UTF-8, but not yaml
+    with pytest.raises(UserError, match="not valid yaml"):
+        parse_args(["--config", str(config)])
+
+
+def test_duplicate_config_key(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("norm: bn\nbatch_size: 8\nnorm: mabn\n")
+    with pytest.raises(UserError, match=r"key 'norm' appears twice \(lines 1 and 3\); keep one") as info:
+        parse_args(["--config", str(config)])
+    assert "\n" not in str(info.value)
+    config.write_text("norm: bn\nlr_milestones: [1, 2]\nbatch_size: 8\n")  # no duplicates: fine
+    assert parse_args(["--config", str(config)]).norm == "bn"
+
+
+@pytest.mark.parametrize("arch, norm, extra, minimum", [
+    ("resnet20", "bn", [], 4),
+    ("resnet20", "in", [], 8),
+    ("resnet20", "bn", ["--batch_size", "1"], 8),  # one sample per batch-norm group
+    ("resnet18", "mabn", [], 32),
+    ("resnet50", "in", [], 64),
+])
+def test_image_size_minimum(arch, norm, extra, minimum):
+    argv = ["--arch", arch, "--norm", norm, "--batch_size", "8", *extra]
+    assert _resolve([*argv, "--image_size", str(minimum)]).image_size == minimum
+    with pytest.raises(UserError, match=f"--image_size {minimum - 1} is too small for {arch}.*use at least {minimum}"):
+        _resolve([*argv, "--image_size", str(minimum - 1)])
+    with pytest.raises(UserError, match="--image_size 1 is too small"):
+        _resolve([*argv, "--image_size", "1"])
+
+
+def test_output_paths_that_are_files(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match=f"--save {a_file} is a file, not a directory"):
+        _resolve(["--save", str(a_file)])
+    with pytest.raises(UserError, match=f"--save {a_file}/run: {a_file} is a file"):
+        _resolve(["--save", str(a_file / "run")])
+    with pytest.raises(UserError, match=f"--data_cache {a_file} is a file, not a directory"):
+        _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(a_file)])
+    # Missing directories below a writable one are fine: they are created.
+    args = _resolve(["--save", str(tmp_path / "a" / "b"), "--data_cache", str(tmp_path / "c" / "d")])
+    assert args.save == str(tmp_path / "a" / "b") and not (tmp_path / "a").exists()
+
+
+def test_data_cache_is_only_checked_for_the_embedded_dataset(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    args = _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(a_file), "--train_dir", "t", "--val_dir", "v"])
+    assert args.dataset == "imagefolder"
+
+
+def test_unwritable_output_directories(tmp_path, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and real_access(path, mode))
+    with pytest.raises(UserError, match=f"--save {locked}/run: {locked} is not writable"):
+        _resolve(["--save", str(locked / "run")])
+    with pytest.raises(UserError, match=f"--data_cache {locked}: {locked} is not writable"):
+        _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(locked)])
+    with pytest.raises(UserError, match=f"--export_folded {locked}/f.pth: the directory {locked} is not writable"):
+        _resolve(["--save", str(tmp_path / "run"), "--export_folded", str(locked / "f.pth")])
+
+
+def test_read_only_cache_holding_the_dataset_is_fine(tmp_path, monkeypatch):
+    import os
+
+    from cls.embedded_dataset import dataset_name
+
+    cache = tmp_path / "cache"
+    (cache / dataset_name(0, 16, 600, 100, 40)).mkdir(parents=True)
+    (cache / dataset_name(0, 16, 600, 100, 40) / "meta.json").write_text("{}")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(cache)) and real_access(path, mode))
+    assert _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(cache)]).data_cache == str(cache)
+    with pytest.raises(UserError, match="is not writable"):
+        _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(cache), "--data_seed", "1"])
+
+
+def test_export_folded_path(tmp_path):
+    save = ["--save", str(tmp_path / "run")]
+    with pytest.raises(UserError, match=f"--export_folded {tmp_path} is a directory; give a file path, "
+                                        f"e.g. {tmp_path}/folded.pth"):
+        _resolve([*save, "--export_folded", str(tmp_path)])
+    with pytest.raises(UserError, match=f"the directory {tmp_path}/none does not exist; create it first"):
+        _resolve([*save, "--export_folded", str(tmp_path / "none" / "f.pth")])
+    (tmp_path / "f.pth").write_text("old")  # an existing file is replaced
+    assert _resolve([*save, "--export_folded", str(tmp_path / "f.pth")]).export_folded == str(tmp_path / "f.pth")
+
+
+@pytest.mark.parametrize("argv, ignored", [
+    (["--norm", "gn", "--norm_batch", "3"], ["--norm_batch"]),
+    (["--norm", "bn", "--ma_batch", "16", "--warmup_iters", "5"], ["--ma_batch", "--warmup_iters"]),
+    (["--norm", "mabn", "--brn_warmup", "10", "--gn_groups", "8"], ["--brn_warmup", "--gn_groups"]),
+    (["--norm", "bn", "--mabn_r_warmup", "5", "--brn_r_max", "2", "--brn_d_max", "1", "--brn_r_ramp_end", "9000",
+      "--brn_d_ramp_end", "9000"], ["--mabn_r_warmup", "--brn_r_max", "--brn_d_max", "--brn_r_ramp_end",
+                                    "--brn_d_ramp_end"]),
+])
+def test_flags_the_norm_ignores_are_warned_about(tmp_path, argv, ignored):
+    warnings = []
+    _resolve_args = parse_args(["--save", str(tmp_path), "--batch_size", "8", *argv])
+    resolve(_resolve_args, 1, warn=warnings.append)
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"--norm {_resolve_args.norm} ignores")
+    for flag in ignored:
+        assert flag in warnings[0]
+
+
+def test_no_warning_when_every_flag_applies(tmp_path):
+    warnings = []
+    config = tmp_path / "c.yaml"
+    config.write_text("ma_batch: 8\n")
+    resolve(parse_args(["--save", str(tmp_path), "--config", str(config), "--norm", "brn", "--norm_batch", "2",
+                        "--brn_warmup", "3", "--batch_size", "8"]), 1, warn=warnings.append)
+    assert warnings == ["--norm brn ignores --ma_batch (mabn): each applies only to the norms named"]
+    warnings.clear()
+    resolve(parse_args(["--save", str(tmp_path), "--norm", "mabn", "--norm_batch", "2", "--ma_batch", "8",
+                        "--warmup_iters", "3", "--mabn_r_warmup", "9"]), 1, warn=warnings.append)
+    assert warnings == []
+
+
+def test_warning_goes_to_stderr_on_rank_0_only(tmp_path, capsys, monkeypatch):
+    argv = ["--save", str(tmp_path), "--norm", "gn", "--norm_batch", "2"]
+    monkeypatch.delenv("RANK", raising=False)
+    resolve(parse_args(argv), 1)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "warning: --norm gn ignores --norm_batch (bn, brn, mabn, syncbn): " \
+                                                  "each applies only to the norms named\n"
+    monkeypatch.setenv("RANK", "1")
+    resolve(parse_args(argv), 1)
+    assert capsys.readouterr().err == ""

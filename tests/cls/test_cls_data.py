@@ -1,9 +1,13 @@
 """cls.data: per-rank sampling without replacement, exact evaluation shards, image reading errors."""
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import pytest
+from image_files import write_black_png
 
-from cls.data import ShardSampler, TrainBatchSampler, load_bgr, open_image_folder
+import cls.data
+from cls.data import ShardSampler, TrainBatchSampler, check_image_file, load_bgr, open_image_folder
 from mabn.utils.errors import CorruptImageError, UserError
 
 
@@ -74,3 +78,73 @@ def test_missing_and_empty_folders(tmp_path):
     (tmp_path / "class_a" / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="no images found"):
         open_image_folder(str(tmp_path), "--val_dir")
+
+
+def test_a_file_given_as_folder(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="--val_dir .*x.png is a file; give the directory"):
+        open_image_folder(str(tmp_path / "x.png"), "--val_dir")
+
+
+def _folder(root, images=2):
+    for klass in ("a", "b"):
+        (root / klass).mkdir(parents=True)
+        for i in range(images):
+            cv2.imwrite(str(root / klass / f"{i}.png"), np.full((12, 10, 3), 40 * i, np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG truncated garbage", b"GIF89a" + bytes(10), b"\xff\xd8\xff" + bytes(20)])
+def test_unreadable_image_is_found_when_the_folder_is_opened(tmp_path, content):
+    root = _folder(tmp_path / "val")
+    (root / "b" / "1.png").write_bytes(content)
+    with pytest.raises(CorruptImageError, match=r"cannot (decode|read) image file '.*val/b/1.png'"):
+        open_image_folder(str(root), "--val_dir")
+    assert len(open_image_folder(str(root), "--val_dir", check_images=False)) == 4  # found only when read
+
+
+def test_header_check_accepts_good_images_without_decoding(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "val")
+    (root / "a" / "0.png").rename(root / "a" / "0.jpg")  # a PNG named .jpg: PIL reads the header anyway
+    decoded = []
+    monkeypatch.setattr(cls.data, "load_bgr", lambda path: decoded.append(path))
+    assert len(open_image_folder(str(root), "--val_dir")) == 4 and decoded == []
+
+
+def test_header_check_decodes_what_pil_cannot_parse(tmp_path, monkeypatch):
+    image = _folder(tmp_path / "val") / "a" / "0.png"
+    monkeypatch.setattr(cls.data, "_declared_size", lambda path: (None, False))  # e.g. a format PIL lacks
+    check_image_file(str(image))  # decoded by OpenCV instead: fine
+    image.write_bytes(b"junk")
+    with pytest.raises(CorruptImageError, match="cannot decode"):
+        check_image_file(str(image))
+
+
+def test_huge_png_is_reported_as_too_large_not_corrupt(tmp_path):
+    huge = tmp_path / "huge.png"
+    write_black_png(huge, 40000, 40000)  # valid; 1.6e9 pixels, over OpenCV's default limit of 2^30
+    assert huge.stat().st_size < 1_000_000
+    for check in (load_bgr, check_image_file):
+        with pytest.raises(CorruptImageError, match=r"image file '.*huge.png' is too large to decode \(more than "
+                                                    r"\d+ pixels; OpenCV decodes at most 1073741824\): downscale it"):
+            check(str(huge))
+    root = _folder(tmp_path / "train")
+    huge.rename(root / "a" / "9.png")
+    with pytest.raises(CorruptImageError, match="9.png' is too large"):
+        open_image_folder(str(root), "--train_dir")
+
+
+def test_too_large_below_pil_limit_names_the_size(tmp_path, monkeypatch):
+    image = tmp_path / "wide.png"
+    write_black_png(image, 300, 200)
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "1000")  # as OpenCV would refuse it (read at its start)
+    monkeypatch.setattr(cls.data.cv2, "imdecode", lambda data, flags: None)
+    with pytest.raises(CorruptImageError, match=r"too large to decode \(300x200 = 60000 pixels; OpenCV decodes at most 1000\)"):
+        load_bgr(str(image))
+
+
+def test_small_black_png_writer_is_valid(tmp_path):
+    image = tmp_path / "small.png"
+    write_black_png(image, 30, 20)
+    decoded = load_bgr(str(image))
+    assert decoded.shape == (20, 30, 3) and decoded.max() == 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cls.transforms import (EIGVAL, EIGVEC, CenterCrop, Lighting, RandomResizedCrop, ResizeShortSide, TrainTransform,
-                            ValTransform, val_resize_size)
+import pytest
+
+from cls.transforms import (EIGVAL, EIGVEC, CenterCrop, Lighting, RandomHorizontalFlip, RandomResizedCrop,
+                            ResizeShortSide, TrainTransform, ValTransform, val_resize_size)
 
 
 def _image(h=48, w=64):
@@ -51,3 +53,20 @@ def test_bgr_order_kept():
     image[..., 0] = 255  # blue in OpenCV's BGR
     out = ValTransform(32)(image)
     assert out[0].min() == 255 and out[1].max() == 0 and out[2].max() == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 2, 3), (2, 1, 3), (1, 300, 3), (300, 1, 3), (3, 3, 3)])
+def test_tiny_and_thin_images_are_upscaled(shape):
+    image = np.full(shape, 100, np.uint8)
+    for seed in range(40):  # every path: crops inside, padded crops, flips
+        out = TrainTransform(16)(image, np.random.default_rng(seed))
+        assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+    out = ValTransform(16)(image)
+    assert out.shape == (3, 16, 16) and torch.all(out == 100)
+
+
+def test_flip_of_a_one_pixel_wide_image_is_a_plain_array():
+    image = np.arange(3, dtype=np.uint8).reshape(1, 1, 3)
+    always = RandomHorizontalFlip(p=1.0)
+    flipped = always(image, np.random.default_rng(0))
+    assert all(stride >= 0 for stride in flipped.strides) and np.array_equal(flipped, image)
