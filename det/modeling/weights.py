@@ -137,9 +137,12 @@ def load_weights(model: nn.Module, path: str) -> WeightReport:
     for key, value in state.items():
         if key in own and value.shape != own[key].shape and value.numel() == own[key].numel():
             state[key] = value.reshape(own[key].shape)
+    provided = set(state)
+    # MABN derives its counters and windows from the published keys while loading.
+    upgraded = {key.rsplit(".", 1)[0] for key in state if key.endswith(".iters")}
     result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys)
-    report = WeightReport(path, source_format, loaded=[key for key in own if key not in missing and key not in mismatched],
-                          missing=[key for key in own if key in missing or key in mismatched],
+    loaded = [key for key in own if key not in missing and (key in provided or key.rsplit(".", 1)[0] in upgraded)]
+    report = WeightReport(path, source_format, loaded=loaded, missing=[key for key in own if key not in set(loaded)],
                           unexpected=unused + list(result.unexpected_keys), mismatched=mismatched)
     return report
