@@ -4,7 +4,8 @@ Timing method. A *round* runs every variant once, in an order rotated by one pos
 round, so slow drifts of a shared machine hit all variants alike. After untimed warm-up rounds,
 a variant's time is the median over the timed rounds, and ratios divide medians measured in the
 same rounds. On CUDA each timed call is bracketed by ``torch.cuda.synchronize``. The garbage
-collector runs between calls, never inside one; ``Case.prepare`` (zeroing gradients) is untimed.
+collector runs between rounds and is off during them (memory is freed by reference counting),
+so no collection lands inside a timed call; ``Case.prepare`` (zeroing gradients) is untimed.
 """
 from __future__ import annotations
 
@@ -60,10 +61,10 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
             if label:
                 log(f"{label}: " + (f"round {index - warmup + 1}/{rounds}" if timed else f"warm-up {index + 1}/{warmup}"))
             shift = index % len(names) if names else 0
+            gc.collect()
+            gc.disable()
             for name in names[shift:] + names[:shift]:
                 case = cases[name]
-                gc.collect()
-                gc.disable()
                 if case.prepare is not None:
                     case.prepare()
                 _sync(device)
@@ -71,9 +72,9 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
                 case.run()
                 _sync(device)
                 elapsed = time.perf_counter() - start
-                gc.enable()
                 if timed:
                     times[name].append(elapsed)
+            gc.enable()
     finally:
         if gc_was_enabled:
             gc.enable()
