@@ -394,7 +394,8 @@ def run_benchmark(config: BenchConfig, device: torch.device) -> dict:
     load, cpus = results["machine"]["load_average"], results["machine"]["cpu_count"] or 1
     if load and device.type == "cpu" and load[0] > 0.5 * cpus:
         results["notes"].append(f"busy machine at start (1-min load {load[0]:.1f} on {cpus} CPUs): timings are "
-                                f"noisy; only the ratios measured side by side are meaningful")
+                                f"noisy, only ratios measured side by side mean anything, and with several threads a "
+                                f"descheduled thread stalls every parallel kernel (--threads 1 avoids that)")
     if config.name != "full":
         results["notes"].append(f"--{config.name} run: ResNet at {config.resolution} px with "
                                 f"{config.train_rounds} train / {config.infer_rounds} inference rounds and "
