@@ -13,6 +13,13 @@ continues the stream exactly.
 Evaluation reads the WHOLE validation set once: rank ``r`` takes images ``r, r + W, r + 2W, ...``
 (uneven shards, nothing duplicated or dropped) and the caller sums the results over ranks.
 
+Loader workers start from a ``forkserver`` (a clean single-threaded process that has imported
+this module once) instead of being forked from the trainer, which by then runs threads (CUDA,
+OpenMP, NCCL, the pin-memory thread): forking a process with threads can leave a lock held
+forever in the child. The dataset and transforms are pickled to each worker once (training
+workers are persistent); the data stay the same for any number of workers because every
+sample's augmentation seed comes from the sampler, not from the worker.
+
 Unreadable images are found before training: :func:`open_image_folder` reads the header of
 every image (PIL's ``Image.open``, which parses the header without decoding the pixels) and
 decodes with OpenCV only the files whose header PIL cannot parse or that declare more pixels
@@ -21,7 +28,9 @@ too large; a file whose pixel data alone is damaged is still found only when it 
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 from typing import Iterator, List, Optional, Tuple
 
 import cv2
@@ -34,7 +43,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from mabn.utils.errors import CorruptImageError, UserError
 
 __all__ = ["load_bgr", "check_image_file", "opencv_max_pixels", "AugmentedImageFolder", "TrainBatchSampler",
-           "ShardSampler", "open_image_folder", "build_train_loader", "build_val_loader"]
+           "ShardSampler", "open_image_folder", "worker_context", "build_train_loader", "build_val_loader"]
 
 _OPENCV_DEFAULT_MAX_PIXELS = 1 << 30
 
@@ -214,15 +223,29 @@ class ShardSampler(Sampler):
 
 
 def _worker_init(_worker_id: int) -> None:
+    """One thread per worker; SIGTERM ignored, as forked workers did with the trainer's handler: the
+    trainer stops cleanly on SIGTERM (a scheduler may signal the whole process group) and shuts its
+    workers down itself, and a worker whose trainer is gone exits on its own (DataLoader's watchdog)."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context of the loader workers; the server imports this module (torch,
+    OpenCV, torchvision) once, so that each worker starts without importing them again. As with
+    ``spawn``, a script run as ``__main__`` is imported again by the server: guard its entry point
+    with ``if __name__ == "__main__":`` (``cls/train.py`` does)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _loader_options(workers: int, device: torch.device) -> dict:
     options = {"num_workers": workers, "pin_memory": device.type == "cuda",
                "generator": torch.Generator()}  # keep the global RNG out of the loader
     if workers > 0:
-        options.update(worker_init_fn=_worker_init, persistent_workers=True)
+        options.update(worker_init_fn=_worker_init, persistent_workers=True, multiprocessing_context=worker_context())
     return options
 
 

@@ -148,3 +148,56 @@ def test_small_black_png_writer_is_valid(tmp_path):
     write_black_png(image, 30, 20)
     decoded = load_bgr(str(image))
     assert decoded.shape == (20, 30, 3) and decoded.max() == 0
+
+
+_LOADER_SCRIPT = r"""
+import os, sys, threading
+import torch
+from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loader, build_val_loader,
+                      open_image_folder)
+from cls.embedded_dataset import ensure_embedded_dataset
+from cls.transforms import TrainTransform, ValTransform
+
+
+root = ensure_embedded_dataset(sys.argv[1], 0, 2, 6, 3, 16, log=lambda *_: None)
+stop = threading.Event()
+busy = threading.Thread(target=stop.wait, daemon=True)
+busy.start()  # the trainer forks its loaders while other threads run
+train = AugmentedImageFolder(open_image_folder(str(root / "train"), "train"), TrainTransform(16))
+val = AugmentedImageFolder(open_image_folder(str(root / "val"), "val"), ValTransform(16))
+
+def batches(workers):
+    sampler = TrainBatchSampler(len(train), 4, 3, seed=7)
+    loader = build_train_loader(train, sampler, workers, torch.device("cpu"))
+    out = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        out += [b for b in loader]
+    val_loader = build_val_loader(val, 4, 0, 1, workers, torch.device("cpu"))
+    out += [b for b in val_loader]
+    method = loader.multiprocessing_context.get_start_method() if workers else None
+    return out, method
+
+plain, _ = batches(0)
+parallel, method = batches(2)
+assert method == "forkserver", method
+assert len(plain) == len(parallel) == 6 + 2
+for (x0, y0), (x1, y1) in zip(plain, parallel):
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+stop.set()
+
+import signal
+from cls.data import _worker_init
+_worker_init(0)
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the trainer, not SIGTERM, stops the workers
+print("same batches with 0 and 2 workers;", method)
+"""
+
+
+def test_loader_workers_come_from_a_forkserver_and_give_the_same_data(tmp_path):
+    """In a subprocess (it starts DataLoader workers): 0 and 2 workers give identical batches."""
+    from cls_helpers import describe, run_python
+
+    result = run_python(["-c", _LOADER_SCRIPT, str(tmp_path / "cache")], timeout=280)
+    assert result.returncode == 0 and "same batches with 0 and 2 workers; forkserver" in result.stdout, \
+        describe(result)
