@@ -1,8 +1,8 @@
 """The training and test data loaders, from config values passed as plain arguments.
 
-A batch is ``(images, targets, indices)``: lists of the model's image tensors (see
-:mod:`det.data.transforms` for the pixel convention and who resizes), target dicts (boxes,
-labels, masks) and dataset indices (:meth:`COCODataset.image_id` maps them to COCO ids).
+A batch is ``(images, targets, indices)``: lists of the model's image tensors (RGB in [0, 1] at
+the original size: :mod:`det.data.transforms` says why), target dicts (boxes, labels, masks) and
+dataset indices (:meth:`COCODataset.image_id` maps them to COCO ids).
 ``SOLVER.IMS_PER_BATCH`` and ``TEST.IMS_PER_BATCH`` are global: each process loads its share.
 Workers (``num_workers`` > 0) start with the ``forkserver`` method (``spawn`` where that is
 missing), never ``fork``: forking a process that already runs torch threads or a process group
@@ -88,27 +88,27 @@ def _open(name: str, root: str, catalog: Catalog, train: bool, transform: Callab
                        transform=transform, layout=files.layout)
 
 
-def build_train_loader(dataset_names: Sequence[str], root: str, min_size_train: Sequence[int], max_size_train: int,
-                       flip_prob: float, to_bgr255: bool, ims_per_batch: int, world_size: int, rank: int,
-                       num_workers: int, aspect_grouping: bool, max_iter: int, start_iter: int = 0, seed: int = 0,
-                       catalog: Optional[Catalog] = None, pin_memory: bool = False,
-                       log: Callable[[str], None] = print) -> DataLoader:
+def build_train_loader(dataset_names: Sequence[str], root: str, flip_prob: float, ims_per_batch: int,
+                       world_size: int, rank: int, num_workers: int, aspect_grouping: bool, max_iter: int,
+                       start_iter: int = 0, seed: int = 0, catalog: Optional[Catalog] = None,
+                       pin_memory: bool = False, log: Callable[[str], None] = print) -> DataLoader:
     """This process's loader of ``max_iter - start_iter`` training batches (DATASETS.TRAIN,
-    INPUT.*_TRAIN, SOLVER.IMS_PER_BATCH/MAX_ITER, DATALOADER.*); ``catalog`` defaults to
+    DATASETS.ROOT, INPUT.HORIZONTAL_FLIP_PROB_TRAIN, SOLVER.IMS_PER_BATCH, DATALOADER.NUM_WORKERS,
+    DATALOADER.ASPECT_RATIO_GROUPING, SOLVER.MAX_ITER); ``catalog`` defaults to
     :data:`det.config.paths_catalog.DATASETS`."""
     per_process = batch_size_per_process(ims_per_batch, world_size, "SOLVER.IMS_PER_BATCH")
     if not dataset_names:
         raise UserError("DATASETS.TRAIN is empty; name at least one dataset")
     catalog = PUBLISHED_DATASETS if catalog is None else catalog
-    transform = TrainTransform(min_size_train, max_size_train, flip_prob, to_bgr255)
+    transform = TrainTransform(flip_prob)
     dataset = ConcatCOCODataset([_open(n, root, catalog, True, transform, log) for n in dataset_names])
     groups = aspect_ratio_groups(dataset.aspect_ratios()) if aspect_grouping else None
     sampler = IterationBatchSampler(len(dataset), per_process, max_iter, start_iter, groups, rank, world_size, seed)
     return DataLoader(dataset, batch_sampler=sampler, **_loader_options(num_workers, pin_memory))
 
 
-def build_test_loaders(dataset_names: Sequence[str], root: str, to_bgr255: bool, ims_per_batch: int,
-                       world_size: int, rank: int, num_workers: int, catalog: Optional[Catalog] = None,
+def build_test_loaders(dataset_names: Sequence[str], root: str, ims_per_batch: int, world_size: int, rank: int,
+                       num_workers: int, catalog: Optional[Catalog] = None,
                        pin_memory: bool = False,
                        log: Callable[[str], None] = print) -> List[Tuple[str, COCODataset, DataLoader]]:
     """``(name, dataset, loader)`` per test dataset (DATASETS.TEST, TEST.IMS_PER_BATCH); each
@@ -117,7 +117,7 @@ def build_test_loaders(dataset_names: Sequence[str], root: str, to_bgr255: bool,
     catalog = PUBLISHED_DATASETS if catalog is None else catalog
     loaders = []
     for name in dataset_names:
-        dataset = _open(name, root, catalog, False, InferenceTransform(to_bgr255), log)
+        dataset = _open(name, root, catalog, False, InferenceTransform(), log)
         batches = BatchSampler(ShardSampler(len(dataset), rank, world_size), per_process, drop_last=False)
         loaders.append((name, dataset, DataLoader(dataset, batch_sampler=batches,
                                                   **_loader_options(num_workers, pin_memory))))

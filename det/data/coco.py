@@ -19,15 +19,17 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from mabn.utils.errors import CorruptImageError, UserError
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 __all__ = ["COCODataset", "load_bgr", "load_coco"]
 
@@ -51,9 +53,11 @@ def load_bgr(path: str) -> np.ndarray:
     return image
 
 
-def load_coco(ann_file: str) -> COCO:
+def load_coco(ann_file: str) -> "COCO":
     """A pycocotools index of ``ann_file`` (its progress prints silenced); :class:`UserError` when
     the file is not a COCO annotation file."""
+    from pycocotools.coco import COCO  # imports matplotlib: kept out of the data loader workers
+
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(ann_file)
@@ -133,7 +137,7 @@ class COCODataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def coco(self) -> COCO:
+    def coco(self) -> "COCO":
         """The pycocotools index of the annotation file (ground truth for COCOeval)."""
         return load_coco(self.ann_file)
 

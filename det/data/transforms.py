@@ -1,64 +1,32 @@
-"""Image and target transforms, and where resizing and normalization happen.
+"""Image and target transforms of the data loader, and where the rest of the input pipeline lives.
 
-The split of work between the data loader and the model (torchvision's
-``GeneralizedRCNNTransform``, built from INPUT.* by the model):
+The loader hands the model what torchvision's detection models take: float32 (3, H, W) RGB
+images in [0, 1] at their original size, with targets ``{"boxes": (N, 4) float32 xyxy,
+"labels": (N,) int64, "masks": (N, H, W) uint8}`` at the same size. Boxes use continuous
+coordinates (a box over pixels 0..w-1 spans x in [0, w]).
 
-* Training: the loader resizes each image (maskrcnn-benchmark's rule, :func:`resized_size`: a
-  random choice of ``MIN_SIZE_TRAIN`` for the short side, lowered so the long side stays within
-  ``MAX_SIZE_TRAIN``, sizes truncated to integers), flips it horizontally with probability
-  ``HORIZONTAL_FLIP_PROB_TRAIN`` and converts it to the pixel convention. The random choices
-  come from the per-sample seed of the batch sampler, so they are fixed by the training seed,
-  whatever the number of workers, and a resumed run sees the same images. The model must
-  therefore not resize training images again (a resize to the size an image already has is the
-  identity, so with a single MIN_SIZE_TRAIN the model's own resize changes nothing).
-* Testing: the loader only converts the pixel convention and keeps the original size; the model
-  resizes to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` and maps boxes and pasted masks back, so
-  predictions come out in original image coordinates.
-* Normalization (``PIXEL_MEAN`` / ``PIXEL_STD``) and padding to a batch always happen in the model.
-
-Pixel convention: with ``TO_BGR255`` images are float32 (3, H, W) BGR in 0..255 (the published
-PIXEL_MEAN is in that order and scale); without it RGB in 0..1. Boxes use continuous
-coordinates (torchvision's: a box over pixels 0..w-1 spans x in [0, w]).
+* Training: the loader flips each image and its target horizontally with probability
+  ``INPUT.HORIZONTAL_FLIP_PROB_TRAIN``, drawn from the per-sample seed of the batch sampler, so
+  flips are fixed by the training seed whatever the number of workers.
+* The model's input transform (``det.modeling.transform.DetectionTransform``, torchvision's
+  ``GeneralizedRCNNTransform``) does the rest, in training and at test time alike: the resize
+  (a random choice of ``MIN_SIZE_TRAIN`` for the short side, capped by ``MAX_SIZE_TRAIN``; at
+  test time ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``) of images, boxes and masks, the pixel
+  convention (BGR 0-255 with ``TO_BGR255``), normalization by ``PIXEL_MEAN`` / ``PIXEL_STD``
+  and padding to ``SIZE_DIVISIBILITY``; it maps predictions back to the original size, so the
+  evaluator receives boxes in original coordinates and masks pasted at the image resolution.
+  One resize implementation serves training, testing and the predictor.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
-import cv2
 import numpy as np
 import torch
 
-__all__ = ["InferenceTransform", "TrainTransform", "hflip", "resize", "resized_size", "to_model_tensors"]
+__all__ = ["InferenceTransform", "TrainTransform", "hflip", "to_tensors"]
 
 Target = Dict[str, np.ndarray]
-
-
-def resized_size(height: int, width: int, min_size: int, max_size: int) -> Tuple[int, int]:
-    """``(height, width)`` after scaling the short side to ``min_size`` unless that takes the long
-    side beyond ``max_size`` (then the short side shrinks), truncated as in maskrcnn-benchmark."""
-    short, long = min(height, width), max(height, width)
-    size = min_size
-    if max_size > 0 and long / short * size > max_size:
-        size = int(round(max_size * short / long))
-    if short == size:
-        return height, width
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
-
-
-def resize(image: np.ndarray, target: Target, height: int, width: int) -> Tuple[np.ndarray, Target]:
-    """Resize the image (bilinear) and its masks (nearest) to ``height`` x ``width``; scale boxes."""
-    old_height, old_width = image.shape[:2]
-    if (old_height, old_width) == (height, width):
-        return image, target
-    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    scale = np.array([width / old_width, height / old_height] * 2, dtype=np.float32)
-    masks = target["masks"]
-    resized = np.zeros((len(masks), height, width), dtype=masks.dtype)
-    for k, mask in enumerate(masks):
-        resized[k] = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-    return image, {**target, "boxes": target["boxes"] * scale, "masks": resized}
 
 
 def hflip(image: np.ndarray, target: Target) -> Tuple[np.ndarray, Target]:
@@ -70,41 +38,29 @@ def hflip(image: np.ndarray, target: Target) -> Tuple[np.ndarray, Target]:
             {**target, "boxes": boxes, "masks": np.ascontiguousarray(target["masks"][:, :, ::-1])})
 
 
-def to_model_tensors(image: np.ndarray, target: Target, to_bgr255: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The BGR uint8 image as the model's float32 (3, H, W) tensor (see the module doc) and the
-    target as tensors (boxes float32, labels int64, masks uint8)."""
-    pixels = image if to_bgr255 else image[:, :, ::-1]
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float()
-    if not to_bgr255:
-        tensor /= 255.0
+def to_tensors(image: np.ndarray, target: Target) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The BGR uint8 (H, W, 3) image as a float32 (3, H, W) RGB tensor in [0, 1], and the target as
+    tensors (boxes float32, labels int64, masks uint8)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))).float().div_(255.0)
     return tensor, {"boxes": torch.from_numpy(np.ascontiguousarray(target["boxes"], dtype=np.float32)),
                     "labels": torch.from_numpy(np.ascontiguousarray(target["labels"], dtype=np.int64)),
                     "masks": torch.from_numpy(np.ascontiguousarray(target["masks"], dtype=np.uint8))}
 
 
 class TrainTransform:
-    """Random resize (:func:`resized_size`), random horizontal flip, pixel convention."""
+    """Random horizontal flip, then :func:`to_tensors`."""
 
-    def __init__(self, min_sizes: Sequence[int], max_size: int, flip_prob: float, to_bgr255: bool):
-        self.min_sizes = tuple(int(s) for s in min_sizes)
-        self.max_size = int(max_size)
+    def __init__(self, flip_prob: float):
         self.flip_prob = float(flip_prob)
-        self.to_bgr255 = bool(to_bgr255)
 
     def __call__(self, image: np.ndarray, target: Target, rng: np.random.Generator):
-        min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
-        image, target = resize(image, target, *resized_size(*image.shape[:2], min_size, self.max_size))
         if rng.random() < self.flip_prob:
             image, target = hflip(image, target)
-        return to_model_tensors(image, target, self.to_bgr255)
+        return to_tensors(image, target)
 
 
 class InferenceTransform:
-    """Pixel convention only: the model resizes test images and maps predictions back."""
-
-    def __init__(self, to_bgr255: bool):
-        self.to_bgr255 = bool(to_bgr255)
+    """:func:`to_tensors` only (``rng`` is unused)."""
 
     def __call__(self, image: np.ndarray, target: Target, rng: Optional[np.random.Generator] = None):
-        """``rng`` is unused (the transform is deterministic)."""
-        return to_model_tensors(image, target, self.to_bgr255)
+        return to_tensors(image, target)

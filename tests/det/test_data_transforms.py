@@ -1,16 +1,18 @@
-"""det.data.transforms: maskrcnn-benchmark's resize rule, flips and resizes that keep boxes on
-their masks, the pixel convention."""
+"""det.data.transforms: flips that keep boxes on their masks, seeded augmentation, the model's
+input convention; and the hand-over to the model's transform, which resizes and normalizes."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from det.data.transforms import InferenceTransform, TrainTransform, hflip, resize, resized_size
+from det.data.transforms import InferenceTransform, TrainTransform, hflip, to_tensors
+from det.modeling.transform import DetectionTransform
+
+PIXEL_MEAN = (102.9801, 115.9465, 122.7717)
 
 
-def _mask_box(mask: np.ndarray) -> list:
-    ys, xs = np.nonzero(mask)
+def _mask_box(mask) -> list:
+    ys, xs = np.nonzero(np.asarray(mask))
     return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
@@ -24,29 +26,6 @@ def _sample(height: int = 30, width: int = 40) -> tuple:
     return image, target
 
 
-@pytest.mark.parametrize("height, width, min_size, max_size, expected", [
-    (480, 640, 800, 1333, (800, 1066)),     # short side to 800, long side truncated
-    (640, 480, 800, 1333, (1066, 800)),
-    (100, 1000, 800, 1333, (133, 1330)),    # capped: short side round(133.3), long int(133 * 10)
-    (800, 900, 800, 1333, (800, 900)),      # already there
-    (96, 128, 128, 213, (128, 170)),
-])
-def test_resized_size_follows_maskrcnn_benchmark(height, width, min_size, max_size, expected):
-    assert resized_size(height, width, min_size, max_size) == expected
-
-
-def test_resize_moves_boxes_with_masks():
-    image, target = _sample()
-    resized_image, resized = resize(image, target, 60, 80)
-    assert resized_image.shape == (60, 80, 3) and resized["masks"].shape == (2, 60, 80)
-    np.testing.assert_allclose(resized["boxes"], target["boxes"] * 2)
-    for box, mask in zip(resized["boxes"], resized["masks"]):
-        assert _mask_box(mask) == box.tolist()
-    assert resized["labels"] is target["labels"]
-    same_image, same = resize(image, target, 30, 40)
-    assert same_image is image and same is target
-
-
 def test_hflip_moves_boxes_with_masks_and_is_an_involution():
     image, target = _sample()
     flipped_image, flipped = hflip(image, target)
@@ -58,39 +37,60 @@ def test_hflip_moves_boxes_with_masks_and_is_an_involution():
     np.testing.assert_array_equal(back_image, image)
     np.testing.assert_array_equal(back["boxes"], target["boxes"])
     np.testing.assert_array_equal(back["masks"], target["masks"])
+    assert flipped["labels"] is target["labels"]
 
 
-def test_train_transform_is_seeded_and_draws_sizes_and_flips():
+def test_train_transform_is_seeded_and_flips_half_the_time():
     image, target = _sample()
-    transform = TrainTransform((60, 90), 1000, 0.5, to_bgr255=True)
+    transform = TrainTransform(0.5)
     first = transform(image, target, np.random.default_rng(7))
     second = transform(image, target, np.random.default_rng(7))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1]["boxes"], second[1]["boxes"])
-    sizes, flips = set(), set()
-    for seed in range(40):
-        tensor, out = transform(image, target, np.random.default_rng(seed))
-        short = min(tensor.shape[1:])
-        sizes.add(short)
-        flips.add(bool(out["boxes"][0, 0] > tensor.shape[2] / 2))  # the first object starts on the left
-        for box, mask in zip(out["boxes"], out["masks"]):
-            assert torch.allclose(torch.tensor(_mask_box(mask.numpy()), dtype=torch.float32), box, atol=1.0)
-    assert sizes == {60, 90} and flips == {False, True}
+    flips = [bool(transform(image, target, np.random.default_rng(seed))[1]["boxes"][0, 0] > 20) for seed in range(40)]
+    assert 5 < sum(flips) < 35
 
 
 def test_no_flip_at_probability_zero_and_always_at_one():
     image, target = _sample()
-    kept = TrainTransform((30,), 1000, 0.0, True)(image, target, np.random.default_rng(0))[1]
-    mirrored = TrainTransform((30,), 1000, 1.0, True)(image, target, np.random.default_rng(0))[1]
+    kept = TrainTransform(0.0)(image, target, np.random.default_rng(0))[1]
+    mirrored = TrainTransform(1.0)(image, target, np.random.default_rng(0))[1]
     np.testing.assert_array_equal(kept["boxes"].numpy(), target["boxes"])
     np.testing.assert_array_equal(mirrored["boxes"].numpy(), hflip(image, target)[1]["boxes"])
+    np.testing.assert_array_equal(mirrored["masks"].numpy(), hflip(image, target)[1]["masks"])
 
 
-def test_pixel_convention_and_dtypes():
+def test_model_input_convention_and_dtypes():
     image, target = _sample()
-    bgr, out = InferenceTransform(to_bgr255=True)(image, target)
-    rgb, _ = InferenceTransform(to_bgr255=False)(image, target)
-    assert bgr.dtype == rgb.dtype == torch.float32 and bgr.shape == (3, 30, 40)
-    assert torch.equal(bgr, torch.from_numpy(image).permute(2, 0, 1).float())  # BGR, 0..255
-    assert torch.allclose(rgb, bgr.flip(0) / 255.0) and float(rgb.max()) <= 1.0  # RGB, 0..1
+    tensor, out = InferenceTransform()(image, target)
+    assert tensor.dtype == torch.float32 and tensor.shape == (3, 30, 40)
+    assert torch.allclose(tensor * 255.0, torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1).float())
     assert out["boxes"].dtype == torch.float32 and out["labels"].dtype == torch.int64
     assert out["masks"].dtype == torch.uint8 and out["masks"].shape == (2, 30, 40)
+
+
+def test_model_transform_receives_the_published_pixel_convention():
+    image, target = _sample()
+    transform = DetectionTransform((30,), 1000, 30, 1000, PIXEL_MEAN, (1.0, 1.0, 1.0), True, 1).train()
+    tensor, out = to_tensors(image, target)
+    batch, targets = transform([tensor], [out])
+    bgr255 = torch.from_numpy(image).permute(2, 0, 1).float()  # the file's BGR bytes
+    expected = bgr255 - torch.tensor(PIXEL_MEAN)[:, None, None]
+    assert torch.allclose(batch.tensors[0], expected, atol=1e-3)
+    assert torch.equal(targets[0]["boxes"], out["boxes"])
+
+
+def test_model_transform_resizes_boxes_with_masks():
+    image, target = _sample()
+    transform = DetectionTransform((60, 90), 1000, 45, 1000, PIXEL_MEAN, (1.0, 1.0, 1.0), True, 32).train()
+    tensor, out = to_tensors(image, target)
+    shorts = set()
+    with torch.random.fork_rng():  # the model draws the size from the global generator
+        torch.manual_seed(0)
+        for _ in range(12):
+            batch, targets = transform([tensor], [out])
+            (height, width), resized = batch.image_sizes[0], targets[0]
+            shorts.add(min(height, width))
+            assert resized["masks"].shape[1:] == (height, width)
+            for box, mask in zip(resized["boxes"], resized["masks"]):
+                assert np.allclose(_mask_box(mask), box.numpy(), atol=1.5)
+    assert shorts == {60, 90}
