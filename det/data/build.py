@@ -4,14 +4,17 @@ A batch is ``(images, targets, indices)``: lists of the model's image tensors (R
 the original size: :mod:`det.data.transforms` says why), target dicts (boxes, labels, masks) and
 dataset indices (:meth:`COCODataset.image_id` maps them to COCO ids).
 ``SOLVER.IMS_PER_BATCH`` and ``TEST.IMS_PER_BATCH`` are global: each process loads its share.
-Workers (``num_workers`` > 0) start with the ``forkserver`` method (``spawn`` where that is
-missing), never ``fork``: forking a process that already runs torch threads or a process group
-is unsafe.
+Workers (``num_workers`` > 0) start from a ``forkserver`` that has imported this module once,
+never by forking the trainer, which by then runs threads (OpenMP, CUDA, NCCL, pin memory) whose
+locks a forked child can inherit held. A script that builds loaders is imported again by the
+server, so its entry point needs ``if __name__ == "__main__":``. Every sample's augmentation seed
+comes from the sampler, so the batches are the same for any number of workers.
 """
 from __future__ import annotations
 
 import bisect
 import multiprocessing
+import signal
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import cv2
@@ -27,7 +30,7 @@ from det.data.transforms import InferenceTransform, TrainTransform
 from mabn.utils.errors import UserError
 
 __all__ = ["ConcatCOCODataset", "batch_size_per_process", "build_test_loaders", "build_train_loader",
-           "collate"]
+           "collate", "worker_context"]
 
 
 def batch_size_per_process(ims_per_batch: int, world_size: int, key: str) -> int:
@@ -67,17 +70,26 @@ def collate(batch: List[tuple]) -> Tuple[list, list, list]:
 
 
 def _worker_init(_worker_id: int) -> None:
+    """One thread per worker; SIGTERM ignored: the trainer handles it (checkpoint, then shutdown of
+    its workers), and a worker whose trainer is gone exits by itself (DataLoader's watchdog)."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context of the loader workers, preloading this module (torch, OpenCV,
+    pycocotools' mask code) so that each worker starts without importing them again."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _loader_options(num_workers: int, pin_memory: bool) -> dict:
     options = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory,
                "generator": torch.Generator()}  # keeps the global RNG out of the loader
     if num_workers > 0:
-        methods = multiprocessing.get_all_start_methods()
-        options.update(worker_init_fn=_worker_init,
-                       multiprocessing_context="forkserver" if "forkserver" in methods else "spawn")
+        options.update(worker_init_fn=_worker_init, multiprocessing_context=worker_context())
     return options
 
 
