@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -297,9 +298,7 @@ def bench_infer(config: BenchConfig, device: torch.device) -> List[dict]:
     base = _base_resnet(config.arch)
     models = {v: build_resnet(v, config.infer_batch, base).to(device).eval() for v in INFER_VARIANTS}
     unfolded = build_resnet(MABN_CENCONV, config.infer_batch, base).to(device).eval()
-    cases = {}
-    for variant, model in models.items():
-        cases[variant] = Case(run=torch.no_grad()(lambda model=model: model(images)))
+    cases = {variant: Case(run=torch.no_grad()(functools.partial(model, images))) for variant, model in models.items()}
     times = interleaved_times(cases, config.infer_rounds, config.resnet_warmup, device,
                               label=f"{config.arch} infer b{config.infer_batch} {config.resolution}px")
     rows = [dict(arch=config.arch, batch=config.infer_batch, resolution=config.resolution, variant=v,
