@@ -94,10 +94,15 @@ def load_bgr(path: str) -> np.ndarray:
         raise CorruptImageError(f"cannot read image file {path!r}: {exc.strerror}") from None
     image = None
     if data.size:
+        # OpenCV's own log lines about a bad file would add to the one-line error below: silenced.
+        previous = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         try:
             image = cv2.imdecode(data, cv2.IMREAD_COLOR)
         except cv2.error:
             image = None
+        finally:
+            cv2.utils.logging.setLogLevel(previous)
     if image is None:
         raise CorruptImageError(_decode_failure(path))
     return image

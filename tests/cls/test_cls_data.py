@@ -94,12 +94,14 @@ def _folder(root, images=2):
     return root
 
 
-@pytest.mark.parametrize("content", [b"", b"\x89PNG truncated garbage", b"GIF89a" + bytes(10), b"\xff\xd8\xff" + bytes(20)])
-def test_unreadable_image_is_found_when_the_folder_is_opened(tmp_path, content):
+@pytest.mark.parametrize("content", [b"", b"\x89PNG truncated garbage", b"\x89PNG\r\n\x1a\n cut off", b"GIF89a" + bytes(10), b"\xff\xd8\xff" + bytes(20)])
+def test_unreadable_image_is_found_when_the_folder_is_opened(tmp_path, content, capfd):
     root = _folder(tmp_path / "val")
     (root / "b" / "1.png").write_bytes(content)
     with pytest.raises(CorruptImageError, match=r"cannot (decode|read) image file '.*val/b/1.png'"):
         open_image_folder(str(root), "--val_dir")
+    assert capfd.readouterr().err == ""  # no OpenCV log lines next to the one-line error
+    assert cv2.utils.logging.getLogLevel() != cv2.utils.logging.LOG_LEVEL_SILENT  # restored
     assert len(open_image_folder(str(root), "--val_dir", check_images=False)) == 4  # found only when read
 
 
