@@ -107,7 +107,7 @@ def test_missing_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["bn_b32", "bn_b2", "brn_b2", "gn_b2", "mabn_b2", "syncbn",
-                                  "demo_resnet20_mabn_b2", "demo_resnet20_bn_b32"])
+                                  "demo_resnet20_mabn_b2", "demo_resnet20_bn_b32", "demo_resnet20_brn_b2"])
 def test_shipped_configs_parse_and_resolve(name):
     path = CONFIGS / f"{name}.yaml"
     assert config_tokens(str(path)) is not None
@@ -129,6 +129,16 @@ def test_paper_configs_norm_batches():
     mabn = resolved("mabn_b2")
     assert (mabn.norm, mabn.norm_batch, mabn.ma_batch) == ("mabn", 2, 32)
     assert resolved("gn_b2").norm == "gn" and resolved("syncbn").norm == "syncbn"
+    brn = resolved("brn_b2")
+    assert (brn.brn_warmup, brn.brn_r_ramp_end, brn.brn_d_ramp_end, brn.brn_r_max, brn.brn_d_max) == \
+        (5000, 40000, 25000, 3.0, 5.0)
+
+
+def test_shipped_configs_need_no_warning():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        warnings = []
+        resolve(parse_args(["--config", str(path)]), 1 if path.name.startswith("demo") else 8, warn=warnings.append)
+        assert warnings == [], path.name
 
 
 def test_local_rank_spellings():
