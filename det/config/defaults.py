@@ -90,9 +90,11 @@ _C.MODEL.RPN.POST_NMS_TOP_N_TRAIN = 2000
 _C.MODEL.RPN.POST_NMS_TOP_N_TEST = 1000
 _C.MODEL.RPN.NMS_THRESH = 0.7
 _C.MODEL.RPN.MIN_SIZE = 0
-# Proposals kept over all levels, per image (docs/det.md: per batch in maskrcnn-benchmark training).
+# Proposals kept over all levels: per image at test; in training per batch of a process when
+# FPN_POST_NMS_PER_BATCH (maskrcnn-benchmark's behaviour), else per image (torchvision's).
 _C.MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN = 2000
 _C.MODEL.RPN.FPN_POST_NMS_TOP_N_TEST = 2000
+_C.MODEL.RPN.FPN_POST_NMS_PER_BATCH = True
 _C.MODEL.RPN.RPN_HEAD = "SingleConvRPNHead"
 
 _C.MODEL.ROI_HEADS = CN()

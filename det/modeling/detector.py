@@ -22,6 +22,7 @@ from yacs.config import CfgNode
 from det.modeling.backbone import build_resnet_fpn_backbone
 from det.modeling.heads import build_box_head, build_box_predictor, build_mask_head, build_mask_predictor
 from det.modeling.norms import body_spec, box_head_spec, mask_head_spec
+from det.modeling.rpn import BatchTopNRegionProposalNetwork
 from det.modeling.transform import DetectionTransform
 from mabn.utils.errors import UserError
 
@@ -126,6 +127,10 @@ def build_detection_model(cfg: CfgNode) -> nn.Module:
         model = MaskRCNN(backbone, **options)
     else:
         model = FasterRCNN(backbone, **options)
+    model.rpn = BatchTopNRegionProposalNetwork(
+        anchors, rpn_head, rpn.FG_IOU_THRESHOLD, rpn.BG_IOU_THRESHOLD, rpn.BATCH_SIZE_PER_IMAGE, rpn.POSITIVE_FRACTION,
+        model.rpn._pre_nms_top_n, model.rpn._post_nms_top_n, rpn.NMS_THRESH,
+        per_batch_in_training=rpn.FPN_POST_NMS_PER_BATCH)
     model.rpn.min_size = max(float(rpn.MIN_SIZE), TORCHVISION_RPN_MIN_SIZE)
     data = cfg.INPUT
     _check(len(data.PIXEL_MEAN) == 3 and len(data.PIXEL_STD) == 3 and all(s > 0 for s in data.PIXEL_STD),

@@ -195,3 +195,19 @@ def test_faster_rcnn_without_masks():
     model = build_detection_model(tiny_config("gn", "MODEL.MASK_ON", "False")).train()
     images, targets = images_and_targets()
     assert set(model(images, targets)) == LOSSES - {"loss_mask"}
+
+
+@pytest.mark.parametrize("per_batch", [True, False])
+def test_fpn_post_nms_top_n_per_batch_in_training(per_batch):
+    cfg = tiny_config("gn", "MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN", "10", "MODEL.RPN.FPN_POST_NMS_TOP_N_TEST", "7",
+                      "MODEL.RPN.FPN_POST_NMS_PER_BATCH", str(per_batch))
+    model = build_detection_model(cfg).train()
+    images, targets = images_and_targets()
+    with torch.no_grad():
+        batch, targets = model.transform(images, targets)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features, targets)
+        counts = [len(p) for p in proposals]
+        assert (sum(counts) == 10 and max(counts) < 10) if per_batch else counts == [10, 10]
+        model.eval()
+        assert [len(p) for p in model.rpn(batch, features)[0]] == [7, 7]  # per image at test
