@@ -147,7 +147,11 @@ class StatisticsRecorder:
         self.pending.clear()
 
     def close(self) -> None:
+        """Remove the hooks and close the writer (again: nothing)."""
         for handle in self.handles:
             handle.remove()
-        self.writer.flush()
-        self.writer.close()
+        self.handles = []
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None

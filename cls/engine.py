@@ -1,135 +1,127 @@
-"""Training and evaluation loops.
+"""The classification training step, its epoch bookkeeping and the evaluation.
 
-One iteration: forward, label-smoothing loss, backward (DDP averages the gradients), then ONE
-small all-reduce of ``[loss * n, top-1 hits, top-5 hits, n, non-finite flag, stop flag]``, which
-gives the logged global averages and lets every rank take the same decision: a NaN/Inf loss on
-any rank stops all of them before the optimizer step (nothing is saved, the last checkpoint
-stays), a SIGTERM on any rank makes all of them finish the iteration, save a checkpoint that
-resumes exactly there and exit.
+One step (:meth:`Trainer.run_step`): forward, label-smoothing loss, backward (DDP averages the
+gradients), then ONE small all-reduce of ``[loss * n, top-1 hits, top-5 hits, n, non-finite flag,
+stop flag]``, which gives the logged global averages and lets every rank take the same decision:
+a NaN/Inf loss on any rank stops all of them before the optimizer step (nothing is saved, the
+last checkpoint stays), a SIGTERM/SIGINT on any rank makes all of them finish the step, save a
+checkpoint that resumes exactly there and exit. The loop itself and the hooks (checkpoint,
+evaluation, learning-rate schedule, statistics) come from :mod:`mabn.utils.train_loop`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
-import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from cls.checkpoint import CHECKPOINT_NAME, capture_rng, rank_buffers, save_atomic
-from cls.distributed import DistEnv
-from mabn.utils.errors import NonFiniteLossError
 from cls.metrics import Meter, label_smoothing_loss, topk_correct
-from cls.run_log import RunLog, test_line, train_line
+from cls.run_log import test_line, train_line
+from mabn.utils.distributed import DistEnv
+from mabn.utils.errors import NonFiniteLossError
+from mabn.utils.run_log import RunLog
+from mabn.utils.signals import StopFlag
+from mabn.utils.train_loop import HookBase, TrainerBase
 
-__all__ = ["StopFlag", "TrainState", "Trainer", "CHECKPOINT_FORMAT"]
-
-CHECKPOINT_FORMAT = "mabn-cls-1"
-
-
-class StopFlag:
-    """Set from a signal handler; read once per iteration."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-
-    def request(self, name: str = "SIGTERM") -> None:
-        self.requested = True
-        self.signal_name = name
+__all__ = ["TrainState", "Precision", "Trainer", "Evaluator", "EpochLogHook", "skipped_statistics_updates"]
 
 
 @dataclass
 class TrainState:
+    """Where training stands; what a checkpoint stores to resume exactly."""
+
     epoch: int = 0  # completed epochs
     step_in_epoch: int = 0  # completed iterations of epoch + 1
     global_step: int = 0
-    meter: Meter = field(default_factory=Meter)
+    meter: Meter = field(default_factory=Meter)  # running sums of the current epoch
 
 
-class Trainer:
-    def __init__(self, args: argparse.Namespace, env: DistEnv, model: nn.Module, wrapped: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler, scaler, log: RunLog, state: TrainState,
-                 train_loader=None, sampler=None, val_loader=None, recorder=None,
-                 stop_flag: Optional[StopFlag] = None):
-        self.args = args
-        self.env = env
-        self.model = model
-        self.wrapped = wrapped
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
-        self.log = log
-        self.state = state
-        self.train_loader = train_loader
-        self.sampler = sampler
-        self.val_loader = val_loader
-        self.recorder = recorder
-        self.stop_flag = stop_flag or StopFlag()
-        self.checkpoint_path = os.path.join(args.save, CHECKPOINT_NAME)
-        self.saved_any = False
+class Precision:
+    """``--amp``: float16 autocast with loss scaling on CUDA, bfloat16 autocast on CPU; or off."""
 
-    # ----------------------------------------------------------------------------------------
+    def __init__(self, amp: bool, device: torch.device):
+        self.enabled = amp
+        self.device_type = device.type
+        self.dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+
     def autocast(self):
-        if not self.args.amp:
+        if not self.enabled:
             return contextlib.nullcontext()
-        dtype = torch.float16 if self.env.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.env.device.type, dtype=dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def _progress(self, total: int, initial: int, desc: str):
-        from tqdm import tqdm
+    @property
+    def grad_scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler is not None else 1.0
 
-        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False,
-                    disable=not (self.env.is_main and self.args.progress))
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    # ----------------------------------------------------------------------------------------
-    def train(self) -> bool:
-        """Train up to ``--total_epoch``. Returns False when stopped by a signal (after saving)."""
-        args, state = self.args, self.state
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+class Trainer(TrainerBase):
+    """Steps through epochs of ``iters_per_epoch`` batches of ``loader`` (whose batch sampler has
+    ``set_epoch(epoch, start_step)``), updating ``state``. ``model`` is what the forward runs
+    (DDP or :class:`~mabn.utils.distributed.GradientAveraging` around the network, or the network).
+
+    After a step, ``epoch_finished`` tells the hooks that it was the last of an epoch; ``state``
+    then already counts the epoch, and ``finished_meter`` holds its sums.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, env: DistEnv,
+                 iters_per_epoch: int, state: TrainState, precision: Precision, stop_flag: Optional[StopFlag] = None):
+        super().__init__(stop_flag)
+        self.model = model
+        self.optimizer = optimizer
+        self.loader = loader
+        self.env = env
+        self.iters_per_epoch = iters_per_epoch
+        self.state = state
+        self.precision = precision
+        self.epoch_finished = False
+        self.finished_meter = Meter()
+        self.step_sums: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 1.0)  # loss*n, top-1, top-5, n
+        self.step_grad_scale = 1.0
+        self._batches: Optional[Iterator] = None
+        self._stop_agreed = False
+
+    def train_epochs(self, total_epochs: int) -> bool:
+        """Train up to ``total_epochs``; False when a stop request ended it early (after saving)."""
+        remaining = (total_epochs - self.state.epoch) * self.iters_per_epoch - self.state.step_in_epoch
         self.model.train()
-        for epoch in range(state.epoch + 1, args.total_epoch + 1):
-            if state.step_in_epoch == 0:
-                state.meter = Meter()
-            self.sampler.set_epoch(epoch, state.step_in_epoch)
-            progress = self._progress(args.iters_per_epoch, state.step_in_epoch, f"epoch {epoch}")
-            try:
-                for images, targets in self.train_loader:
-                    stop = self._train_step(epoch, images, targets)
-                    progress.update()
-                    if stop:
-                        progress.close()
-                        self.save_checkpoint()
-                        self.log.info(f"{self.stop_flag.signal_name or 'stop'} received: saved {self.checkpoint_path} "
-                                      f"at epoch {epoch}, iteration {state.step_in_epoch}/{args.iters_per_epoch}; "
-                                      f"resume with --checkpoint_dir {self.checkpoint_path}")
-                        return False
-            finally:
-                progress.close()
-            self._end_epoch(epoch)
-        return True
+        return self.train(self.state.global_step, self.state.global_step + max(0, remaining))
 
-    def _train_step(self, epoch: int, images: torch.Tensor, targets: torch.Tensor) -> bool:
-        args, env, state = self.args, self.env, self.state
-        device = env.device
+    def stop_requested(self) -> bool:
+        return self._stop_agreed
+
+    def _next_batch(self):
+        if self._batches is None:
+            self.loader.batch_sampler.set_epoch(self.state.epoch + 1, self.state.step_in_epoch)
+            self._batches = iter(self.loader)
+        return next(self._batches)
+
+    def run_step(self) -> None:
+        state, device = self.state, self.env.device
+        images, targets = self._next_batch()
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if self.recorder is not None:
-            self.recorder.set_step(state.global_step)
-        with self.autocast():
-            logits = self.wrapped(images)
+        with self.precision.autocast():
+            logits = self.model(images)
         loss = label_smoothing_loss(logits, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if hasattr(self.wrapped, "average_gradients"):
-            self.wrapped.average_gradients()
-        if self.recorder is not None:
-            self.recorder.flush(self.scaler.get_scale() if self.scaler is not None else 1.0)
+        self.precision.backward(loss)
+        if hasattr(self.model, "average_gradients"):
+            self.model.average_gradients()
+        self.step_grad_scale = self.precision.grad_scale
 
         n = float(targets.shape[0])
         hits = topk_correct(logits.detach(), targets)
@@ -138,128 +130,117 @@ class Trainer:
             local_loss * n, hits[0], hits[1], torch.tensor(n, dtype=torch.float64, device=device),
             (~torch.isfinite(local_loss)).double(),
             torch.tensor(float(self.stop_flag.requested), dtype=torch.float64, device=device)])
-        loss_sum, top1, top5, count, non_finite, stop = env.all_reduce_sum(flags).tolist()
+        loss_sum, top1, top5, count, non_finite, stop = self.env.all_reduce_sum(flags).tolist()
         if non_finite > 0:
-            where = (f"epoch {epoch}, iteration {state.step_in_epoch + 1}/{args.iters_per_epoch} "
-                     f"(global step {state.global_step + 1})")
-            kept = (f"the last good checkpoint {self.checkpoint_path} was kept"
-                    if os.path.exists(self.checkpoint_path) else "no checkpoint was written")
-            raise NonFiniteLossError(f"non-finite training loss ({local_loss.item()} on rank {env.rank}; non-finite on "
-                                     f"{int(non_finite)} of {env.world_size} processes) at {where}; "
-                                     f"training stopped, {kept} (lower --learning_rate?)")
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            raise NonFiniteLossError(
+                f"non-finite training loss ({local_loss.item()} on rank {self.env.rank}; non-finite on "
+                f"{int(non_finite)} of {self.env.world_size} processes) at epoch {state.epoch + 1}, iteration "
+                f"{state.step_in_epoch + 1}/{self.iters_per_epoch} (global step {state.global_step + 1})")
+        self.precision.step(self.optimizer)
+        self.step_sums = (loss_sum, top1, top5, count)
+        self._stop_agreed = stop > 0
         state.meter.add(loss_sum, top1, top5, count)
         state.step_in_epoch += 1
         state.global_step += 1
-        if state.global_step % args.log_interval == 0:
-            self.log.scalar("train/loss", loss_sum / count, state.global_step)
-            self.log.scalar("train/top1_err", 100.0 * (1 - top1 / count), state.global_step)
-            self.log.scalar("train/top5_err", 100.0 * (1 - top5 / count), state.global_step)
-            self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], state.global_step)
-        return stop > 0
+        self.epoch_finished = state.step_in_epoch == self.iters_per_epoch
+        if self.epoch_finished:
+            state.epoch += 1
+            state.step_in_epoch = 0
+            self.finished_meter, state.meter = state.meter, Meter()
+            self._batches = None
 
-    def _end_epoch(self, epoch: int) -> None:
-        args, state = self.args, self.state
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate used during this epoch
-        self.scheduler.step()
-        meter = state.meter
+
+def skipped_statistics_updates(model: nn.Module) -> int:
+    """Sum of the norms' ``skipped_updates`` counters (statistics updates a layer refused, e.g.
+    for a non-finite batch); 0 for a model without them."""
+    return int(sum(int(b) for name, b in model.named_buffers() if name.endswith("skipped_updates")))
+
+
+class EpochLogHook(HookBase):
+    """Training scalars every ``log_interval`` steps; at the end of an epoch the published TRAIN
+    line (with the rate used during the epoch: register before the scheduler hook), the epoch
+    scalars and the number of skipped statistics updates summed over processes."""
+
+    def __init__(self, log: RunLog, network: nn.Module, log_interval: int):
+        self.log = log
+        self.network = network
+        self.log_interval = log_interval
+
+    def after_step(self) -> None:
+        trainer: Trainer = self.trainer  # type: ignore[assignment]
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        if trainer.iter % self.log_interval == 0:
+            loss_sum, top1, top5, count = trainer.step_sums
+            self.log.scalars({"train/loss": loss_sum / count, "train/top1_err": 100.0 * (1 - top1 / count),
+                              "train/top5_err": 100.0 * (1 - top5 / count), "train/lr": lr}, trainer.iter)
+        if not trainer.epoch_finished:
+            return
+        epoch, meter = trainer.state.epoch, trainer.finished_meter
         self.log.info(train_line(epoch, lr, meter.loss, meter.top1_err, meter.top5_err))
-        self.log.scalar("epoch/train_loss", meter.loss, epoch)
-        self.log.scalar("epoch/train_top1_err", meter.top1_err, epoch)
-        self.log.scalar("epoch/train_top5_err", meter.top5_err, epoch)
-        self.log.scalar("epoch/lr", lr, epoch)
-        state.epoch = epoch
-        state.step_in_epoch = 0
-        state.meter = Meter()
-        if epoch % args.save_interval == 0 or epoch == args.total_epoch:
-            self.save_checkpoint()
-        if args.eval_interval and epoch % args.eval_interval == 0 and epoch != args.total_epoch:
-            self.evaluate(step=epoch)
+        self.log.scalars({"epoch/train_loss": meter.loss, "epoch/train_top1_err": meter.top1_err,
+                          "epoch/train_top5_err": meter.top5_err, "epoch/lr": lr}, epoch)
+        if any(name.endswith("skipped_updates") for name, _ in self.network.named_buffers()):
+            local = torch.tensor(float(skipped_statistics_updates(self.network)), dtype=torch.float64,
+                                 device=trainer.env.device)
+            skipped = int(trainer.env.all_reduce_sum(local).item())
+            self.log.info(f"Epoch {epoch}: {skipped} statistics updates skipped so far (non-finite batches, "
+                          f"summed over layers and processes)")
+            self.log.scalar("epoch/skipped_updates", skipped, epoch)
 
-    # ----------------------------------------------------------------------------------------
-    def checkpoint(self, rank_states) -> dict:
-        state = self.state
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "iteration": state.epoch,  # published key: completed epochs
-            "epoch": state.epoch,
-            "step_in_epoch": state.step_in_epoch,
-            "global_step": state.global_step,
-            "iters_per_epoch": self.args.iters_per_epoch,
-            "meter": state.meter.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "world_size": self.env.world_size,
-            "rank_states": rank_states,
-            "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-        }
 
-    def save_checkpoint(self) -> None:
-        """Gather every rank's buffers and RNG states; rank 0 writes the file atomically."""
-        own = {"buffers": rank_buffers(self.model), "rng": capture_rng(self.env.device)}
-        rank_states = self.env.all_gather_object(own)
-        if self.env.is_main:
-            save_atomic(self.checkpoint(rank_states), self.checkpoint_path)
-            self.saved_any = True
-            self.log.info(f"saved checkpoint {self.checkpoint_path} (epoch {self.state.epoch}"
-                          + (f", iteration {self.state.step_in_epoch}" if self.state.step_in_epoch else "") + ")")
+class Evaluator:
+    """Loss and top-1/top-5 error over the whole validation set (sharded, summed over ranks).
 
-    # ----------------------------------------------------------------------------------------
-    def _use_rank0_buffers(self):
-        """Give every rank rank 0's buffers (those of the checkpoint's ``model``) for evaluation;
-        return this rank's own buffers to put back afterwards (None in a single process)."""
+    Every rank evaluates with rank 0's normalization statistics (the ones a checkpoint's
+    ``model`` holds), so the result equals a ``--test_only`` run on that checkpoint.
+    """
+
+    def __init__(self, network: nn.Module, loader: DataLoader, env: DistEnv, precision: Precision, log: RunLog):
+        self.network = network
+        self.loader = loader
+        self.env = env
+        self.precision = precision
+        self.log = log
+
+    @contextlib.contextmanager
+    def _rank0_buffers(self):
+        """Rank 0's buffers on every rank within the block; this rank's own ones afterwards."""
         if not self.env.distributed or self.env.world_size == 1:
-            return None
-        buffers = list(self.model.buffers())
+            yield
+            return
+        buffers = list(self.network.buffers())
         saved = [b.detach().clone() for b in buffers]
         for buffer in buffers:
             torch.distributed.broadcast(buffer, src=0)
-        return saved
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, own in zip(buffers, saved):
+                    buffer.copy_(own)
 
     @torch.no_grad()
-    def evaluate(self, step: Optional[int] = None) -> Meter:
-        """Loss and top-1/top-5 error over the whole validation set (sharded, summed over ranks).
-
-        Every rank evaluates with rank 0's normalization statistics (the ones a checkpoint's
-        ``model`` holds), so the result equals a ``--test_only`` run on that checkpoint.
-        """
-        model, device = self.model, self.env.device
+    def __call__(self, step: Optional[int] = None) -> Meter:
+        """Evaluate, log the TEST line (and TensorBoard scalars at ``step``) and return the sums."""
+        model, device = self.network, self.env.device
         was_training = model.training
-        own_buffers = self._use_rank0_buffers()
-        model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=device)
-        progress = self._progress(len(self.val_loader), 0, "test")
-        try:
-            for images, targets in self.val_loader:
+        with self._rank0_buffers(), contextlib.closing(self.log.progress(len(self.loader), 0, "test")) as progress:
+            model.eval()
+            for images, targets in self.loader:
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                with self.autocast():
+                with self.precision.autocast():
                     logits = model(images)
                 sums[0] += label_smoothing_loss(logits, targets, reduction="sum").double()
                 sums[1:3] += topk_correct(logits, targets)
                 sums[3] += targets.shape[0]
                 progress.update()
-        finally:
-            progress.close()
         model.train(was_training)
-        if own_buffers is not None:
-            with torch.no_grad():
-                for buffer, saved in zip(model.buffers(), own_buffers):
-                    buffer.copy_(saved)
-        loss_sum, top1, top5, count = self.env.all_reduce_sum(sums).tolist()
         meter = Meter()
-        meter.add(loss_sum, top1, top5, count)
+        meter.add(*self.env.all_reduce_sum(sums).tolist())
         self.log.info(test_line(meter.loss, meter.top1_err, meter.top5_err))
         if step is not None:
-            self.log.scalar("test/loss", meter.loss, step)
-            self.log.scalar("test/top1_err", meter.top1_err, step)
-            self.log.scalar("test/top5_err", meter.top5_err, step)
-        if not math.isfinite(meter.loss):
-            self.log.warning("the validation loss is not finite")
+            self.log.scalars({"test/loss": meter.loss, "test/top1_err": meter.top1_err,
+                              "test/top5_err": meter.top5_err}, step)
         return meter

@@ -2,8 +2,9 @@
 
 Uses the core's ``mabn.fold.fold_norms`` (an eval-mode copy in which each conv followed by a
 BN-like norm is one conv with bias). The whole module is saved with ``torch.save`` (load it with
-``torch.load(PATH, weights_only=False)``; the ``cls`` and ``mabn`` packages must be importable),
-after checking that it reproduces the eval-mode outputs on a sample batch.
+``torch.load(PATH, weights_only=False)``, only for a file you made; the ``cls`` and ``mabn``
+packages must be importable), after checking that it reproduces the eval-mode outputs on a
+sample batch.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from cls.checkpoint import save_atomic
-from mabn.utils.errors import UserError
+from mabn.fold import fold_norms
+from mabn.utils.checkpoint import save_atomic
 
 __all__ = ["export_folded"]
 
@@ -22,15 +23,7 @@ __all__ = ["export_folded"]
 @torch.no_grad()
 def export_folded(model: nn.Module, path: str, sample: Optional[torch.Tensor] = None) -> Tuple[nn.Module, float]:
     """Fold ``model`` (left unchanged), save it to ``path``; return it and the max output difference."""
-    try:
-        from mabn.fold import fold_norms
-    except ImportError as exc:
-        raise UserError(f"--export_folded needs mabn.fold.fold_norms, which this mabn lacks ({exc})") from None
-    reference = copy.deepcopy(model).eval()
-    folded = fold_norms(reference)
-    if folded is None:  # an in-place implementation
-        folded = reference
-    folded.eval()
+    folded = fold_norms(model)  # an eval-mode copy
     difference = float("nan")
     if sample is not None:
         expected = copy.deepcopy(model).eval()(sample)

@@ -1,45 +1,53 @@
 """Train or evaluate a ResNet with small normalization batches (``docs/cls.md``).
 
 Runs as ``python -m torch.distributed.launch --nproc_per_node=8 train.py ...`` (from ``cls/``),
-``torchrun ... cls/train.py ...``, ``python cls/train.py ...`` or ``python -m cls.train ...``.
+``torchrun ... cls/train.py ...``, ``python cls/train.py ...`` or ``python -m cls.train ...``
+(the package is installed, so the working directory does not matter).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import math
 import os
+import random
 import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):
-    # Run as a file (cls/train.py): import the packages from the repository root, and keep this
-    # directory off sys.path so that cls/*.py never shadow top-level modules.
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == _HERE:
-        sys.path.pop(0)
-    sys.path.insert(0, os.path.dirname(_HERE))
+import numpy as np
+import torch
+from torch import nn
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
-import warnings  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from cls.checkpoint import (load_model_state, load_rank_buffers, read_checkpoint,  # noqa: E402
-                            resolve_checkpoint_path, restore_rng)
-from cls.config import parse_args, resolve  # noqa: E402
-from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loader,  # noqa: E402
-                      build_val_loader, open_image_folder)
-from cls.distributed import DistEnv, GradientAveraging, cleanup, setup  # noqa: E402
-from cls.engine import StopFlag, Trainer, TrainState  # noqa: E402
-from mabn.utils.errors import NonFiniteLossError, UserError, one_line  # noqa: E402
-from cls.metrics import Meter  # noqa: E402
-from cls.models import build_model  # noqa: E402
-from cls.norms import norm_choice  # noqa: E402
-from cls.run_log import RunLog  # noqa: E402
-from cls.transforms import TrainTransform, ValTransform  # noqa: E402
+from cls.checkpoint import CHECKPOINT_NAME, CheckpointWriter, flags_of, read_training_checkpoint
+from cls.config import parse_args, resolve
+from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loader, build_val_loader,
+                      open_image_folder)
+from cls.engine import EpochLogHook, Evaluator, Precision, Trainer, TrainState
+from cls.models import build_model
+from cls.norms import norm_choice_from_args
+from cls.resume import apply_optimizer_flags, compare_flags, restore_rank_state, restore_training_state
+from cls.run_log import LOGGER_NAME
+from cls.transforms import TrainTransform, ValTransform
+from mabn.utils.checkpoint import kept_message, load_model_state, resolve_checkpoint_path
+from mabn.utils.distributed import DistEnv, destroy_distributed, init_distributed, wrap_data_parallel
+from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
+from mabn.utils.lock import FolderLock
+from mabn.utils.run_log import RunLog
+from mabn.utils.signals import stop_on_signals
+from mabn.utils.train_loop import CheckpointHook, EvalHook, HookBase, LRSchedulerHook, StatisticsHook
 
 __all__ = ["main", "run"]
+
+
+@dataclass
+class Learner:
+    """The network and what updates it."""
+
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    precision: Precision
 
 
 def _seed_everything(seed: int) -> None:
@@ -48,8 +56,36 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _default_workers(env: DistEnv) -> int:
-    return min(8, max(1, (os.cpu_count() or 1) // max(env.local_world_size, 1)))
+def _on_rank0(env: DistEnv, action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 only; the :class:`UserError` it raises is raised on every rank."""
+    message = None
+    if env.is_main:
+        try:
+            action()
+        except UserError as exc:
+            message = str(exc)
+    message = env.broadcast_object(message)
+    if message is not None:
+        raise UserError(message)
+
+
+def _check_output_folder(args: argparse.Namespace) -> None:
+    """Never overwrite a run's checkpoint by accident: training into a --save that holds one
+    needs --checkpoint_dir on it (resume) or --overwrite (start over)."""
+    existing = os.path.join(args.save, CHECKPOINT_NAME)
+    if args.test_only or args.overwrite or not os.path.isfile(existing):
+        return
+    if args.checkpoint_dir is not None and os.path.samefile(resolve_checkpoint_path(args.checkpoint_dir), existing):
+        return
+    raise UserError(f"--save {args.save} already holds a checkpoint ({existing}); resume it with --checkpoint_dir "
+                    f"{args.save}, or pass --overwrite to start over")
+
+
+def _check_flags(args: argparse.Namespace, env: DistEnv) -> None:
+    resolve(args, env.world_size)
+    if args.workers is None:
+        args.workers = min(8, max(1, (os.cpu_count() or 1) // max(env.local_world_size, 1)))
+    _on_rank0(env, lambda: _check_output_folder(args))
 
 
 def _datasets(args: argparse.Namespace, env: DistEnv):
@@ -84,183 +120,160 @@ def _num_classes(args: argparse.Namespace, train, val) -> int:
     return args.num_classes
 
 
-def _install_sigterm(flag: StopFlag):
-    try:
-        return signal.signal(signal.SIGTERM, lambda signum, frame: flag.request("SIGTERM"))
-    except ValueError:  # not the main thread
+def _build_learner(args: argparse.Namespace, env: DistEnv):
+    norm = norm_choice_from_args(args)
+    network = build_model(args.arch, args.num_classes, norm, norm.conv).to(env.device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                                dampening=0.0, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args.lr_milestones), 0.1)
+    return Learner(network, optimizer, scheduler, Precision(args.amp, env.device)), norm
+
+
+def _resume(args: argparse.Namespace, env: DistEnv,
+            learner: Learner) -> Tuple[Optional[str], Optional[dict], TrainState, list]:
+    """(checkpoint path, checkpoint, training state, log lines about changed flags)."""
+    if args.checkpoint_dir is None:
+        return None, None, TrainState(), []
+    path, checkpoint = read_training_checkpoint(args.checkpoint_dir, args.trust_checkpoint)
+    flags = flags_of(args)
+    changes = compare_flags(checkpoint, path, flags, env.world_size, args.test_only)
+    load_model_state(learner.network, checkpoint["model"], path, hint="another --arch, --norm or --num_classes?")
+    if args.test_only:
+        return path, checkpoint, TrainState(), changes.lines
+    state = restore_training_state(checkpoint, path, learner.optimizer, learner.scheduler, learner.precision,
+                                   args.iters_per_epoch)
+    apply_optimizer_flags(learner.optimizer, learner.scheduler, flags, changes.applied)
+    return path, checkpoint, state, changes.lines
+
+
+def _lock_output_folder(stack: contextlib.ExitStack, save: str, env: DistEnv) -> None:
+    lock = FolderLock(save, "--save")
+    stack.callback(lock.release)
+    _on_rank0(env, lock.acquire)
+
+
+def _log_header(log: RunLog, args: argparse.Namespace, env: DistEnv, norm, resume_lines) -> None:
+    log.info(str(argparse.Namespace(**flags_of(args))))
+    if args.config:
+        log.info(f"config {args.config}: {', '.join(args.from_config) or 'nothing'} from the file; "
+                 f"command line: {', '.join(a for a in args.explicit if a != 'config') or 'nothing'}")
+    for line in resume_lines:
+        log.info(line)
+    log.info(f"{env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'}), "
+             f"{args.per_gpu_batch} images per process, {args.arch} with {norm.describe()}, "
+             f"{args.num_classes} classes")
+    print(f"rank {env.rank:d}: load data successfully", flush=True)
+
+
+def _statistics_hook(args: argparse.Namespace, env: DistEnv, network: nn.Module, trainer: Trainer,
+                     stack: contextlib.ExitStack) -> Optional[HookBase]:
+    if not (args.record_statistics and env.is_main):
         return None
+    from cls.bn_statistics import StatisticsRecorder, statistics_dir
 
-
-def run(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    env = setup(args.device, args.local_rank)
-    stop_flag = StopFlag()
-    previous_handler = _install_sigterm(stop_flag)
-    log: Optional[RunLog] = None
-    recorder = None
+    group = args.per_gpu_batch if args.norm == "syncbn" else args.norm_batch
     try:
-        resolve(args, env.world_size)
-        if args.workers is None:
-            args.workers = _default_workers(env)
-        _seed_everything(args.seed)
-
-        # Inputs first: nothing is written to --save before they all check out.
-        train_folder, val_folder = _datasets(args, env)
-        args.num_classes = _num_classes(args, train_folder, val_folder)
-        norm = norm_choice(args.norm, args.per_gpu_batch, args.norm_batch, args.ma_batch, args.warmup_iters,
-                           args.gn_groups)
-        model = build_model(args.arch, args.num_classes, norm, norm.conv).to(env.device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                    dampening=0.0, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args.lr_milestones), 0.1)
-        scaler = torch.amp.GradScaler("cuda") if args.amp and env.device.type == "cuda" else None
-        state = TrainState()
-        checkpoint = None
-        if args.checkpoint_dir is not None:
-            path = resolve_checkpoint_path(args.checkpoint_dir)
-            checkpoint = read_checkpoint(path)
-            load_model_state(model, checkpoint["model"], path)
-            if not args.test_only:
-                state = _restore_training_state(args, env, checkpoint, optimizer, scheduler, scaler, path)
-
-        log = RunLog(args.save, env.is_main, env.rank, file_log=True, tensorboard=not args.test_only)
-        log.info(str(argparse.Namespace(**{k: v for k, v in sorted(vars(args).items())
-                                            if k not in ("explicit", "from_config")})))
-        if args.config:
-            log.info(f"config {args.config}: {', '.join(args.from_config) or 'nothing'} from the file; "
-                     f"command line: {', '.join(a for a in args.explicit if a != 'config') or 'nothing'}")
-        log.info(f"{env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'}), "
-                 f"{args.per_gpu_batch} images per process, {args.arch} with {norm.describe()}, "
-                 f"{args.num_classes} classes")
-        print(f"rank {env.rank:d}: load data successfully", flush=True)
-
-        wrapped = model
-        if env.distributed and not args.test_only and env.device.type == "cpu" and args.norm == "syncbn":
-            # DDP rejects SyncBatchNorm layers in CPU modules; average the gradients explicitly.
-            wrapped = GradientAveraging(model, env.world_size)
-            _restore_rank_state(env, checkpoint, model, log)
-        elif env.distributed and not args.test_only:
-            with warnings.catch_warnings():
-                # Recent torch deprecates broadcast_buffers in favour of forward_sync_buffers, which
-                # still syncs buffers at init; rank-local buffers need broadcast_buffers=False.
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                wrapped = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                    broadcast_buffers=False)
-            _restore_rank_state(env, checkpoint, model, log)
-        elif checkpoint is not None and not args.test_only:
-            _restore_rank_state(env, checkpoint, model, log)
-
-        val_loader = build_val_loader(AugmentedImageFolder(val_folder, ValTransform(args.image_size)),
-                                      args.val_batch_size, env.rank, env.world_size, args.workers, env.device)
-        train_loader = sampler = None
-        if not args.test_only:
-            sampler = TrainBatchSampler(len(train_folder), args.per_gpu_batch, args.iters_per_epoch, env.rank,
-                                        env.world_size, args.seed)
-            train_loader = build_train_loader(AugmentedImageFolder(train_folder, TrainTransform(args.image_size)),
-                                              sampler, args.workers, env.device)
-            if args.record_statistics and env.is_main:
-                from cls.bn_statistics import StatisticsRecorder, statistics_dir
-
-                group = args.per_gpu_batch if args.norm == "syncbn" else args.norm_batch
-                try:
-                    recorder = StatisticsRecorder(model, statistics_dir(args.save, args.per_gpu_batch, args.norm_batch),
-                                                  group, args.stat_channel, args.stat_interval)
-                except ValueError as exc:
-                    raise UserError(str(exc)) from None
-
-        trainer = Trainer(args, env, model, wrapped, optimizer, scheduler, scaler, log, state, train_loader, sampler,
-                          val_loader, recorder, stop_flag)
-        if not args.test_only:
-            if state.epoch >= args.total_epoch:
-                log.info(f"the checkpoint has already completed {state.epoch} >= --total_epoch {args.total_epoch} epochs")
-            elif not trainer.train():
-                return 0
-        if recorder is not None:  # remove the hooks before evaluation and export
-            recorder.close()
-            recorder = None
-        trainer.evaluate(step=state.epoch if not args.test_only else None)
-        if args.export_folded and env.is_main:
-            _export(args, model, val_loader, env, log)
-        env.barrier()
-        return 0
-    finally:
-        if recorder is not None:
-            recorder.close()
-        if log is not None:
-            log.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        cleanup(env)
+        recorder = StatisticsRecorder(network, statistics_dir(args.save, args.per_gpu_batch, args.norm_batch),
+                                      group, args.stat_channel, args.stat_interval)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    stack.callback(recorder.close)
+    return StatisticsHook(recorder, lambda: trainer.step_grad_scale)
 
 
-def _restore_training_state(args, env: DistEnv, checkpoint: dict, optimizer, scheduler, scaler, path: str) -> TrainState:
-    """Optimizer, scheduler, position and meters from ``checkpoint`` (published keys suffice)."""
-    state = TrainState()
+def _train(args: argparse.Namespace, env: DistEnv, learner: Learner, state: TrainState,
+           resumed: Tuple[Optional[str], Optional[dict]], train_folder, evaluator: Evaluator, log: RunLog,
+           stack: contextlib.ExitStack) -> bool:
+    """Train to --total_epoch; False when stopped by a signal (after saving)."""
+    network = learner.network
+    wrapped = wrap_data_parallel(network, env)
+    restore_rank_state(resumed[1], resumed[0], network, env)
+    sampler = TrainBatchSampler(len(train_folder), args.per_gpu_batch, args.iters_per_epoch, env.rank,
+                                env.world_size, args.seed)
+    loader = build_train_loader(AugmentedImageFolder(train_folder, TrainTransform(args.image_size)), sampler,
+                                args.workers, env.device)
+    trainer = Trainer(wrapped, learner.optimizer, loader, env, args.iters_per_epoch, state, learner.precision)
+    save = CheckpointWriter(args.save, network, trainer, learner.scheduler, learner.precision, flags_of(args), log)
+    epoch_end = lambda t: t.epoch_finished  # noqa: E731
+    trainer.register_hooks([
+        _statistics_hook(args, env, network, trainer, stack),
+        EpochLogHook(log, network, args.log_interval),  # before the scheduler: it logs the epoch's rate
+        LRSchedulerHook(learner.scheduler, epoch_end),
+        CheckpointHook(save, lambda t: t.epoch_finished and (state.epoch % args.save_interval == 0
+                                                             or state.epoch == args.total_epoch)),
+        EvalHook(lambda: evaluator(step=state.epoch),
+                 lambda t: t.epoch_finished and args.eval_interval > 0 and state.epoch % args.eval_interval == 0),
+    ])
+    if state.epoch >= args.total_epoch:
+        log.info(f"the checkpoint has already completed {state.epoch} >= --total_epoch {args.total_epoch} epochs")
+        return True
     try:
-        if "optimizer" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scheduler" in checkpoint:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"checkpoint {path}: the optimizer/scheduler state does not fit ({exc})") from None
-    if scaler is not None and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    state.epoch = int(checkpoint.get("epoch", checkpoint.get("iteration", 0)))
-    state.step_in_epoch = int(checkpoint.get("step_in_epoch", 0))
-    if state.step_in_epoch and checkpoint.get("iters_per_epoch") != args.iters_per_epoch:
-        raise UserError(f"checkpoint {path} stopped inside an epoch of {checkpoint.get('iters_per_epoch')} iterations; "
-                        f"resume it with --iters_per_epoch {checkpoint.get('iters_per_epoch')}")
-    state.global_step = int(checkpoint.get("global_step", state.epoch * args.iters_per_epoch + state.step_in_epoch))
-    state.meter = Meter()
-    state.meter.load_state_dict(checkpoint.get("meter", {}))
-    return state
+        with stop_on_signals(trainer.stop_flag):
+            finished = trainer.train_epochs(args.total_epoch)
+    except NonFiniteLossError as exc:
+        raise NonFiniteLossError(f"{exc}; training stopped, {kept_message(save.path)} "
+                                 f"(lower --learning_rate?)") from None
+    if not finished:
+        where = (f"at epoch {state.epoch + 1}, iteration {state.step_in_epoch}/{args.iters_per_epoch}"
+                 if state.step_in_epoch else f"at the end of epoch {state.epoch}")
+        log.info(f"{trainer.stop_flag.signal_name} received: saved {save.path} {where}; "
+                 f"resume with --checkpoint_dir {save.path}")
+    return finished
 
 
-def _restore_rank_state(env: DistEnv, checkpoint: Optional[dict], model: torch.nn.Module, log: RunLog) -> None:
-    """This rank's buffers and RNG states (after DDP construction, which may broadcast rank 0's)."""
-    if checkpoint is None:
-        return
-    rank_states = checkpoint.get("rank_states")
-    if rank_states and len(rank_states) == env.world_size:
-        own = rank_states[env.rank]
-        load_rank_buffers(model, own["buffers"])
-        restore_rng(own["rng"], env.device)
-    elif rank_states:
-        log.warning(f"the checkpoint holds the buffers of {len(rank_states)} processes, this run has "
-                    f"{env.world_size}: every process starts from rank 0's buffers")
-
-
-def _export(args, model, val_loader, env: DistEnv, log: RunLog) -> None:
+def _export(args: argparse.Namespace, network: nn.Module, val_loader, env: DistEnv, log: RunLog) -> None:
     from cls.export import export_folded
 
     sample = next(iter(val_loader))[0][:8].to(env.device)
-    _, difference = export_folded(model, args.export_folded, sample)
+    try:
+        _, difference = export_folded(network, args.export_folded, sample)
+    except OSError as exc:
+        raise UserError(f"--export_folded {args.export_folded}: cannot write ({exc.strerror or exc}); the "
+                        f"checkpoint in --save is complete: rerun with --test_only --checkpoint_dir {args.save} "
+                        f"to export") from None
     log.info(f"exported the folded model to {args.export_folded} (max |output difference| {difference:.3g})")
 
 
-def _report(error: BaseException) -> None:
-    """``error: <one line>`` on stderr (``error (rank N): ...`` on the other ranks of a launch)."""
-    rank = os.environ.get("RANK", "0")
-    prefix = "error" if rank in ("", "0") else f"error (rank {rank})"
-    print(f"{prefix}: {one_line(error)}", file=sys.stderr, flush=True)
+def _run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> int:
+    # Inputs first: nothing is written to --save before they all check out.
+    _check_flags(args, env)
+    _seed_everything(args.seed)
+    train_folder, val_folder = _datasets(args, env)
+    args.num_classes = _num_classes(args, train_folder, val_folder)
+    learner, norm = _build_learner(args, env)
+    checkpoint_path, checkpoint, state, resume_lines = _resume(args, env, learner)
+
+    _lock_output_folder(stack, args.save, env)
+    log = stack.enter_context(RunLog(args.save, env.is_main, env.rank, logger_name=LOGGER_NAME,
+                                     tensorboard_dir=None if args.test_only else "tb", progress=args.progress))
+    _log_header(log, args, env, norm, resume_lines)
+    val_loader = build_val_loader(AugmentedImageFolder(val_folder, ValTransform(args.image_size)),
+                                  args.val_batch_size, env.rank, env.world_size, args.workers, env.device)
+    evaluator = Evaluator(learner.network, val_loader, env, learner.precision, log)
+    if not args.test_only and not _train(args, env, learner, state, (checkpoint_path, checkpoint), train_folder,
+                                         evaluator, log, stack):
+        return 0
+    result = evaluator(step=None if args.test_only else state.epoch)
+    if not math.isfinite(result.loss):
+        raise NonFiniteLossError(f"non-finite validation loss ({result.loss}); the model is not usable")
+    if args.export_folded and env.is_main:
+        _export(args, learner.network, val_loader, env, log)
+    env.barrier()
+    return 0
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv``, then train and/or evaluate; 0 on success or a clean stop on a signal."""
+    args = parse_args(argv)
+    env = init_distributed(args.device, args.local_rank)
+    with contextlib.ExitStack() as stack:
+        stack.callback(destroy_distributed, env)
+        return _run(args, env, stack)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: 0 on success (or a clean stop on SIGTERM), 2 on bad input, 3 on a NaN/Inf loss."""
-    try:
-        return run(argv)
-    except NonFiniteLossError as exc:
-        _report(exc)
-        return 3
-    except UserError as exc:
-        _report(exc)
-        return 2
-    except RuntimeError as exc:  # a DataLoader worker's CorruptImageError may arrive re-wrapped
-        if "CorruptImageError" in str(exc):
-            _report(exc)
-            return 2
-        raise
+    """Entry point: 0 on success (or a clean stop on SIGTERM/SIGINT), 2 on bad input, 3 on NaN/Inf."""
+    return run_cli(lambda: run(argv))
 
 
 if __name__ == "__main__":

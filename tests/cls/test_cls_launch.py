@@ -47,7 +47,7 @@ def test_two_process_gloo_run_then_test_only(two_rank_run):
     save, result = two_rank_run
     assert "2 process(es) on cpu (gloo), 8 images per process" in result.stdout
     assert result.stdout.count("TRAIN Epoch") == 2
-    checkpoint = torch.load(save / "checkpoint.pth", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(save / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["world_size"] == 2
     tested = torchrun(2, [*ISSUE_RUN, "--save", str(save), "--test_only", "--checkpoint_dir",
                           str(save / "checkpoint.pth")])
@@ -58,7 +58,7 @@ def test_two_process_gloo_run_then_test_only(two_rank_run):
 
 def test_per_rank_mabn_buffers_differ(two_rank_run):
     save, _ = two_rank_run
-    checkpoint = torch.load(save / "checkpoint.pth", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(save / "checkpoint.pth", map_location="cpu", weights_only=True)
     rank0, rank1 = (state["buffers"] for state in checkpoint["rank_states"])
     mabn_keys = [k for k in rank0 if k.endswith("buffer_x2")]
     assert len(mabn_keys) == 21
@@ -75,7 +75,7 @@ def test_syncbn_statistics_agree_across_ranks(tmp_path):
             "--iters_per_epoch", "2", "--workers", "0", "--no-progress", *TINY_DATA, "--save", str(tmp_path)]
     result = torchrun(2, argv)
     assert result.returncode == 0, describe(result)
-    checkpoint = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
     rank0, rank1 = (state["buffers"] for state in checkpoint["rank_states"])
     keys = [k for k in rank0 if k.endswith("running_mean")]
     assert len(keys) == 21
@@ -126,5 +126,5 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
             process.kill()
     assert process.returncode == 0, err
     assert re.search(r"SIGTERM received: saved .*checkpoint\.pth at epoch 1, iteration \d+/100000", out), out
-    checkpoint = torch.load(Path(tmp_path) / "checkpoint.pth", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(Path(tmp_path) / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 0 and checkpoint["step_in_epoch"] >= 1

@@ -1,33 +1,37 @@
-"""Launcher environment, device and process group.
+"""Launcher environment, device, process group and data-parallel wrapping.
 
 Works under ``python -m torch.distributed.launch`` (``--local-rank=N`` on the command line and
 ``LOCAL_RANK`` in the environment), ``torchrun`` (environment only), multi-node launches and a
-plain ``python cls/train.py`` (one process, no process group). The backend is NCCL on CUDA and
-gloo on CPU.
+plain ``python train.py`` (one process, no process group). The backend is NCCL on CUDA and gloo
+on CPU.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from mabn.utils.errors import UserError
 
-__all__ = ["DistEnv", "GradientAveraging", "setup", "cleanup"]
+__all__ = ["DistEnv", "GradientAveraging", "init_distributed", "destroy_distributed", "wrap_data_parallel"]
 
 
 @dataclass
 class DistEnv:
+    """Where this process runs: its rank, the world, its device and the backend (None: no group)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
-    backend: Optional[str] = None  # None: no process group (single process)
+    backend: Optional[str] = None
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +62,7 @@ class DistEnv:
         return gathered
 
     def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
             return obj
         box = [obj]
@@ -70,8 +75,26 @@ def _env_int(name: str) -> Optional[int]:
     return int(value) if value not in (None, "") else None
 
 
-def setup(device: str = "auto", local_rank_flag: Optional[int] = None, timeout_s: float = 1800.0) -> DistEnv:
-    """Read the launcher's environment, pick the device and initialize the process group."""
+def _device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available (use --device cpu or auto)")
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} CUDA devices")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto", local_rank_flag: Optional[int] = None,
+                     timeout_s: float = 1800.0) -> DistEnv:
+    """Read the launcher's environment, pick the device and initialize the process group.
+
+    ``local_rank_flag`` is the ``--local_rank`` of ``torch.distributed.launch``; ``LOCAL_RANK``
+    wins when both are present.
+    """
     world_size = _env_int("WORLD_SIZE") or 1
     rank = _env_int("RANK") or 0
     local_rank = _env_int("LOCAL_RANK")
@@ -81,19 +104,7 @@ def setup(device: str = "auto", local_rank_flag: Optional[int] = None, timeout_s
     launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ and _env_int("WORLD_SIZE") is not None
     if world_size > 1 and not launched:
         raise UserError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun")
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but CUDA is not available (use --device cpu or auto)")
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} CUDA devices")
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-    else:
-        torch_device = torch.device("cpu")
-
+    torch_device = _device(device, local_rank)
     backend = None
     if launched:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
@@ -105,12 +116,12 @@ def setup(device: str = "auto", local_rank_flag: Optional[int] = None, timeout_s
                    local_world_size=local_world_size, device=torch_device, backend=backend)
 
 
-def cleanup(env: DistEnv) -> None:
+def destroy_distributed(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
-class GradientAveraging(torch.nn.Module):
+class GradientAveraging(nn.Module):
     """Data parallelism without DDP: forward as the wrapped module; after the backward,
     :meth:`average_gradients` all-reduces every gradient (one flat buffer) and divides by the world
     size, which is what DDP does.
@@ -120,7 +131,7 @@ class GradientAveraging(torch.nn.Module):
     Buffers are never synchronized (as with ``broadcast_buffers=False``).
     """
 
-    def __init__(self, module: torch.nn.Module, world_size: int):
+    def __init__(self, module: nn.Module, world_size: int):
         super().__init__()
         self.module = module
         self.world_size = world_size
@@ -143,3 +154,19 @@ class GradientAveraging(torch.nn.Module):
         for grad in grads:
             grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
             offset += grad.numel()
+
+
+def wrap_data_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
+    """``model`` for training on every rank: itself in one process, else DDP with rank-local
+    buffers (``broadcast_buffers=False``), or :class:`GradientAveraging` for SyncBatchNorm on CPU,
+    which DDP refuses. Call ``average_gradients()`` after the backward when the result has it."""
+    if not env.distributed:
+        return model
+    if env.device.type == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return GradientAveraging(model, env.world_size)
+    with warnings.catch_warnings():
+        # Recent torch deprecates broadcast_buffers in favour of forward_sync_buffers, which still
+        # syncs buffers at init; rank-local buffers need broadcast_buffers=False.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False)
