@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+import mabn
 from cls.metrics import Meter, label_smoothing_loss, topk_correct
 from cls.run_log import test_line, train_line
 from mabn.utils.distributed import DistEnv
@@ -26,7 +27,7 @@ from mabn.utils.run_log import RunLog
 from mabn.utils.signals import StopFlag
 from mabn.utils.train_loop import HookBase, TrainerBase
 
-__all__ = ["TrainState", "Precision", "Trainer", "Evaluator", "EpochLogHook", "skipped_statistics_updates"]
+__all__ = ["TrainState", "Precision", "Trainer", "Evaluator", "EpochLogHook"]
 
 
 @dataclass
@@ -150,12 +151,6 @@ class Trainer(TrainerBase):
             self._batches = None
 
 
-def skipped_statistics_updates(model: nn.Module) -> int:
-    """Sum of the norms' ``skipped_updates`` counters (statistics updates a layer refused, e.g.
-    for a non-finite batch); 0 for a model without them."""
-    return int(sum(int(b) for name, b in model.named_buffers() if name.endswith("skipped_updates")))
-
-
 class EpochLogHook(HookBase):
     """Training scalars every ``log_interval`` steps; at the end of an epoch the published TRAIN
     line (with the rate used during the epoch: register before the scheduler hook), the epoch
@@ -180,8 +175,7 @@ class EpochLogHook(HookBase):
         self.log.scalars({"epoch/train_loss": meter.loss, "epoch/train_top1_err": meter.top1_err,
                           "epoch/train_top5_err": meter.top5_err, "epoch/lr": lr}, epoch)
         if any(name.endswith("skipped_updates") for name, _ in self.network.named_buffers()):
-            local = torch.tensor(float(skipped_statistics_updates(self.network)), dtype=torch.float64,
-                                 device=trainer.env.device)
+            local = mabn.skipped_updates(self.network).to(trainer.env.device, torch.float64)
             skipped = int(trainer.env.all_reduce_sum(local).item())
             self.log.info(f"Epoch {epoch}: {skipped} statistics updates skipped so far (non-finite batches, "
                           f"summed over layers and processes)")
