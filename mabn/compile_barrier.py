@@ -31,5 +31,5 @@ def _(tensors):
 def saved_for_backward(*tensors: Tensor) -> List[Tensor]:
     """``tensors`` without gradient; under ``torch.compile``, copies that the compiled backward
     saves rather than recomputes."""
-    detached = [t.detach() for t in tensors]
+    detached = [t.detach() if t.requires_grad else t for t in tensors]
     return _copies(detached) if torch.compiler.is_compiling() else detached

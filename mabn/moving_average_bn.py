@@ -55,120 +55,145 @@ __all__ = ["MABN1d", "MABN2d", "MABN3d"]
 
 
 
+def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
+    """Mean of ``x ** 2`` per channel, (C,), or per group and channel, (G, C), in the dtype of
+    ``zeros`` (the statistics dtype).
+
+    BN's backward reduction ``sum(dy * (x - mean) * invstd)`` with ``dy = x``, ``mean = 0`` and
+    ``invstd = 1 / count`` is this mean in one fast kernel, accumulated in float32 or wider
+    for every input dtype (a strided ``vector_norm`` over (N, *) is several times slower on CPU).
+    """
+    batch, channels = x.shape[0], x.shape[1]
+    count = x.numel() // (groups * channels)
+    if groups == 1:
+        planes, shape = x, (channels,)
+    else:
+        planes, shape = x.reshape(1, batch * channels, -1), (batch * channels,)
+        zeros = zeros.new_zeros(shape)
+    inv_count = zeros.new_full(shape, 1.0 / count)
+    moments = torch.ops.aten.native_batch_norm_backward(
+        planes, planes, None, None, None, zeros, inv_count, True, 0.0, [False, True, False])[1]
+    return moments if groups == 1 else moments.view(groups, -1, channels).sum(dim=1)
+
+
 def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, Tensor]:
     """Apply the statistic rule to a stream of per-group values.
 
-    ``window`` (W, C) holds the last W values of the stream, oldest first; ``values`` (G, C) are
-    the next G values. Returns the value to use for each group (its own where ``use_own``, else
-    the mean of the W values ending at it) and the window after appending ``values``.
+    ``window`` (W, C) holds the last W values of the stream, oldest first; ``values`` are the
+    next G values, (G, C), or (C,) for one group. Returns the value to use for each group (its
+    own where ``use_own``, else the mean of the W values ending at it), shaped like ``values``,
+    and the window after appending them.
     """
     size = window.shape[0]
-    stream = torch.cat([window, values.to(window.dtype)], dim=0)
-    moving = stream.unfold(0, size, 1)[1:].mean(dim=-1)
-    return torch.where(use_own, values, moving), stream[-size:]
+    if values.dim() == 1:
+        stream = torch.cat([window, values.unsqueeze(0)])
+        new_window = stream[1:]
+        moving = new_window.mean(dim=0)
+    else:
+        stream = torch.cat([window, values])
+        new_window = stream[values.shape[0]:]
+        moving = stream.unfold(0, size, 1)[1:].mean(dim=-1)
+    return torch.where(use_own, values, moving), new_window
 
 
 def _per_sample(per_group: Tensor, batch: int) -> Tensor:
-    """(G, C) group coefficients as a (1 or N, C, 1) tensor that broadcasts over (N, C, S)."""
+    """(G, C) group coefficients as a (N, C, 1) tensor that broadcasts over (N, C, S)."""
     groups, channels = per_group.shape
-    if groups == 1:
-        return per_group.view(1, channels, 1)
     return per_group.unsqueeze(1).expand(groups, batch // groups, channels).reshape(batch, channels, 1)
 
 
-def _scale_shift(x: Tensor, scale: Tensor, shift: Optional[Tensor], out: Tensor) -> Tensor:
-    """``out = x * scale + shift`` for (N, C, S) ``x`` and coefficients broadcasting over S.
-
-    ``out`` may be a view of a tensor of another shape: writing through it lets a custom
-    Function return a fresh (non-view) tensor, so in-place ops downstream (``ReLU(inplace=True)``)
-    need no CopySlices. A broadcast multiply then an in-place add is faster on CPU than
-    ``addcmul``.
-    """
-    torch.mul(x, scale, out=out)
-    if shift is not None:
-        out.add_(shift)
-    return out
-
-
-def _plane_sums(grad: Tensor, planes: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per plane ``sum(grad * planes)`` and ``sum(grad)`` in one pass (BN's backward reductions)."""
-    ones = planes.new_ones(planes.shape[1])
-    _, grad_x_sums, grad_sums = torch.ops.aten.native_batch_norm_backward(
-        grad, planes, None, torch.zeros_like(ones), ones, None, None, False, 0.0, [False, True, True])
-    return grad_x_sums, grad_sums
-
-
 @torch.no_grad()
-def _advance_forward_statistics(x: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
-                                groups_seen: Tensor, chi_window: Tensor, groups: int, warmup_iters: int,
-                                r_warmup_iters: int, eps: float, momentum: float,
-                                r_max: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """One training forward's statistics: returns ``u = r / sqrt(chi + eps)``, ``1 / (chi + eps)``
-    (both (G, C)) and the own-statistic mask (G, 1), and advances the buffers in place."""
-    step = num_batches_tracked + 1
-    window = chi_window.shape[0]
-    group_index = groups_seen + torch.arange(1, groups + 1, device=x.device)
-    use_own = ((step < warmup_iters) | (group_index <= window)).unsqueeze(1)
+def _advance_forward_statistics(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                                num_batches_tracked: Tensor, groups_seen: Tensor, chi_window: Tensor,
+                                groups: int, warmup_iters: int, r_warmup_iters: int, eps: float,
+                                momentum: float, r_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One training forward's statistics; advances the buffers in place.
 
-    stat_dtype = statistics_dtype(x.dtype)
-    sample_x2 = torch.linalg.vector_norm(x, dim=2, dtype=stat_dtype).square() / x.shape[2]
-    chi = sample_x2.view(groups, -1, x.shape[1]).mean(dim=1).to(chi_window.dtype)
+    Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
+    denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``,
+    ``chi + eps``, and the own-statistic mask (0-dim or (G, 1)).
+    """
+    window = chi_window.shape[0]
+    chi = _second_moments(x, groups, running_mean)
+    if groups == 1:
+        limit = window
+    else:
+        limit = torch.arange(window, window - groups, -1, device=x.device).unsqueeze(1)
+    use_own = (groups_seen < limit) | (num_batches_tracked < warmup_iters - 1)
     chi_used, new_window = _windowed(chi_window, chi, use_own)
 
-    std = (chi_used + eps).sqrt()
-    r = (std / (running_var + eps).sqrt()).clamp(1.0 / r_max, r_max)
-    r = torch.where(step > r_warmup_iters, r, 1.0)
+    # r = sqrt(chi_plus_eps / (running_var + eps)) clamped to [1/r_max, r_max], so
+    # var = chi_plus_eps / r ** 2 is running_var + eps clamped to chi_plus_eps * [1/r_max^2, r_max^2]
+    chi_plus_eps = chi_used + eps
+    var = torch.clamp(running_var + eps, chi_plus_eps * (1.0 / r_max ** 2), chi_plus_eps * r_max ** 2)
+    var = torch.where(num_batches_tracked >= r_warmup_iters, var, chi_plus_eps)
 
-    running_var.mul_(momentum).add_(chi_used.mean(dim=0), alpha=1.0 - momentum)
+    running_var.lerp_(chi_used if groups == 1 else chi_used.mean(dim=0), 1.0 - momentum)
     chi_window.copy_(new_window)
-    num_batches_tracked.add_(1)
-    groups_seen.add_(groups)
-    return tuple(saved_for_backward(r / std, 1.0 / (chi_used + eps), use_own))
+    torch._foreach_add_([num_batches_tracked, groups_seen], [1, groups])
+    return tuple(saved_for_backward(var, var.rsqrt(), chi_plus_eps, use_own))
 
 
 class _MABNFunction(torch.autograd.Function):
     """``y = weight * u * x + bias`` with MABN's moving-average backward.
 
-    ``x`` is (N, C, *); the work is done on its (N, C, S) view with coefficients per group
-    broadcast to its samples, so each step is one vectorized kernel. ``u = r / sqrt(chi + eps)``
-    and ``inv_var = 1 / (chi + eps)`` are per group (G, C) and constants. The backward averages
-    ``psi`` over the window in ``psi_window`` (updated in place) and returns the input, weight
-    and bias gradients.
+    ``u = r / sqrt(chi + eps) = 1 / sqrt(var)`` and ``chi + eps`` are constants per channel
+    (C,) for one group, or per group (G, C). With one group, the forward is BN's inference
+    kernel with variance ``var`` and mean 0, and the backward is BN's inference backward for
+    ``dy * weight * u`` plus BN's reductions for the weight and bias gradients. With several
+    groups the (N, C, S) view is scaled by per-sample coefficients. The backward averages
+    ``psi`` over the window in ``psi_window`` (updated in place).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, u: Tensor, inv_var: Tensor,
-                use_own: Tensor, psi_window: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, zeros: Tensor, var: Tensor, u: Tensor,
+                chi_plus_eps: Tensor, use_own: Tensor, psi_window: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window)
+        if var.dim() == 1:
+            return torch.native_batch_norm(x, weight, bias, zeros, var, False, 0.0, 0.0)[0]
         compute_dtype = statistics_dtype(x.dtype)
-        x3 = x.to(compute_dtype).reshape(x.shape[0], x.shape[1], -1)
+        batch = x.shape[0]
+        x3 = x.to(compute_dtype).reshape(batch, x.shape[1], -1)
         y = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
-        _scale_shift(x3, _per_sample((weight * u).to(compute_dtype), x.shape[0]),
-                     bias.to(compute_dtype).view(1, -1, 1), y.view(x3.shape))
-        ctx.save_for_backward(x, weight, u, inv_var, use_own, psi_window)
+        torch.addcmul(bias.to(compute_dtype).view(1, -1, 1), x3,
+                      _per_sample((weight * u).to(compute_dtype), batch), out=y.view(x3.shape))
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, u, inv_var, use_own, psi_window = ctx.saved_tensors
-        compute_dtype = statistics_dtype(x.dtype)
-        batch, channels, groups = x.shape[0], x.shape[1], u.shape[0]
-        x3 = x.to(compute_dtype).reshape(batch, channels, -1)
-        grad = grad_out.to(compute_dtype).reshape(x3.shape)
-
-        grad_x_sums, grad_sums = _plane_sums(grad.view(1, -1, x3.shape[2]), x3.view(1, -1, x3.shape[2]))
-        dy_x = grad_x_sums.view(groups, -1, channels).sum(dim=1).to(u.dtype)
-        grad_weight = (dy_x * u).sum(dim=0)
-        grad_bias = grad_sums.view(batch, channels).sum(dim=0)
-        scale = weight * u
-        psi = scale * dy_x / ((batch // groups) * x3.shape[2])
-        psi_used, new_window = _windowed(psi_window, psi, use_own)
+        x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window = ctx.saved_tensors
+        batch, channels = x.shape[0], x.shape[1]
+        count = x.numel() // (channels * (1 if var.dim() == 1 else var.shape[0]))
+        if var.dim() == 1:
+            grad_x = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, zeros, var, None, None, False, 0.0, [True, False, False])[0]
+            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, None, None, None, zeros, u, True, 0.0, [False, True, True])
+            psi = torch.addcmul(zeros, grad_weight, weight, value=1.0 / count)
+            psi_used, new_window = _windowed(psi_window, psi, use_own)
+            coefficient = (psi_used / chi_plus_eps).view((channels,) + (1,) * (x.dim() - 2))
+            grad_x.addcmul_(x, coefficient, value=-1.0)
+        else:
+            compute_dtype = statistics_dtype(x.dtype)
+            x3 = x.to(compute_dtype).reshape(batch, channels, -1)
+            grad = grad_out.to(compute_dtype).reshape(x3.shape)
+            planes = (1, batch * channels, x3.shape[2])
+            _, grad_x_sums, grad_sums = torch.ops.aten.native_batch_norm_backward(
+                grad.view(planes), x3.view(planes), None, None, None, zeros.new_zeros(planes[1]),
+                _per_sample(u, batch).view(-1), True, 0.0, [False, True, True])
+            per_group = grad_x_sums.view(u.shape[0], -1, channels).sum(dim=1)
+            grad_weight = per_group.sum(dim=0)
+            grad_bias = grad_sums.view(batch, channels).sum(dim=0)
+            scale = weight * u
+            psi_used, new_window = _windowed(psi_window, per_group * weight * (1.0 / count), use_own)
+            grad_x = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
+            torch.mul(grad, _per_sample(scale.to(compute_dtype), batch), out=grad_x.view(x3.shape))
+            grad_x.view(x3.shape).addcmul_(x3, _per_sample((psi_used / chi_plus_eps).to(compute_dtype), batch),
+                                           value=-1.0)
+            grad_x = grad_x.to(x.dtype)
         psi_window.copy_(new_window)
-
-        grad_x = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
-        grad_x3 = _scale_shift(grad, _per_sample(scale.to(compute_dtype), batch), None, grad_x.view(x3.shape))
-        grad_x3.addcmul_(x3, _per_sample((-psi_used * inv_var).to(compute_dtype), batch))
-        return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
-                None, None, None, None)
+        return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
+                None, None, None, None, None, None)
 
 
 class _MovingAverageBatchNorm(_BatchNorm):
@@ -253,12 +278,12 @@ class _MovingAverageBatchNorm(_BatchNorm):
         if not self.training:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
-        x = input.reshape(input.shape[0], input.shape[1], -1)
-        groups = count_groups(type(self).__name__, self.B if self.split_batch else None, x.shape[0])
-        u, inv_var, use_own = _advance_forward_statistics(
-            x, self.running_var, self.num_batches_tracked, self.groups_seen, self.buffer_x2,
-            groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
-        return _MABNFunction.apply(input, self.weight, self.bias, u, inv_var, use_own, self.buffer_gz)
+        groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
+        var, u, chi_plus_eps, use_own = _advance_forward_statistics(
+            input, self.running_mean, self.running_var, self.num_batches_tracked, self.groups_seen,
+            self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
+        return _MABNFunction.apply(input, self.weight, self.bias, self.running_mean, var, u, chi_plus_eps,
+                                   use_own, self.buffer_gz)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
