@@ -68,6 +68,9 @@ def _check_supported(cfg: CfgNode) -> None:
            f"MODEL.RPN.ANCHOR_SIZES {tuple(model.RPN.ANCHOR_SIZES)}: one size per FPN level, {len(FPN_STRIDES)} in all")
     _check(model.ROI_BOX_HEAD.PREDICTOR in ("FPNPredictor", "FastRCNNPredictor"),
            f"MODEL.ROI_BOX_HEAD.PREDICTOR {model.ROI_BOX_HEAD.PREDICTOR!r}: use 'FPNPredictor'")
+    pixels = cfg.INPUT
+    _check(len(pixels.PIXEL_MEAN) == 3 and len(pixels.PIXEL_STD) == 3 and all(s > 0 for s in pixels.PIXEL_STD),
+           "INPUT.PIXEL_MEAN and INPUT.PIXEL_STD need 3 values each, the stds positive")
     if model.MASK_ON:
         mask = model.ROI_MASK_HEAD
         _check(mask.PREDICTOR == "MaskRCNNC4Predictor",
@@ -127,14 +130,15 @@ def build_detection_model(cfg: CfgNode) -> nn.Module:
         model = MaskRCNN(backbone, **options)
     else:
         model = FasterRCNN(backbone, **options)
+    # torchvision's constructor builds its own RPN and transform from the same numbers; ours add the
+    # per-batch proposal budget and the published pixel convention.
     model.rpn = BatchTopNRegionProposalNetwork(
         anchors, rpn_head, rpn.FG_IOU_THRESHOLD, rpn.BG_IOU_THRESHOLD, rpn.BATCH_SIZE_PER_IMAGE, rpn.POSITIVE_FRACTION,
-        model.rpn._pre_nms_top_n, model.rpn._post_nms_top_n, rpn.NMS_THRESH,
+        dict(training=rpn.PRE_NMS_TOP_N_TRAIN, testing=rpn.PRE_NMS_TOP_N_TEST),
+        dict(training=rpn.FPN_POST_NMS_TOP_N_TRAIN, testing=rpn.FPN_POST_NMS_TOP_N_TEST), rpn.NMS_THRESH,
         per_batch_in_training=rpn.FPN_POST_NMS_PER_BATCH)
     model.rpn.min_size = max(float(rpn.MIN_SIZE), TORCHVISION_RPN_MIN_SIZE)
     data = cfg.INPUT
-    _check(len(data.PIXEL_MEAN) == 3 and len(data.PIXEL_STD) == 3 and all(s > 0 for s in data.PIXEL_STD),
-           "INPUT.PIXEL_MEAN and INPUT.PIXEL_STD need 3 values each, the stds positive")
     model.transform = DetectionTransform(data.MIN_SIZE_TRAIN, data.MAX_SIZE_TRAIN, data.MIN_SIZE_TEST,
                                          data.MAX_SIZE_TEST, data.PIXEL_MEAN, data.PIXEL_STD, data.TO_BGR255,
                                          cfg.DATALOADER.SIZE_DIVISIBILITY)
