@@ -75,8 +75,8 @@ _C.MODEL.RPN.USE_FPN = False
 _C.MODEL.RPN.ANCHOR_SIZES = (32, 64, 128, 256, 512)
 _C.MODEL.RPN.ANCHOR_STRIDE = (16,)
 _C.MODEL.RPN.ASPECT_RATIOS = (0.5, 1.0, 2.0)
-# maskrcnn-benchmark ignores anchors that cross the border by more than this; torchvision's RPN
-# keeps every anchor, so this key is read but not applied (docs/det.md, "Straddling anchors").
+# RPN targets ignore anchors that cross the image border by more than this many pixels (-1: keep
+# every anchor, torchvision's behaviour).
 _C.MODEL.RPN.STRADDLE_THRESH = 0
 _C.MODEL.RPN.FG_IOU_THRESHOLD = 0.7
 _C.MODEL.RPN.BG_IOU_THRESHOLD = 0.3

@@ -22,7 +22,7 @@ from yacs.config import CfgNode
 from det.modeling.backbone import build_resnet_fpn_backbone
 from det.modeling.heads import build_box_head, build_box_predictor, build_mask_head, build_mask_predictor
 from det.modeling.norms import body_spec, box_head_spec, mask_head_spec
-from det.modeling.rpn import BatchTopNRegionProposalNetwork
+from det.modeling.rpn import BenchmarkRegionProposalNetwork
 from det.modeling.transform import DetectionTransform
 from mabn.utils.errors import UserError
 
@@ -131,12 +131,12 @@ def build_detection_model(cfg: CfgNode) -> nn.Module:
     else:
         model = FasterRCNN(backbone, **options)
     # torchvision's constructor builds its own RPN and transform from the same numbers; ours add the
-    # per-batch proposal budget and the published pixel convention.
-    model.rpn = BatchTopNRegionProposalNetwork(
+    # straddle rule, the per-batch proposal budget and the published pixel convention.
+    model.rpn = BenchmarkRegionProposalNetwork(
         anchors, rpn_head, rpn.FG_IOU_THRESHOLD, rpn.BG_IOU_THRESHOLD, rpn.BATCH_SIZE_PER_IMAGE, rpn.POSITIVE_FRACTION,
         dict(training=rpn.PRE_NMS_TOP_N_TRAIN, testing=rpn.PRE_NMS_TOP_N_TEST),
         dict(training=rpn.FPN_POST_NMS_TOP_N_TRAIN, testing=rpn.FPN_POST_NMS_TOP_N_TEST), rpn.NMS_THRESH,
-        per_batch_in_training=rpn.FPN_POST_NMS_PER_BATCH)
+        straddle_thresh=rpn.STRADDLE_THRESH, per_batch_in_training=rpn.FPN_POST_NMS_PER_BATCH)
     model.rpn.min_size = max(float(rpn.MIN_SIZE), TORCHVISION_RPN_MIN_SIZE)
     data = cfg.INPUT
     model.transform = DetectionTransform(data.MIN_SIZE_TRAIN, data.MAX_SIZE_TRAIN, data.MIN_SIZE_TEST,

@@ -184,6 +184,7 @@ def test_freeze_conv_body_at():
     (["MODEL.RESNETS.RES2_OUT_CHANNELS", "256"], "RES2_OUT_CHANNELS 256 does not match R-18"),
     (["MODEL.MABN.REAL_B", "3"], "MODEL.MABN: .*multiple of B"),
     (["MODEL.RPN_ONLY", "True"], "RPN_ONLY"),
+    (["INPUT.PIXEL_STD", "[1.0, 0.0, 1.0]"], "PIXEL_STD"),
 ])
 def test_bad_model_configs_are_one_line_errors(opts, message):
     with pytest.raises(UserError, match=message) as info:
@@ -211,3 +212,31 @@ def test_fpn_post_nms_top_n_per_batch_in_training(per_batch):
         assert (sum(counts) == 10 and max(counts) < 10) if per_batch else counts == [10, 10]
         model.eval()
         assert [len(p) for p in model.rpn(batch, features)[0]] == [7, 7]  # per image at test
+
+
+@pytest.mark.parametrize("straddle_thresh", [0, -1])
+def test_straddling_anchors_are_ignored_unless_disabled(straddle_thresh):
+    model = build_detection_model(tiny_config("gn", "MODEL.RPN.STRADDLE_THRESH", str(straddle_thresh))).train()
+    recorded = []
+    sampler = model.rpn.fg_bg_sampler
+
+    def record(labels):
+        recorded.extend(label.clone() for label in labels)
+        return sampler(labels)
+
+    model.rpn.fg_bg_sampler = record
+    images, targets = images_and_targets()
+    with torch.no_grad():
+        batch, targets = model.transform(images, targets)
+        features = model.backbone(batch.tensors)
+        model.rpn(batch, features, targets)
+        anchors = model.rpn.anchor_generator(batch, list(features.values()))
+    for labels, anchors_per_image, (height, width) in zip(recorded, anchors, batch.image_sizes):
+        outside = ((anchors_per_image[:, :2] < 0).any(dim=1) | (anchors_per_image[:, 2] > width)
+                   | (anchors_per_image[:, 3] > height))
+        assert outside.any() and (~outside).any()
+        if straddle_thresh == 0:
+            assert (labels[outside] == -1).all()
+        else:
+            assert (labels[outside] == 0).any()  # torchvision's rule: straddling anchors can be negatives
+        assert (labels[~outside] >= 0).any()
