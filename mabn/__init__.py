@@ -2,7 +2,8 @@
 with, plus the tools to put them into models and fold them away for inference."""
 from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mabn.cen_conv import CenConv1d, CenConv2d, CenConv3d, centralize_weight
-from mabn.convert import convert_conv, convert_norm, convert_sync_batchnorm, is_batch_norm, revert_sync_batchnorm
+from mabn.convert import (NormAct, NotConvertibleError, convert_conv, convert_norm, convert_sync_batchnorm,
+                          is_batch_norm, revert_sync_batchnorm, skipped_updates)
 from mabn.fold import fold_conv_norm, fold_norms
 from mabn.factory import NORM_NAMES, get_norm, norm_class, resolve_norm_name
 from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -17,8 +18,8 @@ __all__ = [
     "CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight",
     "FrozenBatchNorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
     "MABN1d", "MABN2d", "MABN3d",
-    "NORM_NAMES", "SyncBatchNorm",
+    "NORM_NAMES", "NormAct", "NotConvertibleError", "SyncBatchNorm",
     "convert_conv", "convert_norm", "convert_sync_batchnorm", "fold_conv_norm", "fold_norms",
     "get_norm", "is_batch_norm",
-    "norm_class", "resolve_norm_name", "revert_sync_batchnorm",
+    "norm_class", "resolve_norm_name", "revert_sync_batchnorm", "skipped_updates",
 ]

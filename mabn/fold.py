@@ -21,12 +21,17 @@ then edits the ORIGINAL module hierarchy: the conv attribute becomes a plain ``n
 bias, the norm attribute becomes ``nn.Identity``. The model keeps its class, its ``forward`` and
 its attribute names, so code and checkpoints of the surrounding model keep working.
 
+Norm-activation layers are folded too and keep their activation: a :class:`~mabn.NormAct`
+(what :func:`mabn.convert_norm` makes of timm's ``BatchNormAct2d``) keeps its ``drop`` and
+``act`` children and only its ``norm`` becomes ``nn.Identity``; an unconverted ``BatchNormAct2d``
+becomes ``NormAct(nn.Identity(), drop, act)``.
+
 Limitations: ``ConvTranspose`` layers and ``nn.Linear`` are not folded (their norms stay, still
-correct in eval mode); conv subclasses with their own ``forward`` (other than CenConv) and
-modules carrying forward hooks are left alone; every ``_BatchNorm`` subclass is assumed to be
-plain BN in eval mode (true for everything in this package). Without fx (untraceable forward)
-only ``nn.Sequential`` neighbours are folded, and a parent ``forward`` that also calls such a
-child directly cannot be detected.
+correct in eval mode); conv subclasses with their own ``forward`` (other than CenConv), norm
+subclasses with their own ``forward`` or children (other than norm-activation layers, see
+:func:`mabn.convert_norm`) and modules carrying forward hooks are left alone. Without fx
+(untraceable forward) only ``nn.Sequential`` neighbours are folded, and a parent ``forward``
+that also calls such a child directly cannot be detected.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from torch.nn.parameter import is_lazy
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mabn.cen_conv import CONV_TYPES, _CenConvMixin, centralize_weight, plain_conv_class
+from mabn.convert import NormAct, NotConvertibleError, _modules_after_norm
 
 __all__ = ["fold_norms", "fold_conv_norm"]
 
@@ -81,15 +87,20 @@ def _is_foldable_conv(module: nn.Module) -> bool:
     return _effective_conv_weight(module) is not None
 
 
-def _is_foldable_norm(module: nn.Module) -> bool:
-    """A BN-like layer that, in eval mode, is an affine map given by its running statistics."""
+def _modules_after_foldable_norm(module: nn.Module) -> Optional[Dict[str, nn.Module]]:
+    """For a BN-like layer that, in eval mode, is an affine map given by its running statistics
+    (then, for a norm-activation layer, its ``drop`` and ``act``): those modules after it
+    (``{}`` for a plain norm). None for anything else."""
     if not isinstance(module, _NORM_TYPES) or _has_hooks(module):
-        return False
+        return None
     if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:
-        return False  # track_running_stats=False: batch statistics even in eval mode
+        return None  # track_running_stats=False: batch statistics even in eval mode
     if any(is_lazy(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))):
-        return False
-    return True
+        return None
+    try:
+        return _modules_after_norm(module)
+    except NotConvertibleError:
+        return None
 
 
 def _pair_compatible(conv: nn.Module, norm: nn.Module) -> bool:
@@ -105,11 +116,20 @@ def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> nn.Module:
     """
     if not _is_foldable_conv(conv):
         raise TypeError(f"cannot fold into {type(conv).__name__}: expected nn.Conv1d/2d/3d or CenConv1d/2d/3d")
-    if not _is_foldable_norm(norm):
+    after = _modules_after_foldable_norm(norm)
+    if after is None:
         raise TypeError(f"cannot fold {type(norm).__name__}: expected a BatchNorm-like layer with running statistics")
+    if after:
+        raise TypeError(f"{type(norm).__name__} applies {', '.join(after)} after normalizing, which one conv cannot "
+                        f"hold; fold its norm only, or use fold_norms (keeps them)")
     if not _pair_compatible(conv, norm):
         raise ValueError(f"conv has {conv.out_channels} output channels but the norm has "
                          f"{norm.running_mean.numel()} features")
+    return _fold(conv, norm)
+
+
+@torch.no_grad()
+def _fold(conv: nn.Module, norm: nn.Module) -> nn.Module:
     weight = _effective_conv_weight(conv)
     dtype, device = conv.weight.dtype, conv.weight.device
     f64 = dict(dtype=torch.float64, device=device)
@@ -134,6 +154,11 @@ def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> nn.Module:
     fused.weight.requires_grad_(conv.weight.requires_grad)
     fused.bias.requires_grad_(conv.weight.requires_grad)
     return fused.eval()
+
+
+def _folded_norm_replacement(after: Dict[str, nn.Module]) -> nn.Module:
+    """What stands where a folded norm was: nothing, or the modules it applied after normalizing."""
+    return NormAct(nn.Identity(), **after) if after else nn.Identity()
 
 
 class _ConvNormLeafTracer(torch.fx.Tracer):
@@ -181,7 +206,7 @@ def _fx_pairs(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
         if user.op != "call_module" or user.args != (node,) or user.kwargs:
             continue
         norm = model.get_submodule(user.target)
-        if not _is_foldable_norm(norm) or not _pair_compatible(conv, norm):
+        if _modules_after_foldable_norm(norm) is None or not _pair_compatible(conv, norm):
             continue
         if calls[id(conv)] != 1 or calls[id(norm)] != 1 or id(conv) in hidden or id(norm) in hidden:
             continue
@@ -197,14 +222,18 @@ def _resolve_attr(model: nn.Module, target: str):
 
 
 def _sequential_pairs(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
-    """(conv, norm) pairs that are consecutive children of an ``nn.Sequential``."""
+    """(conv, norm) pairs that are consecutive children of an ``nn.Sequential`` (the norm may be
+    the ``norm`` of a :class:`~mabn.NormAct` there)."""
     pairs = []
     for module in model.modules():
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.children())
         for first, second in zip(children, children[1:]):
-            if _is_foldable_conv(first) and _is_foldable_norm(second) and _pair_compatible(first, second):
+            if isinstance(second, NormAct) and not _has_hooks(second):
+                second = second.norm
+            if (_is_foldable_conv(first) and _modules_after_foldable_norm(second) is not None
+                    and _pair_compatible(first, second)):
                 pairs.append((first, second))
     return pairs
 
@@ -235,13 +264,15 @@ def fold_norms(model: nn.Module, inplace: bool = False) -> nn.Module:
     Args:
         model: any module. Convolutions are ``nn.Conv{1,2,3}d`` and ``CenConv{1,2,3}d`` (folded
             with their centralized weight); norms are ``_BatchNorm`` subclasses with running
-            statistics (BN, SyncBN, BatchRenorm, MABN) and ``FrozenBatchNorm2d``.
+            statistics (BN, SyncBN, BatchRenorm, MABN) and ``FrozenBatchNorm2d``, also inside
+            :class:`~mabn.NormAct` and as norm-activation layers (timm's ``BatchNormAct2d``).
         inplace: edit ``model`` itself instead of a deep copy.
 
     Returns:
         The model (a deep copy unless ``inplace``) in eval mode, where each folded conv is a
         plain ``nn.Conv{1,2,3}d`` with bias (same hyper-parameters, dtype and device, parameters
-        computed in float64) and each folded norm is ``nn.Identity``. Its eval outputs equal the
+        computed in float64) and each folded norm is ``nn.Identity`` (a norm-activation layer:
+        ``NormAct(nn.Identity(), drop, act)``). Its eval outputs equal the
         input model's eval outputs up to rounding.
 
     A pair is folded when, in the ``torch.fx`` trace of ``model``, the conv's output goes only to
@@ -268,9 +299,10 @@ def fold_norms(model: nn.Module, inplace: bool = False) -> nn.Module:
     pairs = _drop_conflicts(pairs)
 
     for conv, norm in pairs:
-        fused = fold_conv_norm(conv, norm)
+        fused = _fold(conv, norm)
+        replacement = _folded_norm_replacement(_modules_after_foldable_norm(norm))
         for parent, name in paths[id(conv)]:
             setattr(parent, name, fused)
         for parent, name in paths[id(norm)]:
-            setattr(parent, name, nn.Identity())
+            setattr(parent, name, replacement)
     return model.eval()

@@ -5,7 +5,8 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from mabn import (BatchRenorm2d, CenConv2d, MABN1d, MABN2d, SyncBatchNorm, convert_conv, convert_norm)
+from mabn import (BatchRenorm2d, CenConv2d, GhostBatchNorm2d, MABN1d, MABN2d, NormAct, NotConvertibleError,
+                  SyncBatchNorm, convert_conv, convert_norm, convert_sync_batchnorm)
 
 
 def _randomize_bn(model, seed=0):
@@ -157,3 +158,97 @@ def test_package_import_graph_has_no_cycle():
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+# ---------------------------------------------------------------- layers that do more than normalize
+
+class _PlainSubclass(nn.BatchNorm2d):
+    """Keeps BatchNorm's forward: converted like BatchNorm."""
+
+
+class _OwnForward(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _BNReLU(nn.BatchNorm2d):
+    """A norm-activation layer in timm's convention: normalize, then drop, then act."""
+
+    def __init__(self, c, act_first=False):
+        super().__init__(c)
+        self.act = nn.ReLU()
+        self.drop = nn.Identity()
+        self.act_first = act_first
+
+    def forward(self, x):
+        if self.act_first:
+            return super().forward(self.act(x))
+        return self.act(self.drop(super().forward(x)))
+
+
+class _WithAux(nn.BatchNorm2d):
+    def __init__(self, c):
+        super().__init__(c)
+        self.aux = nn.BatchNorm2d(c)
+
+
+def _net(norm):
+    torch.manual_seed(0)
+    return _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+
+
+def test_plain_subclass_is_converted():
+    net = _net(_PlainSubclass(4))
+    convert_norm(net, "BRN")
+    assert type(net[1]) is BatchRenorm2d
+
+
+def test_norm_activation_layer_keeps_its_activation():
+    net = _net(_BNReLU(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = net(x)
+    act, drop, weight = net[1].act, net[1].drop, net[1].weight
+    convert_norm(net, "SyncBN")
+    assert type(net[1]) is NormAct and type(net[1].norm) is SyncBatchNorm
+    assert net[1].act is act and net[1].drop is drop and net[1].norm.weight is weight
+    assert not net[1].training and not net[1].norm.training
+    assert "1.norm.running_mean" in net.state_dict()
+    torch.testing.assert_close(net(x), expected)
+    convert_norm(net, "BN")  # converting again replaces the norm inside the NormAct
+    assert type(net[1]) is NormAct and type(net[1].norm) is nn.BatchNorm2d and net[1].act is act
+    torch.testing.assert_close(net(x), expected)
+    convert_norm(net, "")
+    assert type(net[1].norm) is nn.Identity and net[1].act is act
+
+
+@pytest.mark.parametrize("layer,reason", [
+    (_OwnForward(4), "defines its own forward"),
+    (_BNReLU(4, act_first=True), "not normalization followed by drop then act"),
+    (_WithAux(4), r"child modules \(aux\)"),
+])
+def test_layers_doing_more_are_refused_before_any_change(layer, reason):
+    net = _net(layer)
+    kinds = [type(m) for m in net.modules()]
+    with pytest.raises(NotConvertibleError, match=rf"cannot replace 1 \(.*{type(layer).__qualname__}\): .*{reason}"):
+        convert_norm(net, "MABN")
+    assert [type(m) for m in net.modules()] == kinds  # nothing replaced, not even the plain net[3]
+    with pytest.raises(NotConvertibleError, match=type(layer).__qualname__):
+        convert_sync_batchnorm(net)
+    convert_norm(net, "MABN", source=lambda m: type(m) is nn.BatchNorm2d)  # the documented way around
+    assert type(net[3]) is MABN2d and type(net[1]) is type(layer)
+
+
+def test_layer_with_forward_hook_is_refused():
+    net = _net(nn.BatchNorm2d(4))
+    net[1].register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(NotConvertibleError, match="forward hooks"):
+        convert_norm(net, "BN")
+
+
+def test_package_norms_convert_as_before():
+    net = nn.Sequential(MABN2d(4), BatchRenorm2d(4), GhostBatchNorm2d(4, B=2), SyncBatchNorm(4), FrozenBatchNorm2d(4))
+    convert_norm(net, "BN")
+    assert all(type(m) is nn.BatchNorm2d for m in net)
+    net = nn.Sequential(MABN2d(4), BatchRenorm2d(4), GhostBatchNorm2d(4, B=2), SyncBatchNorm(4), nn.BatchNorm2d(4))
+    convert_sync_batchnorm(net)
+    assert [type(m) for m in net] == [MABN2d, BatchRenorm2d, GhostBatchNorm2d, SyncBatchNorm, SyncBatchNorm]

@@ -342,3 +342,66 @@ def test_folded_resnet18_onnx_export(folded_resnet18):
     assert "BatchNormalization" not in ops and "Conv" in ops
     out = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})[0]
     _assert_same(torch.from_numpy(out), ref)
+
+
+# ---------------------------------------------------------------- norms that do more than normalize
+
+class _BNAct(nn.BatchNorm2d):
+    """timm's norm-activation convention: normalize, then ``drop``, then ``act``."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_norm_activation_layer_folds_and_keeps_its_activation():
+    model = _randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), _BNAct(4), nn.Conv2d(4, 4, 1), _BNAct(4)))
+    act = model[1].act
+    folded = _check_folded(model, torch.randn(2, 3, 8, 8))
+    assert _norms(folded) == []
+    assert type(folded[1]) is mabn.NormAct and isinstance(folded[1].norm, nn.Identity)
+    assert type(folded[1].act) is nn.SiLU and folded[1].act is not act  # a deep copy (inplace=False)
+    with pytest.raises(TypeError, match="drop, act after normalizing"):
+        fold_conv_norm(model[0], model[1])
+
+
+def test_converted_norm_activation_layer_folds_with_and_without_fx():
+    model = _randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), _BNAct(4), nn.Conv2d(4, 4, 1), _BNAct(4)))
+    mabn.convert_norm(model, "BRN")
+    assert type(model[1]) is mabn.NormAct
+    folded = _check_folded(model, torch.randn(2, 3, 8, 8))
+    assert _norms(folded) == [] and type(folded[3].act) is nn.SiLU
+
+    class Untraceable(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            y = self.body(x)
+            return -y if y.sum() > 0 else y
+
+    model = Untraceable(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        folded = fold_norms(model)
+    assert _norms(folded) == [] and isinstance(folded.body[1].norm, nn.Identity)
+    with torch.no_grad():
+        _assert_same(folded(x), ref)
+
+
+def test_norm_with_its_own_forward_is_not_folded():
+    model = _randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), _ScaledBN(4)))
+    folded = _check_folded(model, torch.randn(2, 3, 8, 8))
+    assert type(folded[1]) is _ScaledBN and torch.equal(folded[0].weight, model[0].weight)
