@@ -96,9 +96,13 @@ def body_spec(cfg: CfgNode) -> Tuple[int, NormSpec]:
     norm = _suffix_norm(match.group(2), "MODEL.BACKBONE.CONV_BODY", body) if match.group(2) else "FrozenBN"
     block = cfg.MODEL.RESNETS.TRANS_FUNC
     stem = cfg.MODEL.RESNETS.STEM_FUNC
-    block_norm = _suffix_norm(_parse(r"(?:Bottleneck|BasicBlock)With(\w+)", "MODEL.RESNETS.TRANS_FUNC", block,
-                                     ("BottleneckWithMABN", "BasicBlockWithMABN")).group(1),
-                              "MODEL.RESNETS.TRANS_FUNC", block)
+    block_match = _parse(r"(Bottleneck|BasicBlock)With(\w+)", "MODEL.RESNETS.TRANS_FUNC", block,
+                         ("BottleneckWithMABN", "BasicBlockWithMABN"))
+    block_type = "Bottleneck" if depth >= 50 else "BasicBlock"
+    if block_match.group(1) != block_type:
+        raise UserError(f"MODEL.RESNETS.TRANS_FUNC {block!r} does not fit {body!r}, whose blocks are "
+                        f"{block_type}s; use {block_type}With{block_match.group(2)!s}")
+    block_norm = _suffix_norm(block_match.group(2), "MODEL.RESNETS.TRANS_FUNC", block)
     stem_norm = _suffix_norm(_parse(r"StemWith(\w+)", "MODEL.RESNETS.STEM_FUNC", stem, ("StemWithMABN",)).group(1),
                              "MODEL.RESNETS.STEM_FUNC", stem)
     if not norm == block_norm == stem_norm:

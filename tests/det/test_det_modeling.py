@@ -62,7 +62,7 @@ def test_every_config_builds_with_norms_where_published(path):
 
 def test_frozen_bn_body_has_no_fpn_or_head_norms():
     cfg = tiny_config("bn", "MODEL.BACKBONE.CONV_BODY", "R-18-FPN", "MODEL.RESNETS.TRANS_FUNC",
-                      "BottleneckWithFixedBatchNorm", "MODEL.RESNETS.STEM_FUNC", "StemWithFixedBatchNorm",
+                      "BasicBlockWithFixedBatchNorm", "MODEL.RESNETS.STEM_FUNC", "StemWithFixedBatchNorm",
                       "MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR", "FPN2MLPFeatureExtractor",
                       "MODEL.ROI_MASK_HEAD.FEATURE_EXTRACTOR", "MaskRCNNFPNFeatureExtractor")
     model = build_detection_model(cfg)
@@ -174,6 +174,7 @@ def test_freeze_conv_body_at():
 @pytest.mark.parametrize("opts, message", [
     (["MODEL.RESNETS.TRANS_FUNC", "BasicBlockWithSyncBN"], "norms disagree.*MABN.*SyncBN"),
     (["MODEL.RESNETS.STEM_FUNC", "StemWithGN"], "norms disagree"),
+    (["MODEL.RESNETS.TRANS_FUNC", "BottleneckWithMABN"], "whose blocks are BasicBlocks; use BasicBlockWithMABN"),
     (["MODEL.BACKBONE.CONV_BODY", "R-50-C4"], "CONV_BODY 'R-50-C4' is not supported; did you mean"),
     (["MODEL.BACKBONE.CONV_BODY", "R-42-FPN-MABN"], "depth 42"),
     (["MODEL.BACKBONE.CONV_BODY", "R-18-FPN-XBN"], "unknown norm 'XBN'"),
