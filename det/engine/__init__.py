@@ -1,1 +1,2 @@
-"""Inference (and, in det 2/2, training and evaluation) around the detector."""
+"""Training, inference and evaluation around the detector (``tools/train_net.py``,
+``tools/test_net.py``), and the single-image predictor."""

@@ -1,0 +1,323 @@
+"""What ``tools/train_net.py`` and ``tools/test_net.py`` run, with the published arguments.
+
+Both take ``--config-file FILE``, ``--local_rank N`` / ``--local-rank N`` (``LOCAL_RANK`` wins)
+and trailing ``KEY VALUE`` config options, and run in one process or under
+``python -m torch.distributed.launch`` / ``torchrun`` (NCCL on CUDA, gloo on the CPU;
+``MODEL.DEVICE cpu``, ``cuda`` or ``auto``). ``train_net`` also takes ``--skip-test``;
+``test_net`` takes ``--ckpt FILE``, and without it ``OUTPUT_DIR/last_checkpoint`` wins over
+``MODEL.WEIGHT``, as published.
+
+Bad input fails before any work, with one ``error: ...`` line and exit status 2: an unknown key,
+a device that is not there, batch sizes that do not divide by the number of processes, a remote
+or missing weight file, missing data, an ``OUTPUT_DIR`` that is a file or is used by another run,
+a resume whose config changes the model. A NaN/Inf loss stops training with exit status 3 and
+keeps the last good checkpoint; SIGTERM/SIGINT save a checkpoint and exit with 0 (rerun the same
+command to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import random
+import time
+from datetime import timedelta
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from yacs.config import CfgNode
+
+from det.config import load_config
+from det.data import batch_size_per_process, build_test_loaders, build_train_loader
+from det.engine.checkpoint import (CheckpointWriter, compare_configs, find_last_checkpoint, read_checkpoint,
+                                   restore_rank_state, restore_training_state)
+from det.engine.inference import inference
+from det.engine.trainer import DetectionTrainer, MetricsWriter, PeriodicCheckpoint, Precision, build_hooks
+from det.modeling import build_detection_model, load_weights
+from det.solver import make_lr_scheduler, make_optimizer
+from mabn.utils.distributed import DistEnv, destroy_distributed, init_distributed, wrap_data_parallel
+from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
+from mabn.utils.lock import FolderLock
+from mabn.utils.run_log import RunLog
+from mabn.utils.signals import stop_on_signals
+
+__all__ = ["LOGGER_NAME", "parse_args", "test_net", "test_net_main", "train_net", "train_net_main"]
+
+LOGGER_NAME = "det"
+LOG_FILE = "log.txt"
+CONFIG_DUMP = "config.yml"
+_FORMAT = "[%(asctime)s] %(message)s"
+_DATE_FORMAT = "%d %H:%M:%S"
+
+
+def parse_args(argv: Optional[Sequence[str]], test: bool) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="PyTorch Object Detection " + ("Inference" if test else "Training"),
+        epilog="KEY VALUE pairs after the flags override the config (e.g. SOLVER.IMS_PER_BATCH 16 OUTPUT_DIR out).")
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                        help="set by torch.distributed.launch (LOCAL_RANK wins)")
+    if test:
+        parser.add_argument("--ckpt", default=None, metavar="FILE",
+                            help="the checkpoint to evaluate (default: OUTPUT_DIR/last_checkpoint, else MODEL.WEIGHT)")
+    else:
+        parser.add_argument("--skip-test", dest="skip_test", action="store_true",
+                            help="do not evaluate the final model")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config options")
+    return parser.parse_args(argv)
+
+
+def _device_choice(name: str) -> str:
+    """``MODEL.DEVICE`` as :func:`init_distributed` takes it, with a one-line error if absent."""
+    if name in ("cpu", "auto"):
+        return name
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"MODEL.DEVICE {name} but CUDA is not available here; pass MODEL.DEVICE cpu (or auto)")
+        return "cuda"
+    raise UserError(f"MODEL.DEVICE {name!r}: use cpu, cuda or auto")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    if not output_dir:
+        raise UserError("OUTPUT_DIR is empty; pass OUTPUT_DIR <folder>")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"OUTPUT_DIR {output_dir} is a file, not a folder; pass another OUTPUT_DIR")
+
+
+def _check_weight_file(path: str, what: str) -> None:
+    if "://" in path:
+        raise UserError(f"{what} {path!r}: only local files are loaded (no catalog or download); download the "
+                        f"weights yourself and pass the local path")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: no such file; pass a local weight file")
+
+
+def _check_test_data(cfg: CfgNode, world_size: int) -> None:
+    if not cfg.DATASETS.TEST:
+        raise UserError("DATASETS.TEST is empty; name a test dataset (or pass --skip-test and SOLVER.TEST_PERIOD 0)")
+    batch_size_per_process(cfg.TEST.IMS_PER_BATCH, world_size, "TEST.IMS_PER_BATCH")
+
+
+def _check_solver_counts(cfg: CfgNode) -> None:
+    solver = cfg.SOLVER
+    for key, minimum in (("MAX_ITER", 1), ("CHECKPOINT_PERIOD", 1), ("TEST_PERIOD", 0)):
+        if getattr(solver, key) < minimum:
+            raise UserError(f"SOLVER.{key} {getattr(solver, key)} must be >= {minimum}")
+
+
+def _on_rank0(env: DistEnv, action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0; its :class:`UserError` is raised on every rank."""
+    message = None
+    if env.is_main:
+        try:
+            action()
+        except UserError as exc:
+            message = str(exc)
+    message = env.broadcast_object(message)
+    if message is not None:
+        raise UserError(message)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _open_log(stack: contextlib.ExitStack, output_dir: str, env: DistEnv, tensorboard: bool) -> RunLog:
+    """Console, ``OUTPUT_DIR/log.txt`` (appended) and TensorBoard on rank 0."""
+    log = stack.enter_context(RunLog(output_dir, env.is_main, env.rank, logger_name=LOGGER_NAME, file_prefix=None,
+                                     tensorboard_dir="tensorboard" if tensorboard else None))
+    if env.is_main:
+        handler = logging.FileHandler(os.path.join(output_dir, LOG_FILE))
+        handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
+        log.logger.addHandler(handler)
+    return log
+
+
+def _write_config(cfg: CfgNode, output_dir: str, env: DistEnv, log: RunLog) -> None:
+    if not env.is_main:
+        return
+    path = os.path.join(output_dir, CONFIG_DUMP)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as stream:
+        stream.write(cfg.dump())
+    os.replace(temporary, path)
+    log.info(f"Saving config into: {path}")
+
+
+def _iou_types(cfg: CfgNode) -> tuple:
+    return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _test_loaders(cfg: CfgNode, env: DistEnv):
+    return build_test_loaders(cfg.DATASETS.TEST, cfg.DATASETS.ROOT, cfg.TEST.IMS_PER_BATCH, env.world_size, env.rank,
+                              cfg.DATALOADER.NUM_WORKERS, pin_memory=env.device.type == "cuda",
+                              log=print if env.local_rank == 0 else _quiet)
+
+
+def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextlib.ExitStack) -> int:
+    output_dir = cfg.OUTPUT_DIR
+    # Inputs first: nothing is written before they all check out.
+    _check_output_dir(output_dir)
+    _check_solver_counts(cfg)
+    precision = Precision(cfg.DTYPE, env.device)
+    batch_size_per_process(cfg.SOLVER.IMS_PER_BATCH, env.world_size, "SOLVER.IMS_PER_BATCH")
+    evaluates = not args.skip_test or cfg.SOLVER.TEST_PERIOD > 0
+    if evaluates:
+        _check_test_data(cfg, env.world_size)
+    resume_path = find_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if resume_path is None and cfg.MODEL.WEIGHT:
+        _check_weight_file(cfg.MODEL.WEIGHT, "MODEL.WEIGHT")
+    lock = FolderLock(output_dir, "OUTPUT_DIR")
+    stack.callback(lock.release)
+    if os.path.isdir(output_dir):  # a folder in use fails now; a new one is created only after the checks
+        _on_rank0(env, lock.acquire)
+
+    _seed(0)
+    network = build_detection_model(cfg).to(env.device)
+    optimizer = make_optimizer(cfg, network)
+    scheduler = make_lr_scheduler(cfg, optimizer)
+    header: List[str] = []
+    checkpoint, start_iter = None, 0
+    if resume_path is not None:
+        checkpoint = read_checkpoint(resume_path)
+        if "config" in checkpoint:
+            header += compare_configs(checkpoint["config"], cfg, resume_path, checkpoint.get("world_size"),
+                                      env.world_size)
+        else:
+            header.append(f"checkpoint {resume_path} stores no config: it cannot be compared with this run's")
+        start_iter = restore_training_state(checkpoint, resume_path, cfg, network, optimizer, scheduler,
+                                            precision.scaler)
+        header.append(f"Resuming from {resume_path} at iteration {start_iter} (MODEL.WEIGHT is not loaded)")
+    elif cfg.MODEL.WEIGHT:
+        header.append(load_weights(network, cfg.MODEL.WEIGHT).summary())
+    else:
+        header.append("MODEL.WEIGHT is empty: training from scratch")
+    max_iter = cfg.SOLVER.MAX_ITER
+    data_log = print if env.local_rank == 0 else _quiet
+    train_loader = None
+    if start_iter < max_iter:
+        train_loader = build_train_loader(cfg.DATASETS.TRAIN, cfg.DATASETS.ROOT, cfg.INPUT.HORIZONTAL_FLIP_PROB_TRAIN,
+                                          cfg.SOLVER.IMS_PER_BATCH, env.world_size, env.rank,
+                                          cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.ASPECT_RATIO_GROUPING, max_iter,
+                                          start_iter, pin_memory=env.device.type == "cuda", log=data_log)
+    test_loaders = _test_loaders(cfg, env) if evaluates else []
+
+    if not lock.held:
+        _on_rank0(env, lock.acquire)
+    log = _open_log(stack, output_dir, env, tensorboard=True)
+    log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'}), "
+             f"{cfg.SOLVER.IMS_PER_BATCH // env.world_size} images per process")
+    log.info(f"Loaded configuration file {args.config_file or '(none)'}; options: {' '.join(args.opts) or '(none)'}")
+    _write_config(cfg, output_dir, env, log)
+    for line in header:
+        log.info(line)
+    iou_types = _iou_types(cfg)
+    metrics_writer = MetricsWriter(output_dir, log, start_iter, env.is_main)
+    writer = CheckpointWriter(output_dir, network, optimizer, scheduler, precision.scaler, env, cfg.dump(), log)
+    writer.last_path = resume_path
+    iteration = start_iter
+    if train_loader is not None:
+        wrapped = wrap_data_parallel(network, env)
+        restore_rank_state(checkpoint, resume_path or "", network, env)
+        network.train()
+        trainer = DetectionTrainer(wrapped, optimizer, train_loader, env, precision)
+        saver = PeriodicCheckpoint(writer, trainer, cfg.SOLVER.CHECKPOINT_PERIOD)
+
+        def evaluate() -> None:
+            metrics_writer(trainer.iter, inference(network, test_loaders, env, output_dir, precision, log, iou_types))
+
+        trainer.register_hooks(build_hooks(trainer, scheduler, log, saver, evaluate if test_loaders else None,
+                                           cfg.SOLVER.TEST_PERIOD))
+        log.info("Start training")
+        start = time.perf_counter()
+        try:
+            with stop_on_signals(trainer.stop_flag):
+                finished = trainer.train(start_iter, max_iter)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{exc}; training stopped, {writer.kept()} (lower SOLVER.BASE_LR?)") from None
+        seconds = time.perf_counter() - start
+        if not finished:
+            log.info(f"{trainer.stop_flag.signal_name} received: saved {writer.last_path} at iteration {trainer.iter}; "
+                     f"rerun the same command to resume")
+            return 0
+        log.info(f"Total training time: {timedelta(seconds=int(seconds))} "
+                 f"({seconds / max(max_iter - start_iter, 1):.4f} s / it)")
+        iteration = trainer.iter
+    else:
+        log.info(f"the checkpoint has already completed {start_iter} >= SOLVER.MAX_ITER {max_iter} iterations")
+    if not args.skip_test:
+        metrics_writer(iteration, inference(network, test_loaders, env, output_dir, precision, log, iou_types))
+    env.barrier()
+    return 0
+
+
+def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextlib.ExitStack) -> int:
+    output_dir = cfg.OUTPUT_DIR
+    _check_output_dir(output_dir)
+    precision = Precision(cfg.DTYPE, env.device)
+    _check_test_data(cfg, env.world_size)
+    last = find_last_checkpoint(output_dir) if os.path.isdir(output_dir) and not args.ckpt else None
+    weight, what = ((args.ckpt, "--ckpt") if args.ckpt else (last, "OUTPUT_DIR/last_checkpoint") if last
+                    else (cfg.MODEL.WEIGHT, "MODEL.WEIGHT"))
+    if not weight:
+        raise UserError("no weights to evaluate: pass --ckpt FILE or MODEL.WEIGHT FILE, or an OUTPUT_DIR whose "
+                        "last_checkpoint names one")
+    _check_weight_file(weight, what)
+    lock = FolderLock(os.path.join(output_dir, "inference"), "OUTPUT_DIR")
+    stack.callback(lock.release)
+    if os.path.isdir(lock.folder):
+        _on_rank0(env, lock.acquire)
+
+    _seed(0)
+    network = build_detection_model(cfg).to(env.device)
+    report = load_weights(network, weight)
+    loaders = _test_loaders(cfg, env)
+    if not lock.held:
+        _on_rank0(env, lock.acquire)
+    log = _open_log(stack, output_dir, env, tensorboard=False)
+    log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'})")
+    log.info(f"Loaded configuration file {args.config_file or '(none)'}; options: {' '.join(args.opts) or '(none)'}")
+    log.info(report.summary())
+    if report.missing:
+        log.warning(f"{len(report.missing)} tensors of the model were not in {weight}: they keep their initialization")
+    inference(network, loaders, env, output_dir, precision, log, _iou_types(cfg))
+    env.barrier()
+    return 0
+
+
+def _run(argv: Optional[Sequence[str]], test: bool) -> int:
+    args = parse_args(argv, test)
+    cfg = load_config(args.config_file or None, args.opts or [])
+    env = init_distributed(_device_choice(cfg.MODEL.DEVICE), args.local_rank)
+    with contextlib.ExitStack() as stack:
+        stack.callback(destroy_distributed, env)
+        return (_test if test else _train)(args, env, cfg, stack)
+
+
+def train_net(argv: Optional[Sequence[str]] = None) -> int:
+    """Train (then evaluate unless ``--skip-test``); 0 on success or after a stop signal."""
+    return _run(argv, test=False)
+
+
+def test_net(argv: Optional[Sequence[str]] = None) -> int:
+    """Evaluate a checkpoint on DATASETS.TEST."""
+    return _run(argv, test=True)
+
+
+def train_net_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: 0 on success or a clean stop, 2 on bad input, 3 on NaN/Inf."""
+    return run_cli(lambda: train_net(argv))
+
+
+def test_net_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: 0 on success, 2 on bad input."""
+    return run_cli(lambda: test_net(argv))
