@@ -37,9 +37,6 @@ def move_stride_to_1x1(body: nn.Module) -> None:
 def freeze_body(body: nn.Module, freeze_at: int) -> None:
     """``requires_grad=False`` for the stem (``freeze_at >= 1``) and ``layer1 .. layer{freeze_at-1}``
     (res2 .. res{freeze_at}), as maskrcnn-benchmark's FREEZE_CONV_BODY_AT; -1 or 0 freeze nothing."""
-    if freeze_at > 5:
-        raise UserError(f"MODEL.BACKBONE.FREEZE_CONV_BODY_AT {freeze_at}: at most 5 (stem and res2..res5), "
-                        f"-1 for nothing")
     parts = [[body.conv1, body.bn1]] + [[getattr(body, f"layer{i}")] for i in range(1, 5)]
     for stage in parts[:max(freeze_at, 0)]:
         for module in stage:
@@ -63,9 +60,12 @@ def build_resnet_fpn_backbone(depth: int, norm: NormSpec, out_channels: int, *, 
     producing ``out_channels`` maps '0'..'3' and 'pool' (P2..P6)."""
     if norm.layer is None:
         raise UserError("the body needs a norm (FrozenBN for the standard fine-tune body)")
-    body = _resnet(depth, norm.layer, groups, width_per_group)
     if stem_out_channels != 64:
         raise UserError(f"MODEL.RESNETS.STEM_OUT_CHANNELS {stem_out_channels}: torchvision's ResNet stem has 64")
+    if freeze_at > 5:
+        raise UserError(f"MODEL.BACKBONE.FREEZE_CONV_BODY_AT {freeze_at}: at most 5 (stem and res2..res5), "
+                        f"-1 for nothing")
+    body = _resnet(depth, norm.layer, groups, width_per_group)
     last_block = body.layer1[-1]
     res2 = (last_block.conv3 if depth >= 50 else last_block.conv2).out_channels
     if res2_out_channels is not None and res2_out_channels != res2:

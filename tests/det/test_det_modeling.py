@@ -64,9 +64,10 @@ def test_frozen_bn_body_has_no_fpn_or_head_norms():
     cfg = tiny_config("bn", "MODEL.BACKBONE.CONV_BODY", "R-18-FPN", "MODEL.RESNETS.TRANS_FUNC",
                       "BasicBlockWithFixedBatchNorm", "MODEL.RESNETS.STEM_FUNC", "StemWithFixedBatchNorm",
                       "MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR", "FPN2MLPFeatureExtractor",
-                      "MODEL.ROI_MASK_HEAD.FEATURE_EXTRACTOR", "MaskRCNNFPNFeatureExtractor")
+                      "MODEL.ROI_MASK_HEAD.FEATURE_EXTRACTOR", "MaskRCNNFPNFeatureExtractor", "MODEL.FPN.USE_RELU", "True")
     model = build_detection_model(cfg)
     counts = type_counts(model)
+    assert type_counts(model.backbone.fpn)["ReLU"] == 8
     assert counts["FrozenBatchNorm2d"] == 20 and sum(isinstance(m, NORM_LIKE) for m in model.modules()) == 20
     assert counts["TwoMLPHead"] == 1
     assert all(block[0].bias is not None for block in model.backbone.fpn.inner_blocks)
