@@ -62,7 +62,14 @@ def norm_spec(name: str, cfg: CfgNode) -> NormSpec:
         except ValueError as exc:
             raise UserError(f"MODEL.BRN: {exc}") from None
     elif name == "GN":
-        options = dict(num_groups=cfg.MODEL.GN.NUM_GROUPS)
+        groups = cfg.MODEL.GN.NUM_GROUPS
+        widths = {64, cfg.MODEL.RESNETS.BACKBONE_OUT_CHANNELS, cfg.MODEL.ROI_BOX_HEAD.CONV_HEAD_DIM,
+                  *cfg.MODEL.ROI_MASK_HEAD.CONV_LAYERS}  # ResNet widths are multiples of 64
+        bad = sorted(width for width in widths if groups < 1 or width % groups)
+        if bad:
+            raise UserError(f"MODEL.GN.NUM_GROUPS {groups} does not divide the channel counts {bad}; "
+                            f"use a common divisor such as 32 or 16")
+        options = dict(num_groups=groups)
     return NormSpec(name, functools.partial(mabn.get_norm, name, **options), name == "MABN")
 
 

@@ -12,6 +12,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import mabn
 from det.config import load_config
 from det.modeling import build_detection_model
+from det.modeling.norms import body_spec
 from mabn.utils.errors import UserError
 
 NORM_TYPES = {"MABN": mabn.MABN2d, "SYNCBN": mabn.SyncBatchNorm, "BRN": mabn.BatchRenorm2d,
@@ -187,11 +188,23 @@ def test_freeze_conv_body_at():
     (["MODEL.MABN.REAL_B", "3"], "MODEL.MABN: .*multiple of B"),
     (["MODEL.RPN_ONLY", "True"], "RPN_ONLY"),
     (["INPUT.PIXEL_STD", "[1.0, 0.0, 1.0]"], "PIXEL_STD"),
+    (["MODEL.BACKBONE.CONV_BODY", "R-18-FPN-GN", "MODEL.RESNETS.TRANS_FUNC", "BasicBlockWithGN",
+      "MODEL.RESNETS.STEM_FUNC", "StemWithGN", "MODEL.GN.NUM_GROUPS", "48"], "NUM_GROUPS 48 does not divide"),
 ])
 def test_bad_model_configs_are_one_line_errors(opts, message):
     with pytest.raises(UserError, match=message) as info:
         build_detection_model(tiny_config("mabn", *opts))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("depth", [34, 101, 152])
+def test_published_body_names_of_other_depths(depth):
+    cfg = load_config(None, ["MODEL.BACKBONE.CONV_BODY", f"R-{depth}-FPN-MABN", "MODEL.RESNETS.TRANS_FUNC",
+                             ("BottleneckWithMABN" if depth >= 50 else "BasicBlockWithMABN"),
+                             "MODEL.RESNETS.STEM_FUNC", "StemWithMABN"])
+    parsed_depth, norm = body_spec(cfg)
+    assert (parsed_depth, norm.name, norm.centralize_convs) == (depth, "MABN", True)
+    assert isinstance(norm.layer(8), mabn.MABN2d)
 
 
 def test_faster_rcnn_without_masks():
