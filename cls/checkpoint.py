@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torch import nn
 
-from cls.engine import Precision, Trainer
+from cls.engine import Trainer
 from mabn.utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, check_fields, check_finite, load_checkpoint,
                                    rank_buffers, resolve_checkpoint_path, save_atomic)
 from mabn.utils.run_log import RunLog
@@ -65,19 +65,18 @@ class CheckpointWriter:
     (on every rank, so all of them stop together) and lets rank 0 write ``<save>/checkpoint.pth``
     atomically."""
 
-    def __init__(self, save_dir: str, network: nn.Module, trainer: Trainer, scheduler, precision: Precision,
-                 flags: Dict[str, Any], log: RunLog):
+    def __init__(self, save_dir: str, network: nn.Module, trainer: Trainer, scheduler, flags: Dict[str, Any],
+                 log: RunLog):
         self.path = os.path.join(save_dir, CHECKPOINT_NAME)
         self.network = network
         self.trainer = trainer
         self.scheduler = scheduler
-        self.precision = precision
         self.flags = flags
         self.log = log
 
     def contents(self, rank_states: Optional[list]) -> Dict[str, Any]:
         trainer, state = self.trainer, self.trainer.state
-        scaler = self.precision.scaler
+        scaler = trainer.precision.scaler
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.network.state_dict(),

@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader
 import mabn
 from cls.metrics import Meter, label_smoothing_loss, topk_correct
 from cls.run_log import test_line, train_line
+from mabn.utils.amp import Precision
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import NonFiniteLossError
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import StopFlag
 from mabn.utils.train_loop import HookBase, TrainerBase
 
-__all__ = ["TrainState", "Precision", "Trainer", "Evaluator", "EpochLogHook"]
+__all__ = ["TrainState", "Trainer", "Evaluator", "EpochLogHook"]
 
 
 @dataclass
@@ -38,35 +39,6 @@ class TrainState:
     step_in_epoch: int = 0  # completed iterations of epoch + 1
     global_step: int = 0
     meter: Meter = field(default_factory=Meter)  # running sums of the current epoch
-
-
-class Precision:
-    """``--amp``: float16 autocast with loss scaling on CUDA, bfloat16 autocast on CPU; or off."""
-
-    def __init__(self, amp: bool, device: torch.device):
-        self.enabled = amp
-        self.device_type = device.type
-        self.dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
-
-    def autocast(self):
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    @property
-    def grad_scale(self) -> float:
-        return self.scaler.get_scale() if self.scaler is not None else 1.0
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
-            optimizer.step()
-            return
-        self.scaler.step(optimizer)
-        self.scaler.update()
 
 
 class Trainer(TrainerBase):

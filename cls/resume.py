@@ -24,8 +24,9 @@ from typing import Any, List, Mapping, Optional
 import torch
 from torch import nn
 
-from cls.engine import Precision, TrainState
+from cls.engine import TrainState
 from cls.metrics import Meter
+from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import load_rank_buffers, restore_rng_state
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError

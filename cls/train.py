@@ -23,12 +23,13 @@ from cls.checkpoint import CHECKPOINT_NAME, CheckpointWriter, flags_of, read_tra
 from cls.config import parse_args, resolve
 from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loader, build_val_loader,
                       open_image_folder)
-from cls.engine import EpochLogHook, Evaluator, Precision, Trainer, TrainState
+from cls.engine import EpochLogHook, Evaluator, Trainer, TrainState
 from cls.models import build_model
 from cls.norms import norm_choice_from_args
 from cls.resume import apply_optimizer_flags, compare_flags, restore_rank_state, restore_training_state
 from cls.run_log import LOGGER_NAME
 from cls.transforms import TrainTransform, ValTransform
+from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import kept_message, load_model_state, resolve_checkpoint_path
 from mabn.utils.distributed import DistEnv, destroy_distributed, init_distributed, wrap_data_parallel
 from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
@@ -146,10 +147,16 @@ def _resume(args: argparse.Namespace, env: DistEnv,
     return path, checkpoint, state, changes.lines
 
 
-def _lock_output_folder(stack: contextlib.ExitStack, save: str, env: DistEnv) -> None:
-    lock = FolderLock(save, "--save")
+def _lock_output_folder(stack: contextlib.ExitStack, args: argparse.Namespace, env: DistEnv) -> None:
+    """Lock --save for this run (and check it again: another run may have written there meanwhile)."""
+    lock = FolderLock(args.save, "--save")
     stack.callback(lock.release)
-    _on_rank0(env, lock.acquire)
+
+    def lock_and_check() -> None:
+        lock.acquire()
+        _check_output_folder(args)
+
+    _on_rank0(env, lock_and_check)
 
 
 def _log_header(log: RunLog, args: argparse.Namespace, env: DistEnv, norm, resume_lines) -> None:
@@ -181,6 +188,10 @@ def _statistics_hook(args: argparse.Namespace, env: DistEnv, network: nn.Module,
     return StatisticsHook(recorder, lambda: trainer.step_grad_scale)
 
 
+def _epoch_end(trainer: Trainer) -> bool:
+    return trainer.epoch_finished
+
+
 def _train(args: argparse.Namespace, env: DistEnv, learner: Learner, state: TrainState,
            resumed: Tuple[Optional[str], Optional[dict]], train_folder, evaluator: Evaluator, log: RunLog,
            stack: contextlib.ExitStack) -> bool:
@@ -193,12 +204,11 @@ def _train(args: argparse.Namespace, env: DistEnv, learner: Learner, state: Trai
     loader = build_train_loader(AugmentedImageFolder(train_folder, TrainTransform(args.image_size)), sampler,
                                 args.workers, env.device)
     trainer = Trainer(wrapped, learner.optimizer, loader, env, args.iters_per_epoch, state, learner.precision)
-    save = CheckpointWriter(args.save, network, trainer, learner.scheduler, learner.precision, flags_of(args), log)
-    epoch_end = lambda t: t.epoch_finished  # noqa: E731
+    save = CheckpointWriter(args.save, network, trainer, learner.scheduler, flags_of(args), log)
     trainer.register_hooks([
         _statistics_hook(args, env, network, trainer, stack),
         EpochLogHook(log, network, args.log_interval),  # before the scheduler: it logs the epoch's rate
-        LRSchedulerHook(learner.scheduler, epoch_end),
+        LRSchedulerHook(learner.scheduler, _epoch_end),
         CheckpointHook(save, lambda t: t.epoch_finished and (state.epoch % args.save_interval == 0
                                                              or state.epoch == args.total_epoch)),
         EvalHook(lambda: evaluator(step=state.epoch),
@@ -243,7 +253,7 @@ def _run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) ->
     learner, norm = _build_learner(args, env)
     checkpoint_path, checkpoint, state, resume_lines = _resume(args, env, learner)
 
-    _lock_output_folder(stack, args.save, env)
+    _lock_output_folder(stack, args, env)
     log = stack.enter_context(RunLog(args.save, env.is_main, env.rank, logger_name=LOGGER_NAME,
                                      tensorboard_dir=None if args.test_only else "tb", progress=args.progress))
     _log_header(log, args, env, norm, resume_lines)

@@ -2,6 +2,7 @@
 ``cls/``, ``python -m cls.train``, ``python cls/train.py`` from elsewhere, SIGTERM, exit codes."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import signal
 import subprocess
@@ -128,3 +129,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert re.search(r"SIGTERM received: saved .*checkpoint\.pth at epoch 1, iteration \d+/100000", out), out
     checkpoint = torch.load(Path(tmp_path) / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 0 and checkpoint["step_in_epoch"] >= 1
+
+
+def test_running_a_file_in_cls_shadows_no_top_level_module():
+    """``python cls/train.py`` (or ``train.py`` from ``cls/``) puts ``cls/`` first on sys.path, so a
+    module there named like an installed top-level one (``config``, ``data``, ``metrics``...)
+    would hide it from every library; the entry script does not edit sys.path to avoid that."""
+    names = sorted(p.stem for p in (REPO / "cls").glob("*.py") if p.stem != "__init__")
+    assert names and [n for n in names if importlib.util.find_spec(n) is not None] == []
