@@ -11,7 +11,7 @@ full mask is the pycocotools rasterisation of its polygon (a ring: outer minus i
 an object not occluded by a later one is stored as that polygon (or, at random, as RLE), an
 occluded object or a ring as the compressed RLE of its visible part; ``bbox`` and ``area`` are
 pycocotools' box and area of the stored mask. A placement that would leave an earlier object
-less than half visible is redrawn, so no object is mostly hidden. Category ids are 1, 3, 5, ...
+less than half or fewer than 40 pixels visible is redrawn, so no object is mostly hidden. Category ids are 1, 3, 5, ...
 (not contiguous, like COCO's), so the mapping to contiguous labels is exercised.
 
 Every image is a function of ``(seed, split, index)`` only. The files go to
@@ -35,10 +35,10 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-__all__ = ["SHAPES", "VERSION", "ShapesDataset", "category_id", "dataset_name", "default_cache_dir",
+__all__ = ["SHAPES", "VERSION", "ShapesFolder", "category_id", "dataset_name", "default_cache_dir",
            "ensure_shapes_dataset", "render_image"]
 
-VERSION = 1
+VERSION = 2
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 _SPLIT_IDS = {"train": 0, "val": 1}
 _MIN_VISIBLE_FRACTION = 0.5
@@ -46,7 +46,7 @@ _MIN_AREA = 40
 _PLACEMENT_TRIES = 30
 
 
-class ShapesDataset:
+class ShapesFolder:
     """Where a generated dataset lives: its root, and per split the image folder and annotation file."""
 
     def __init__(self, root: Path):
@@ -176,7 +176,7 @@ def _place_objects(rng: np.random.Generator, categories: int, height: int,
                 mask &= ~_rasterize(inner, height, width)
             if mask.sum() < _MIN_AREA:
                 continue
-            if all((m & ~mask).sum() >= _MIN_VISIBLE_FRACTION * m.sum() for _, _, m in objects):
+            if all((m & ~mask).sum() >= max(_MIN_VISIBLE_FRACTION * m.sum(), _MIN_AREA) for _, _, m in objects):
                 objects.append((k, outer, mask))
                 break
     return objects
@@ -248,7 +248,7 @@ def _write(root: Path, seed: int, categories: int, counts: Dict[str, int], image
 
 def ensure_shapes_dataset(cache_dir: Optional[os.PathLike] = None, seed: int = 0, categories: int = 3,
                           train_images: int = 480, val_images: int = 80, image_size: int = 128,
-                          log: Callable[[str], None] = print) -> ShapesDataset:
+                          log: Callable[[str], None] = print) -> ShapesFolder:
     """The generated dataset, written first if no process has yet (safe from every rank at once)."""
     if not 1 <= categories <= len(SHAPES):
         raise ValueError(f"categories must lie in 1..{len(SHAPES)}, got {categories}")
@@ -257,7 +257,7 @@ def ensure_shapes_dataset(cache_dir: Optional[os.PathLike] = None, seed: int = 0
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / dataset_name(seed, categories, train_images, val_images, image_size)
     if (target / "meta.json").is_file():
-        return ShapesDataset(target)
+        return ShapesFolder(target)
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / (target.name + ".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -277,4 +277,4 @@ def ensure_shapes_dataset(cache_dir: Optional[os.PathLike] = None, seed: int = 0
                         shutil.rmtree(temporary, ignore_errors=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return ShapesDataset(target)
+    return ShapesFolder(target)
