@@ -42,11 +42,18 @@ def batch_size_per_process(ims_per_batch: int, world_size: int, key: str) -> int
 
 
 class ConcatCOCODataset(torch.utils.data.Dataset):
-    """Several training datasets as one (as DATASETS.TRAIN may list several); items as in
-    :class:`COCODataset`, indices global."""
+    """Several training datasets with the same categories as one (DATASETS.TRAIN may list several);
+    items as in :class:`COCODataset`, indices global."""
 
     def __init__(self, datasets: Sequence[COCODataset]):
         self.datasets = list(datasets)
+        first = self.datasets[0]
+        for other in self.datasets[1:]:
+            if other.category_names != first.category_names:
+                raise UserError(f"datasets {first.name} and {other.name} have different categories; "
+                                f"train on datasets that share one category list")
+        self.category_to_contiguous = first.category_to_contiguous
+        self.category_names = first.category_names
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets]).tolist()
 
     def __len__(self) -> int:

@@ -82,6 +82,20 @@ def test_train_loader_is_deterministic_and_resumes(tiny):
     assert not set(sum((i for i, _ in other_rank), [])) & set(sum((i for i, _ in full[:2]), []))
 
 
+def test_several_training_datasets_concatenate(tiny, tmp_path):
+    root, catalog = tiny
+    loader = build_train_loader(["tiny_train", "tiny_val"], root, catalog=catalog, log=_quiet, ims_per_batch=2,
+                                world_size=1, rank=0, max_iter=8, **TRAIN)
+    assert len(loader.dataset) == 15 and loader.dataset.category_to_contiguous == {1: 1, 3: 2, 5: 3}
+    assert sorted({i for _, _, indices in loader for i in indices}) == list(range(15))
+    other = ensure_shapes_dataset(tmp_path, seed=1, categories=2, train_images=2, val_images=1, image_size=64,
+                                  log=_quiet)
+    two = {"two_categories": {"img_dir": str(other.img_dir("train")), "ann_file": str(other.ann_file("train"))}}
+    with pytest.raises(UserError, match="different categories"):
+        build_train_loader(["tiny_train", "two_categories"], root, catalog={**catalog, **two}, log=_quiet,
+                           ims_per_batch=2, world_size=1, rank=0, max_iter=1, **TRAIN)
+
+
 def test_test_loaders_shard_at_original_size(tiny):
     root, catalog = tiny
     seen = []
