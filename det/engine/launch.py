@@ -66,7 +66,19 @@ def parse_args(argv: Optional[Sequence[str]], test: bool) -> argparse.Namespace:
         parser.add_argument("--skip-test", dest="skip_test", action="store_true",
                             help="do not evaluate the final model")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config options")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Flags written after the KEY VALUE pairs land in the remainder: parse them as flags.
+    flags = [token for token in args.opts or [] if token.startswith("--")]
+    if flags:
+        first = args.opts.index(flags[0])
+        args.opts, rest = args.opts[:first], args.opts[first:]
+        late = parser.parse_args(rest)
+        if late.opts:
+            parser.error(f"KEY VALUE options go before or after all flags, not between them: {' '.join(late.opts)}")
+        for name, value in vars(late).items():
+            if name != "opts" and value != parser.get_default(name):
+                setattr(args, name, value)
+    return args
 
 
 def _device_choice(name: str) -> str:
