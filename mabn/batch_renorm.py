@@ -26,7 +26,7 @@ Running statistics (``momentum`` is the weight of the new value, as in ``nn.Batc
 with the same meaning as ``nn.BatchNorm``'s buffer; eps is added only where it is used.
 
 Schedule, with ``t = num_batches_tracked`` read *before* the forward increments it (``t`` is
-the number of training batches already seen)::
+the number of updates already made)::
 
     rmax_t = 1 + (r_max - 1) * clamp((t - warmup_steps) / (r_ramp_end - warmup_steps), 0, 1)
     dmax_t =      d_max      * clamp((t - warmup_steps) / (d_ramp_end - warmup_steps), 0, 1)
@@ -49,6 +49,19 @@ average over groups::
     running_mean += momentum * (mean_g(mu_B) - running_mean)
     std += momentum * (mean_g(sqrt(var_B_unbiased)) - std)
 
+Implementation: the output is ``x_hat * (weight * r) + (weight * d + bias)`` per group and
+channel, computed by :func:`mabn.ghost_batchnorm.group_batch_norm` (shared with ghost BN: no copy
+of the input, batch norm's backward written out with torch's reduction kernel, first order only);
+``r`` and ``d`` are saved for the backward, never recomputed (:mod:`mabn.compile_barrier`).
+
+Non-finite statistics (a NaN or inf in the input, or a variance that overflows) never enter the
+running statistics: when any channel's new ``running_mean`` or ``running_var`` would be
+non-finite, the WHOLE update of that forward is skipped (buffers and ``num_batches_tracked``
+unchanged, so the schedule does not advance either) and the 0-dim long buffer
+``skipped_updates`` is incremented; tensor logic only, no host sync. A state dict without
+``skipped_updates`` (``nn.BatchNorm``, older checkpoints) loads strictly with the counter at 0.
+An empty batch returns an empty output and leaves every buffer unchanged.
+
 Statistics are computed in float32 for float16/bfloat16 inputs; the output has the input's
 dtype.
 """
@@ -62,13 +75,15 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
+from mabn.ghost_batchnorm import FiniteRunningStats, group_batch_norm, group_statistics
+from mabn.groups import check_group_size, count_groups
 from mabn.precision import statistics_dtype
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 
 
-class _BatchRenorm(_BatchNorm):
+class _BatchRenorm(FiniteRunningStats, _BatchNorm):
     """Batch Renormalization over dim 1; see the module docstring for the exact definition."""
 
     def __init__(
@@ -95,9 +110,7 @@ class _BatchRenorm(_BatchNorm):
             raise ValueError(f"d_max must be >= 0, got {d_max}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if B is not None and (isinstance(B, bool) or not isinstance(B, int) or B < 1):
-            raise ValueError(f"B (the normalization batch size) must be None or a positive int, "
-                             f"got {B!r}")
+        B = check_group_size(B, allow_none=True)
         for name, end in (("r_ramp_end", r_ramp_end), ("d_ramp_end", d_ramp_end)):
             if end < warmup_steps:
                 raise ValueError(f"{name} must be >= warmup_steps ({warmup_steps}), got {end}")
@@ -108,6 +121,7 @@ class _BatchRenorm(_BatchNorm):
         self.r_ramp_end = int(r_ramp_end)
         self.d_ramp_end = int(d_ramp_end)
         self.B = B
+        self._register_skip_counter(device)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
@@ -144,57 +158,46 @@ class _BatchRenorm(_BatchNorm):
                                weight, bias, False, 0.0, self.eps)
         return out.to(input.dtype)
 
-    def _num_groups(self, batch: int) -> int:
-        """Number of normalization groups in a batch of ``batch`` samples (1 when ``B`` is None)."""
-        if self.B is None:
-            return 1
-        if batch % self.B != 0:
-            raise ValueError(f"{type(self).__name__} with B={self.B} normalizes groups of {self.B} "
-                             f"consecutive samples, but the batch has {batch} samples; use a batch "
-                             f"size divisible by {self.B}")
-        return batch // self.B
-
     def _train_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         """Renormalized output; updates the running statistics and the step counter."""
-        groups = self._num_groups(x.shape[0])
-        count = x.numel() // x.shape[1] // groups  # values per channel in one group
+        groups = count_groups(type(self).__name__, self.B, x.shape[0])
+        if x.numel() == 0:  # nothing to normalize; statistics and counters stay as they are
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        count = x.numel() // (x.shape[1] * groups)  # values per channel in one group
         if count < 2:
             raise ValueError(f"{type(self).__name__} expects more than 1 value per channel when "
                              f"training, got input of shape {tuple(x.shape)}"
                              + ("" if self.B is None else f" split into groups of B={self.B}"))
-        xg = x.unflatten(0, (groups, x.shape[0] // groups))  # (G, B, C, *spatial), a view
-        dims = [1, *range(3, xg.dim())]
-        var_b, mean_b = torch.var_mean(xg, dim=dims, correction=0)  # (G, C)
-        std_b = torch.sqrt(var_b + self.eps)
+        mean_b, var_b = group_statistics(x, groups)  # (G, C), no gradient
+        invstd_b = torch.rsqrt(var_b + self.eps)
         with torch.no_grad():
             running_mean = self.running_mean.to(x.dtype)
             running_std = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
             rmax, dmax = (limit.to(x.dtype) for limit in self.current_limits())
-            r = torch.clamp(std_b / running_std, 1.0 / rmax, rmax)
+            r = torch.clamp(torch.sqrt(var_b + self.eps) / running_std, 1.0 / rmax, rmax)
             d = torch.clamp((mean_b - running_mean) / running_std, -dmax, dmax)
             r, d = saved_for_backward(r, d)
             self._update_running_stats(mean_b, var_b * (count / (count - 1)))
-        scale = r / std_b
-        shift = d
+        # y = weight * (x_hat * r + d) + bias: per-group scale weight * r and shift
+        # weight * d + bias; r and d are constants, so the gradient is the paper's.
+        scale, shift = r, d
         if weight is not None:
-            scale = scale * weight
-            shift = shift * weight + bias
-        shape = (groups, 1, -1) + (1,) * (x.dim() - 2)
-        y = (xg - mean_b.view(shape)) * scale.view(shape) + shift.view(shape)
-        return y.flatten(0, 1)
+            scale = weight * r
+            shift = torch.addcmul(bias, weight, d)
+        return group_batch_norm(x, mean_b, invstd_b, scale, shift)
 
     def _update_running_stats(self, mean_b: Tensor, var_unbiased: Tensor) -> None:
         """EMA of the mean and of the (eps-free) standard deviation; advances the counter.
 
         ``mean_b`` and ``var_unbiased`` are (G, C) per-group statistics; the EMAs take their
-        average over groups (of the means, and of the standard deviations).
+        average over groups (of the means, and of the standard deviations). A non-finite result
+        skips the whole update (see the module docstring).
         """
         m = self.momentum
         mean = self.running_mean.to(mean_b.dtype)
         std = self.running_var.to(mean_b.dtype).sqrt()
-        self.running_mean.copy_(mean + m * (mean_b.mean(dim=0) - mean))
-        self.running_var.copy_((std + m * (var_unbiased.sqrt().mean(dim=0) - std)).square())
-        self.num_batches_tracked.add_(1)
+        self._commit_running_stats(mean + m * (mean_b.mean(dim=0) - mean),
+                                   (std + m * (var_unbiased.sqrt().mean(dim=0) - std)).square())
 
 
 class BatchRenorm1d(_BatchRenorm):

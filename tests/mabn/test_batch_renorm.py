@@ -52,7 +52,8 @@ def _random_affine(m: nn.Module, seed: int = 0) -> None:
 def test_is_batchnorm_subclass_with_batchnorm_state():
     m = BatchRenorm2d(4)
     assert isinstance(m, _BatchNorm)
-    assert set(m.state_dict()) == set(nn.BatchNorm2d(4).state_dict())
+    assert set(m.state_dict()) == set(nn.BatchNorm2d(4).state_dict()) | {"skipped_updates"}
+    assert m.skipped_updates.dtype == torch.long and m.skipped_updates.dim() == 0
     assert m.momentum == 0.01 and m.track_running_stats
     assert "r_max=3.0" in repr(m)
 
@@ -151,7 +152,7 @@ def test_warmup_equals_batchnorm_train():
                         dtype=F64)
     bn = nn.BatchNorm2d(4, momentum=0.1, dtype=F64)
     _random_affine(brn)
-    bn.load_state_dict(brn.state_dict())
+    bn.load_state_dict({k: v for k, v in brn.state_dict().items() if k != "skipped_updates"})
     with torch.no_grad():  # running stats far from the batch stats: r, d would clip if allowed
         for m in (brn, bn):
             m.running_mean.fill_(50.0)

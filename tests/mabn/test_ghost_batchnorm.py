@@ -21,6 +21,11 @@ CASES = [  # (ghost class, torch class, input shape)
 CASE_IDS = ["1d-NC", "1d-NCL", "2d", "3d"]
 
 
+def _bn_state(m: nn.Module) -> dict:
+    """The state dict without ``skipped_updates``: what a plain BatchNorm loads strictly."""
+    return {k: v for k, v in m.state_dict().items() if k != "skipped_updates"}
+
+
 def _random_affine(m: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -48,7 +53,8 @@ def test_is_batchnorm_with_batchnorm_state():
     assert isinstance(m, nn.BatchNorm2d) and isinstance(m, _BatchNorm)
     assert isinstance(GhostBatchNorm1d(4, 2), nn.BatchNorm1d)
     assert isinstance(GhostBatchNorm3d(4, 2), nn.BatchNorm3d)
-    assert list(m.state_dict()) == list(nn.BatchNorm2d(4).state_dict())
+    assert list(m.state_dict()) == list(nn.BatchNorm2d(4).state_dict()) + ["skipped_updates"]
+    assert m.skipped_updates.dtype == torch.long and m.skipped_updates.dim() == 0
     assert m.B == 2 and m.momentum == 0.1 and m.eps == 1e-5 and m.track_running_stats
     assert "B=2" in repr(m)
     from mabn.convert import is_batch_norm
@@ -62,7 +68,7 @@ def test_equals_batchnorm_applied_group_by_group(ghost_cls, bn_cls, shape, B):
     _random_affine(ghost)
     _random_stats(ghost)
     ref = bn_cls(5, momentum=0.3, dtype=F64)
-    ref.load_state_dict(ghost.state_dict())
+    ref.load_state_dict(_bn_state(ghost))
 
     x = _input(shape).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -139,7 +145,7 @@ def test_whole_batch_group_equals_batchnorm_exactly(ghost_cls, bn_cls, shape, mo
     ghost = ghost_cls(5, B=shape[0], momentum=momentum)
     bn = bn_cls(5, momentum=momentum)
     _random_affine(ghost)
-    bn.load_state_dict(ghost.state_dict())
+    bn.load_state_dict(_bn_state(ghost))
     for step in range(3):
         x = _input(shape, seed=step, dtype=torch.float32)
         x1 = x.clone().requires_grad_(True)
@@ -163,7 +169,7 @@ def test_eval_is_batchnorm_with_running_stats():
     for step in range(3):
         ghost(_input((8, 4, 3, 3), seed=step, dtype=torch.float32))
     bn = nn.BatchNorm2d(4)
-    bn.load_state_dict(ghost.state_dict())
+    bn.load_state_dict(_bn_state(ghost))
     ghost.eval()
     bn.eval()
     before = {k: v.clone() for k, v in ghost.state_dict().items()}
@@ -201,15 +207,17 @@ def test_state_dict_loads_into_batchnorm_and_back():
     for step in range(2):
         ghost(_input((6, 4, 3, 3), seed=step, dtype=torch.float32))
     bn = nn.BatchNorm2d(4)
-    bn.load_state_dict(ghost.state_dict())  # strict
-    for k, v in ghost.state_dict().items():
+    bn.load_state_dict(_bn_state(ghost))  # strict
+    for k, v in _bn_state(ghost).items():
         assert torch.equal(bn.state_dict()[k], v), k
     assert bn.num_batches_tracked.item() == 2
 
     back = GhostBatchNorm2d(4, B=3)
-    back.load_state_dict(bn.state_dict())
+    back.skipped_updates.fill_(5)
+    back.load_state_dict(bn.state_dict())  # strict, without skipped_updates
     for k, v in bn.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    assert back.skipped_updates.item() == 0
     x = torch.randn(2, 4, 3, 3)
     assert torch.equal(back.eval()(x), bn.eval()(x))
 
@@ -286,7 +294,7 @@ def test_conv_bn_folding_and_sync_conversion():
     net = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(ghost))
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
     assert type(synced[1]) is nn.SyncBatchNorm
-    for k, v in net[1].state_dict().items():
+    for k, v in _bn_state(net[1]).items():
         assert torch.equal(synced[1].state_dict()[k], v), k
     from mabn import convert_sync_batchnorm
     kept = convert_sync_batchnorm(copy.deepcopy(net))  # BN subclasses with own semantics stay
@@ -306,3 +314,21 @@ def test_torch_compile_matches_eager(momentum):
     for k, v in eager.state_dict().items():
         torch.testing.assert_close(module.state_dict()[k], v)
     assert module.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 2, 2), (6, 3)], ids=["2d", "NC"])
+def test_gradcheck_grouped_forward(shape):
+    """The hand-written group backward against finite differences (float64, fresh buffers)."""
+    torch.manual_seed(7)
+    cls = GhostBatchNorm2d if len(shape) == 4 else GhostBatchNorm1d
+    m = cls(3, B=2, dtype=F64)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def f(x, weight, bias):
+        buffers = {k: v.clone() for k, v in state.items() if k != "skipped_updates"}
+        return torch.func.functional_call(m, {"weight": weight, "bias": bias, **buffers}, (x,))
+
+    x = _input(shape).requires_grad_(True)
+    w = (torch.rand(3, dtype=F64) + 0.5).requires_grad_(True)
+    b = torch.randn(3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, w, b))
