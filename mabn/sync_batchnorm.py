@@ -7,15 +7,16 @@ backend: on a CPU tensor in a distributed training step it raises
 ``ValueError("SyncBatchNorm expected input tensor to be on GPU ...")``, even when the world
 size is 1. Tests, CI and CPU-only multi-process runs (gloo backend) therefore cannot use it.
 :class:`SyncBatchNorm` here is a drop-in subclass of ``torch.nn.SyncBatchNorm`` (same
-constructor, parameters, buffers and state dict) that
+constructor, parameters and buffers, plus the ``skipped_updates`` counter) whose forward is
+torch's, except that
 
-* hands every input on a device torch's implementation supports to ``super().forward``
-  (torch's fused kernels, unchanged behaviour);
-* otherwise (CPU and any other device) runs a small all-reduce implementation when
-  synchronization is needed, i.e. in training mode with ``torch.distributed`` initialized and
-  more than one process in ``self.process_group`` (or the default group);
-* and behaves exactly like ``nn.BatchNorm`` (``F.batch_norm``) when it is not: distributed not
-  available / not initialized, world size 1, or eval mode.
+* when synchronization is needed (training mode with ``torch.distributed`` initialized and more
+  than one process in ``self.process_group`` or the default group), inputs on a device torch's
+  implementation supports go to torch's fused synchronized kernels, as before, and inputs on
+  any other device (CPU, ...) to a small all-reduce implementation;
+* it behaves exactly like ``nn.BatchNorm`` (``F.batch_norm``) when it is not: distributed not
+  available / not initialized, world size 1, or eval mode;
+* non-finite statistics never reach the running buffers (below).
 
 What it computes
 ----------------
@@ -48,6 +49,15 @@ batch: ``running_mean <- (1 - f) * running_mean + f * mean`` and
 ``f = momentum`` or, for ``momentum=None``, ``f = 1 / num_batches_tracked`` (cumulative
 average).
 
+Non-finite statistics (a NaN or inf in the input of any rank, or a variance that overflows)
+never enter the running statistics, on every path (torch's kernels on CUDA included): when the
+update of a training forward would leave any value of ``running_mean`` or ``running_var``
+non-finite, the whole update is undone (both buffers and ``num_batches_tracked`` as before) and
+the 0-dim long buffer ``skipped_updates`` is incremented, with tensor logic only (no host
+sync). The statistics are global, so every rank skips the same steps. A state dict without
+``skipped_updates`` (torch's SyncBatchNorm / BatchNorm, older checkpoints) loads strictly with
+the counter at 0. The output of such a step is whatever the batch gives (NaN), as in torch.
+
 Edge cases: a rank whose local batch is empty (N = 0) still takes part in both all-reduces
 (contributing zeros, no division by its local count) and in their backward, so nothing hangs.
 If the *global* batch is empty, the output is empty and the running statistics are left
@@ -70,6 +80,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFunction
 
 from mabn.precision import statistics_dtype
 
@@ -169,16 +180,35 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     (``num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
     process_group=None, device=None, dtype=None``). Inputs are ``(N, C, *)`` with any number
     of trailing dimensions (2D to 5D and beyond). See the module docstring for what is computed.
+    With ``track_running_stats`` it has one more buffer, the 0-dim long ``skipped_updates``.
     """
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type in _torch_sync_devices():
-            return super().forward(input)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None,
+                 **kwargs: Any) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         **kwargs)
+        counter = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
+        self.register_buffer("skipped_updates", counter)
 
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if getattr(self, "skipped_updates", None) is not None:  # None while _BatchNorm.__init__ runs
+            self.skipped_updates.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "skipped_updates"
+        if getattr(self, "skipped_updates", None) is not None and key not in state_dict:
+            state_dict[key] = torch.zeros((), dtype=torch.long)  # torch's SyncBatchNorm, older checkpoints
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
 
-        # Momentum / num_batches_tracked handling mirrors torch's _BatchNorm.forward.
+        # Momentum / num_batches_tracked handling mirrors torch's SyncBatchNorm.forward.
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             if self.num_batches_tracked is None:
@@ -195,9 +225,14 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         else:
             bn_training = (self.running_mean is None) and (self.running_var is None)
 
-        # Buffers are passed only if they are used or updated.
+        # Buffers are passed only if they are used or updated. An update goes to copies, which
+        # _commit_update checks before anything enters the buffers (the kernels may also save
+        # what they get for backward, so the buffers themselves must not be edited afterwards).
+        updates = self.training and self.track_running_stats and self.running_mean is not None
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
+        if updates:
+            running_mean, running_var = running_mean.clone(), running_var.clone()
 
         # Like torch's: synchronize only in training mode, never in eval mode.
         group = None
@@ -216,26 +251,28 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             need_sync = torch.distributed.get_world_size(group) > 1
 
         if not need_sync:
-            return F.batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                bn_training,
-                exponential_average_factor,
-                self.eps,
-            )
-        return _sync_batch_norm_all_reduce(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            self.eps,
-            exponential_average_factor,
-            group,
-        )
+            out = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                               exponential_average_factor, self.eps)
+        elif input.device.type in _torch_sync_devices():
+            out = _TorchSyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                                    exponential_average_factor, group,
+                                                    torch.distributed.get_world_size(group))
+        else:
+            out = _sync_batch_norm_all_reduce(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                              exponential_average_factor, group)
+        if updates:
+            self._commit_update(running_mean, running_var)
+        return out
+
+    @torch.no_grad()
+    def _commit_update(self, new_mean: torch.Tensor, new_var: torch.Tensor) -> None:
+        """Copy the updated statistics into the buffers unless any value is non-finite: then undo
+        this forward's ``num_batches_tracked`` step and count the skip. Tensor logic only, no host sync."""
+        skipped = ~(torch.isfinite(new_mean).all() & torch.isfinite(new_var).all())
+        self.running_mean.copy_(torch.where(skipped, self.running_mean, new_mean))
+        self.running_var.copy_(torch.where(skipped, self.running_var, new_var))
+        self.num_batches_tracked.sub_(skipped.long())
+        self.skipped_updates.add_(skipped.long())
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

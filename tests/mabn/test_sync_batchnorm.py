@@ -39,10 +39,14 @@ def _pair(ref_cls, c, dtype=torch.float64, **kw):
     return ref, ours
 
 
-def _assert_same_state(ref: nn.Module, ours: nn.Module, **tol) -> None:
-    for (k, a), (k2, b) in zip(ref.state_dict().items(), ours.state_dict().items()):
-        assert k == k2
-        torch.testing.assert_close(b, a, **tol, msg=k)
+def _assert_same_state(ref: nn.Module, ours: nn.Module, skipped: int = 0, **tol) -> None:
+    """torch's state plus our ``skipped_updates`` counter (when running statistics are tracked)."""
+    expected, got = ref.state_dict(), dict(ours.state_dict())
+    if "running_mean" in expected:
+        assert got.pop("skipped_updates").item() == skipped
+    assert list(got) == list(expected)
+    for k, a in expected.items():
+        torch.testing.assert_close(got[k], a, **tol, msg=k)
 
 
 # --------------------------------------------------------------------------- single process
@@ -120,6 +124,51 @@ def test_input_checks():
         bn(torch.randn(1, 3))  # one value per channel in training, like nn.BatchNorm
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_non_finite_statistics_are_skipped_and_counted(bad, momentum):
+    ref, ours = _pair(nn.BatchNorm2d, 3, dtype=torch.float32, momentum=momentum)
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2)
+    x[1, 2, 0, 1] = bad  # 1e30: finite input, but its square (the variance) overflows float32
+    ours(x)
+    state = ours.state_dict()
+    assert state["skipped_updates"].item() == 1 and state["skipped_updates"].dtype == torch.long
+    assert state["skipped_updates"].shape == ()
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(state[k], start[k]), k
+    # a finite step afterwards updates exactly like BatchNorm does on that step alone
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(ours(x), ref(x))
+    _assert_same_state(ref, ours, skipped=1)
+    ours.reset_running_stats()
+    assert ours.skipped_updates.item() == 0
+
+
+def test_empty_batch_single_process():
+    ref, ours = _pair(nn.BatchNorm2d, 3)
+    x = torch.randn(0, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = ours(x)
+    assert y.shape == (0, 3, 4, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    ref(x.detach())  # torch's BatchNorm: statistics unchanged, the step counted
+    _assert_same_state(ref, ours)
+
+
+def test_state_dicts_without_counter_load_strictly():
+    ours = SyncBatchNorm(3)
+    ours.skipped_updates.fill_(5)
+    for source in (nn.BatchNorm2d(3), nn.SyncBatchNorm(3)):
+        ours.load_state_dict(source.state_dict(), strict=True)
+        assert ours.skipped_updates.item() == 0
+    ours.skipped_updates.fill_(2)
+    again = SyncBatchNorm(3)
+    again.load_state_dict(ours.state_dict(), strict=True)
+    assert again.skipped_updates.item() == 2
+    assert "skipped_updates" not in SyncBatchNorm(3, track_running_stats=False).state_dict()
+
+
 # --------------------------------------------------------------------------- conversion
 
 
@@ -155,7 +204,7 @@ def test_convert_revert_round_trip():
     assert conv[2].bias is None and conv[2].momentum is None and conv[3].eps == 1e-3
     assert conv[1][2].weight is None
     for k, v in conv.state_dict().items():
-        assert torch.equal(v, ref_state[k]), k
+        assert torch.equal(v, ref_state[k]) if not k.endswith("skipped_updates") else v.item() == 0, k
     # already ours: kept as is
     assert convert_sync_batchnorm(conv[0]) is conv[0]
     assert convert_sync_batchnorm(conv) is conv
@@ -263,6 +312,15 @@ def _worker(rank, tmp, init_method):
         results["offset"] = bn(x32[:3] if rank == 0 else x32[3:]).detach()
         results["offset_var"] = bn.running_var.clone()
 
+        # a NaN on rank 0 only: the global statistics are NaN, so both ranks skip the update
+        bn = SyncBatchNorm(3, dtype=torch.float64)
+        _set_params(bn, 0)
+        x = torch.randn(3, 3, 2, dtype=torch.float64)
+        if rank == 0:
+            x[0, 1, 0] = float("nan")
+        bn(x)
+        results["nan_state"] = bn.state_dict()
+
         # global batch of one value per channel: every rank raises, nobody hangs
         bn = SyncBatchNorm(3, dtype=torch.float64)
         x = torch.randn(1 - rank, 3, dtype=torch.float64)
@@ -336,6 +394,11 @@ def test_two_gloo_processes_match_global_batchnorm(tmp_path):
 
     for r in range(WORLD):
         assert "more than 1 value per channel" in res[r]["one_value"]
+
+    ref = nn.BatchNorm1d(3, dtype=torch.float64)
+    _set_params(ref, 0)
+    for r in range(WORLD):
+        _assert_same_state(ref, _StateHolder(res[r]["nan_state"]), skipped=1)
 
 
 class _StateHolder:
