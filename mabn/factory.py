@@ -29,6 +29,7 @@ NORM_CLASSES_BY_DIM: Dict[str, Dict[int, type]] = {
 
 GHOST_BN_BY_DIM: Dict[int, type] = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
 
+# Every name get_norm accepts, canonical spelling ("" for no norm): the one public list (mabn.NORM_NAMES).
 NORM_NAMES = ("BN", "SyncBN", "FrozenBN", "GN", "IN", "LN", "BRN", "MABN", "")
 
 

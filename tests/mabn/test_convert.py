@@ -252,3 +252,17 @@ def test_package_norms_convert_as_before():
     net = nn.Sequential(MABN2d(4), BatchRenorm2d(4), GhostBatchNorm2d(4, B=2), SyncBatchNorm(4), nn.BatchNorm2d(4))
     convert_sync_batchnorm(net)
     assert [type(m) for m in net] == [MABN2d, BatchRenorm2d, GhostBatchNorm2d, SyncBatchNorm, SyncBatchNorm]
+
+
+def test_skipped_updates_sums_every_counter():
+    import mabn
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), SyncBatchNorm(4), nn.Sequential(SyncBatchNorm(4), nn.BatchNorm2d(4)))
+    net.register_buffer("my_skipped_updates", torch.tensor(100))  # other names do not count
+    assert mabn.skipped_updates(nn.Linear(2, 2)).shape == () and mabn.skipped_updates(nn.Linear(2, 2)).item() == 0
+    net[1].skipped_updates.fill_(2)
+    net[2][0].skipped_updates.fill_(3)
+    total = mabn.skipped_updates(net)
+    assert total.shape == () and total.dtype == torch.long and total.item() == 5
+    total += 1  # a new tensor, not a view of a buffer
+    assert net[1].skipped_updates.item() == 2

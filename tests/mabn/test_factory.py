@@ -154,3 +154,11 @@ def test_brn_passes_B_through():
 def test_mabn_takes_B():
     m = get_norm("MABN", 8, B=4, real_B=32, split_batch=True)
     assert type(m) is MABN2d and m.B == 4 and m.real_B == 32 and m.split_batch
+
+
+def test_names_are_public_once():
+    import mabn
+
+    assert mabn.NORM_NAMES is NORM_NAMES and isinstance(NORM_NAMES, tuple)
+    assert mabn.resolve_norm_name is resolve_norm_name
+    assert all(resolve_norm_name(name.lower()) == name for name in NORM_NAMES)
