@@ -40,6 +40,8 @@ MABN layers in ``torch.utils.checkpoint``, or put them in eval mode for the reco
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Tuple
 
 import torch
@@ -104,10 +106,11 @@ def _per_sample(per_group: Tensor, batch: int) -> Tensor:
 
 @torch.no_grad()
 def _advance_forward_statistics(x: Tensor, running_mean: Tensor, running_var: Tensor,
-                                num_batches_tracked: Tensor, groups_seen: Tensor, chi_window: Tensor,
-                                groups: int, warmup_iters: int, r_warmup_iters: int, eps: float,
+                                num_batches_tracked: Tensor, groups_seen: Tensor, skipped_updates: Tensor,
+                                chi_window: Tensor, groups: int, warmup_iters: int, r_warmup_iters: int, eps: float,
                                 momentum: float, r_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One training forward's statistics; advances the buffers in place.
+    """One training forward's statistics; advances the buffers in place, except for channels
+    whose statistic is not finite (counted in ``skipped_updates``).
 
     Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
     denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``,
@@ -128,9 +131,12 @@ def _advance_forward_statistics(x: Tensor, running_mean: Tensor, running_var: Te
     var = torch.clamp(running_var + eps, chi_plus_eps * (1.0 / r_max ** 2), chi_plus_eps * r_max ** 2)
     var = torch.where(num_batches_tracked >= r_warmup_iters, var, chi_plus_eps)
 
-    running_var.lerp_(chi_used if groups == 1 else chi_used.mean(dim=0), 1.0 - momentum)
-    chi_window.copy_(new_window)
-    torch._foreach_add_([num_batches_tracked, groups_seen], [1, groups])
+    target = chi_used if groups == 1 else chi_used.mean(dim=0)
+    finite = target < math.inf  # one kernel; target >= 0 unless NaN
+    torch.where(finite, torch.lerp(running_var, target, 1.0 - momentum), running_var, out=running_var)
+    torch.where(finite, new_window, chi_window, out=chi_window)
+    torch._foreach_add_([num_batches_tracked, groups_seen, skipped_updates], [1, groups, x.shape[1]])
+    skipped_updates.sub_(finite.sum())
     return tuple(saved_for_backward(var, var.rsqrt(), chi_plus_eps, use_own))
 
 
@@ -170,6 +176,7 @@ class _MABNFunction(torch.autograd.Function):
             _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, None, None, None, zeros, u, True, 0.0, [False, True, True])
             psi = torch.addcmul(zeros, grad_weight, weight, value=1.0 / count)
+            finite = psi.abs() < math.inf
             psi_used, new_window = _windowed(psi_window, psi, use_own)
             coefficient = (psi_used / chi_plus_eps).view((channels,) + (1,) * (x.dim() - 2))
             grad_x.addcmul_(x, coefficient, value=-1.0)
@@ -185,13 +192,15 @@ class _MABNFunction(torch.autograd.Function):
             grad_weight = per_group.sum(dim=0)
             grad_bias = grad_sums.view(batch, channels).sum(dim=0)
             scale = weight * u
-            psi_used, new_window = _windowed(psi_window, per_group * weight * (1.0 / count), use_own)
+            psi = per_group * weight * (1.0 / count)
+            finite = psi.sum(dim=0).abs() < math.inf
+            psi_used, new_window = _windowed(psi_window, psi, use_own)
             grad_x = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
             torch.mul(grad, _per_sample(scale.to(compute_dtype), batch), out=grad_x.view(x3.shape))
             grad_x.view(x3.shape).addcmul_(x3, _per_sample((psi_used / chi_plus_eps).to(compute_dtype), batch),
                                            value=-1.0)
             grad_x = grad_x.to(x.dtype)
-        psi_window.copy_(new_window)
+        torch.where(finite, new_window, psi_window, out=psi_window)
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
                 None, None, None, None, None, None)
 
@@ -250,6 +259,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
         self.register_buffer("groups_seen", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("buffer_x2", torch.zeros(self.window, num_features, **factory))
         self.register_buffer("buffer_gz", torch.zeros(self.window, num_features, **factory))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long, device=device))
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -257,6 +267,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
             self.groups_seen.zero_()
             self.buffer_x2.zero_()
             self.buffer_gz.zero_()
+            self.skipped_updates.zero_()
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, B={self.B}, real_B={self.real_B}, eps={self.eps}, "
@@ -275,19 +286,20 @@ class _MovingAverageBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training:
+        if not self.training or input.numel() == 0:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
         var, u, chi_plus_eps, use_own = _advance_forward_statistics(
             input, self.running_mean, self.running_var, self.num_batches_tracked, self.groups_seen,
-            self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
+            self.skipped_updates, self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
         return _MABNFunction.apply(input, self.weight, self.bias, self.running_mean, var, u, chi_plus_eps,
                                    use_own, self.buffer_gz)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         self._upgrade_published_state(state_dict, prefix)
+        state_dict.setdefault(prefix + "skipped_updates", torch.zeros((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
