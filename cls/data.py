@@ -28,6 +28,7 @@ too large; a file whose pixel data alone is damaged is still found only when it 
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import signal
@@ -228,12 +229,24 @@ class ShardSampler(Sampler):
 
 
 def _worker_init(_worker_id: int) -> None:
-    """One thread per worker; SIGTERM ignored, as forked workers did with the trainer's handler: the
-    trainer stops cleanly on SIGTERM (a scheduler may signal the whole process group) and shuts its
-    workers down itself, and a worker whose trainer is gone exits on its own (DataLoader's watchdog)."""
+    """One thread per worker, and SIGTERM ignored: a scheduler may send it to every process of the
+    job, and the trainer (which stops cleanly on it) must keep its loader until it has saved. A
+    worker still ends with its loader, at the trainer's exit (:func:`_kill_loader_workers`) or when
+    the trainer is gone (DataLoader's watchdog)."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_loader_workers() -> None:
+    """At exit, end the daemonic children (loader workers) with SIGKILL: ``multiprocessing``'s own
+    exit handler, which runs after this one, would send them SIGTERM, which they ignore, and then
+    wait for them forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
