@@ -11,9 +11,10 @@ reaches the convolution differs (``centralized_weight``).
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CONV_TYPES", "CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight", "plain_conv_class"]
@@ -36,6 +37,41 @@ class _Centralize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _subtract_filter_means(grad)
+
+
+class _CentralizedConvolution(torch.autograd.Function):
+    """``convolution(input, centralize(weight), bias)`` saving the input and the RAW weight.
+
+    Composing ``_Centralize`` with ``F.conv2d`` would make the conv save the centralized weight,
+    a new tensor per call (tens of MiB for a ResNet-50). Here the backward recomputes it (one
+    cheap kernel) and projects the weight gradient, so a CenConv saves what an ``nn.ConvNd``
+    saves. Each call keeps its own context, so a conv applied several times before one backward
+    (shared heads, FPN) accumulates correct gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Tuple[int, ...], padding: Tuple[int, ...], dilation: Tuple[int, ...],
+                groups: int) -> torch.Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        output_padding = [0] * (weight.dim() - 2)
+        return torch.convolution(input, _subtract_filter_means(weight), bias, stride, padding, dilation,
+                                 False, output_padding, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output, input, _subtract_filter_means(weight), [weight.shape[0]] if ctx.has_bias else None,
+            stride, padding, dilation, False, [0] * (weight.dim() - 2), groups,
+            [needs_input, needs_weight, needs_bias and ctx.has_bias])
+        if grad_weight is not None:
+            grad_weight = _subtract_filter_means(grad_weight)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def plain_conv_class(conv: nn.Module) -> type:
@@ -77,7 +113,19 @@ class _CenConvMixin:
         return centralize_weight(self.weight)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.centralized_weight, self.bias)
+        # Padding the convolution cannot express itself (other modes, asymmetric 'same') is
+        # applied to the input first, as nn.ConvNd does; the Function then sees padding 0.
+        pads = self._reversed_padding_repeated_twice
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            if self.padding_mode == "zeros" and pads[0::2] == pads[1::2]:
+                padding = tuple(reversed(pads[0::2]))
+            else:
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                input = F.pad(input, pads, mode=mode)
+                padding = (0,) * (self.weight.dim() - 2)
+        return _CentralizedConvolution.apply(input, self.weight, self.bias, self.stride, padding,
+                                             self.dilation, self.groups)
 
 
 class CenConv1d(_CenConvMixin, nn.Conv1d):

@@ -60,3 +60,66 @@ def test_state_dict_interchangeable_with_conv():
     cen = CenConv2d(4, 8, 3, bias=True)
     cen.load_state_dict(plain.state_dict())
     assert torch.equal(cen.weight, plain.weight)
+
+
+def _reference_conv(conv, x):
+    """Autograd through an explicit centralization and the functional conv."""
+    weight = conv.weight - conv.weight.mean(dim=tuple(range(1, conv.weight.dim())), keepdim=True)
+    return conv._conv_forward(x, weight, conv.bias)
+
+
+GRAD_CASES = [
+    (CenConv1d, (2, 4, 11), dict(kernel_size=3, stride=2, padding=1, bias=True)),
+    (CenConv1d, (2, 4, 11), dict(kernel_size=4, padding="same", dilation=2, padding_mode="circular")),
+    (CenConv2d, (2, 4, 9, 8), dict(kernel_size=3, stride=2, padding=2, dilation=2, groups=2)),
+    (CenConv2d, (2, 4, 7, 7), dict(kernel_size=3, padding=1, padding_mode="reflect", bias=True)),
+    (CenConv2d, (2, 4, 7, 7), dict(kernel_size=(2, 3), padding="same", groups=4, bias=True)),
+    (CenConv2d, (2, 4, 7, 7), dict(kernel_size=3, padding=(1, 2), padding_mode="circular", stride=(1, 2))),
+    (CenConv2d, (2, 4, 7, 7), dict(kernel_size=3, padding="valid", padding_mode="replicate")),
+    (CenConv3d, (1, 4, 5, 6, 5), dict(kernel_size=3, stride=(1, 2, 1), padding=1, groups=2, bias=True)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
+@pytest.mark.parametrize("cen_cls,shape,kwargs", GRAD_CASES)
+def test_gradients_match_autograd_reference_with_repeated_calls(cen_cls, shape, kwargs):
+    """The conv is called twice (shared head) before one backward; all gradients must match."""
+    torch.manual_seed(0)
+    cen = cen_cls(4, 8, **kwargs).double()
+    x1 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for forward in (cen, lambda x: _reference_conv(cen, x)):
+        cen.zero_grad()
+        y1, y2 = forward(x1), forward(x2)
+        (y1.square().sum() + (y2 * y2.detach().sin()).sum()).backward()
+        grads.append([x1.grad.clone(), x2.grad.clone()] + [p.grad.clone() for p in cen.parameters()])
+        x1.grad = x2.grad = None
+    for actual, expected in zip(*grads):
+        torch.testing.assert_close(actual, expected)
+    filter_sums = grads[0][2].sum(dim=tuple(range(1, cen.weight.dim())))
+    torch.testing.assert_close(filter_sums, torch.zeros_like(filter_sums), atol=1e-9, rtol=0)
+
+
+def _saved_activation_storages(module, x):
+    """Distinct storages autograd saves for backward, other than parameters and buffers."""
+    owned = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    saved = set()
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in owned:
+            saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x)
+    return len(saved)
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding=1, bias=True, stride=2), dict(padding="same")])
+def test_saves_no_more_than_plain_conv(kwargs):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    plain = nn.Conv2d(8, 16, 3, **kwargs)
+    cen = CenConv2d(8, 16, 3, **kwargs)
+    assert _saved_activation_storages(cen, x) <= _saved_activation_storages(plain, x)
