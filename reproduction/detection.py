@@ -1,0 +1,124 @@
+"""The detection miniature: tiny Mask R-CNN configs on the embedded COCO-format shapes data.
+
+``det/tools/train_net.py`` trains a ``configs/det/shapes/mask_rcnn_<norm>_tiny.yaml`` config with
+2 images per process (SyncBN: 2 processes, 4 images in all) for a shortened schedule, then
+``det/tools/test_net.py`` evaluates the last checkpoint on the validation images (COCO box and
+mask AP). :func:`draw_predictions` runs det's ``Predictor`` on a few validation images and draws
+masks, boxes and class names with det's ``draw_detections``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from reproduction.schedules import BRN_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
+
+__all__ = ["DET_NORMS", "REPO_ROOT", "det_tools_available", "det_opts", "det_commands", "read_coco_results",
+           "draw_predictions"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DET_NORMS = ("bn", "brn", "mabn", "syncbn")
+IMAGES_PER_PROCESS = 2
+# The tiny configs: LR steps at 2000 and 2600 and 100 warm-up iterations in a run of 3000.
+TINY_RUN, TINY_STEPS, TINY_LR_WARMUP = 3000, (2000, 2600), 100
+
+
+def _tool(name: str) -> Path:
+    return REPO_ROOT / "det" / "tools" / f"{name}.py"
+
+
+def config_file(norm: str) -> Path:
+    return REPO_ROOT / "configs" / "det" / "shapes" / f"mask_rcnn_{norm}_tiny.yaml"
+
+
+def det_tools_available() -> Optional[str]:
+    """None when det's tools and tiny configs are present, else why not (one line)."""
+    missing = [str(p.relative_to(REPO_ROOT)) for p in (_tool("train_net"), _tool("test_net"), config_file("mabn"))
+               if not p.is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        import det.engine.predictor  # noqa: F401  (the drawing step needs it)
+        import det.engine.visualize  # noqa: F401
+    except ImportError as exc:
+        return f"det cannot be imported ({exc})"
+    return None
+
+
+def det_opts(norm: str, iterations: int, output_dir: str, processes: int = 1) -> List[str]:
+    """KEY VALUE overrides: the tiny schedule scaled to ``iterations``, BRN/MABN schedules scaled alike."""
+    steps = tuple(max(1, round(step * iterations / TINY_RUN)) for step in TINY_STEPS)
+    images = str(IMAGES_PER_PROCESS * processes)
+    opts = ["SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({steps[0]},{steps[1]})",
+            "SOLVER.WARMUP_ITERS", str(max(1, round(TINY_LR_WARMUP * iterations / TINY_RUN))),
+            "SOLVER.CHECKPOINT_PERIOD", str(iterations), "SOLVER.IMS_PER_BATCH", images, "TEST.IMS_PER_BATCH", images,
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", output_dir]
+    if norm == "brn":
+        brn = scale_schedule(BRN_SCHEDULE, iterations)
+        opts += ["MODEL.BRN.WARMUP_ITERS", str(brn["warmup"]), "MODEL.BRN.R_RAMP_END", str(brn["r_ramp_end"]),
+                 "MODEL.BRN.D_RAMP_END", str(brn["d_ramp_end"])]
+    if norm == "mabn":
+        mabn_schedule = scale_schedule(MABN_DET_SCHEDULE, iterations)
+        opts += ["MODEL.MABN.WARMUP_ITERS", str(mabn_schedule["warmup"]),
+                 "MODEL.MABN.R_WARMUP_ITERS", str(mabn_schedule["r_warmup"])]
+    return opts
+
+
+def det_commands(norm: str, iterations: int, output_dir: str) -> List[List[str]]:
+    """Train (no evaluation inside), then evaluate the last checkpoint with test_net."""
+    processes = 2 if norm == "syncbn" else 1
+    opts = det_opts(norm, iterations, output_dir, processes)
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    config = ["--config-file", str(config_file(norm))]
+    return [launcher + [str(_tool("train_net")), "--skip-test", *config, *opts],
+            launcher + [str(_tool("test_net")), *config, *opts]]
+
+
+def read_coco_results(output_dir: str) -> Optional[Dict[str, Dict[str, float]]]:
+    """``{"bbox": {"AP": ..., ...}, "segm": {...}}`` in percent, from test_net's ``coco_results.json``."""
+    path = os.path.join(output_dir, "inference", "shapes_val", "coco_results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        metrics = json.load(handle)
+    return {iou_type: {name: 100.0 * value for name, value in values.items()} for iou_type, values in metrics.items()}
+
+
+def draw_predictions(norm: str, iterations: int, output_dir: str, path: str, images: int = 4,
+                     score_threshold: float = 0.5) -> Dict[str, object]:
+    """Predict on the first ``images`` validation images and write them side by side to ``path``."""
+    import cv2
+    import numpy as np
+
+    from det.config import load_config
+    from det.data.shapes import SHAPES, ensure_shapes_dataset
+    from det.engine.checkpoint import find_last_checkpoint
+    from det.engine.predictor import Predictor
+    from det.engine.visualize import draw_detections
+
+    cfg = load_config(str(config_file(norm)), det_opts(norm, iterations, output_dir))
+    weights = find_last_checkpoint(output_dir)
+    if weights is None:
+        raise FileNotFoundError(f"no checkpoint in {output_dir}")
+    predictor = Predictor(cfg, weights)
+    names = ["__background"] + list(SHAPES[:cfg.MODEL.ROI_BOX_HEAD.NUM_CLASSES - 1])
+    folder = ensure_shapes_dataset(log=lambda message: None).img_dir("val")
+    files = sorted(folder.iterdir(), key=lambda p: (len(p.name), p.name))[:images]
+    drawn, counts = [], []
+    for file in files:
+        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        detections = predictor.predict(image)
+        counts.append(int((detections["scores"] >= score_threshold).sum()))
+        drawn.append(draw_detections(image, detections, names, score_threshold))
+    height = max(image.shape[0] for image in drawn)
+    padded = [cv2.copyMakeBorder(image, 0, height - image.shape[0], 0, 4, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+              for image in drawn]
+    tiled = cv2.resize(np.concatenate(padded, axis=1), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    if not cv2.imwrite(path, tiled):
+        raise OSError(f"could not write {path}")
+    return {"images": [f.name for f in files], "drawn_detections": counts, "score_threshold": score_threshold,
+            "weights": os.path.relpath(weights, os.path.dirname(path))}
