@@ -169,12 +169,12 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
                              f"training, got input of shape {tuple(x.shape)}"
                              + ("" if self.B is None else f" split into groups of B={self.B}"))
         mean_b, var_b = group_statistics(x, groups)  # (G, C), no gradient
-        invstd_b = torch.rsqrt(var_b + self.eps)
+        sigma_b = torch.sqrt(var_b + self.eps)
         with torch.no_grad():
             running_mean = self.running_mean.to(x.dtype)
             running_std = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
             rmax, dmax = (limit.to(x.dtype) for limit in self.current_limits())
-            r = torch.clamp(torch.sqrt(var_b + self.eps) / running_std, 1.0 / rmax, rmax)
+            r = torch.clamp(sigma_b / running_std, 1.0 / rmax, rmax)
             d = torch.clamp((mean_b - running_mean) / running_std, -dmax, dmax)
             r, d = saved_for_backward(r, d)
             self._update_running_stats(mean_b, var_b * (count / (count - 1)))
@@ -184,7 +184,7 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         if weight is not None:
             scale = weight * r
             shift = torch.addcmul(bias, weight, d)
-        return group_batch_norm(x, mean_b, invstd_b, scale, shift)
+        return group_batch_norm(x, mean_b, sigma_b.reciprocal(), scale, shift)
 
     def _update_running_stats(self, mean_b: Tensor, var_unbiased: Tensor) -> None:
         """EMA of the mean and of the (eps-free) standard deviation; advances the counter.
@@ -193,11 +193,9 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         average over groups (of the means, and of the standard deviations). A non-finite result
         skips the whole update (see the module docstring).
         """
-        m = self.momentum
-        mean = self.running_mean.to(mean_b.dtype)
-        std = self.running_var.to(mean_b.dtype).sqrt()
-        self._commit_running_stats(mean + m * (mean_b.mean(dim=0) - mean),
-                                   (std + m * (var_unbiased.sqrt().mean(dim=0) - std)).square())
+        mean = self.running_mean.to(mean_b.dtype).lerp(mean_b.mean(dim=0), self.momentum)
+        std = self.running_var.to(mean_b.dtype).sqrt().lerp(var_unbiased.sqrt().mean(dim=0), self.momentum)
+        self._commit_running_stats(mean, std.square())
 
 
 class BatchRenorm1d(_BatchRenorm):
