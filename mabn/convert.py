@@ -31,8 +31,8 @@ from mabn.factory import GHOST_BN_BY_DIM, NORM_CLASSES_BY_DIM, NormSpec, get_nor
 from mabn.moving_average_bn import _MovingAverageBatchNorm
 from mabn.sync_batchnorm import SyncBatchNorm
 
-__all__ = ["NormAct", "convert_conv", "convert_norm", "convert_sync_batchnorm", "is_batch_norm", "revert_sync_batchnorm",
-           "skipped_updates"]
+__all__ = ["NormAct", "NotConvertibleError", "convert_conv", "convert_norm", "convert_sync_batchnorm", "is_batch_norm",
+           "revert_sync_batchnorm", "skipped_updates"]
 
 _SPATIAL_DIM = {cls: dim for table in NORM_CLASSES_BY_DIM.values() for dim, cls in table.items()}
 
@@ -92,7 +92,8 @@ class NotConvertibleError(ValueError):
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
 
 
 def _modules_after_norm(layer: nn.Module) -> Dict[str, nn.Module]:
@@ -100,7 +101,7 @@ def _modules_after_norm(layer: nn.Module) -> Dict[str, nn.Module]:
     and ``act`` children for a norm-activation layer. Raises :class:`NotConvertibleError`
     saying why for anything else."""
     if _has_hooks(layer):
-        raise NotConvertibleError("it has forward hooks, which a new layer would not run")
+        raise NotConvertibleError("it has hooks, which a new layer would not run")
     children = dict(layer.named_children())
     if not children:
         if type(layer).forward not in _NORM_FORWARDS:
@@ -121,7 +122,7 @@ def _normalizes_then_applies(layer: nn.Module, after: list) -> bool:
     """Whether ``layer(x) == after(batch_norm(x))`` in eval mode on a fixed probe input."""
     reference = layer.running_mean if layer.running_mean is not None else layer.weight
     if reference is None or reference.device.type == "meta":
-        return True  # nothing to compute with; the children's names are all there is
+        return True  # nothing to compute with: the children's names are all there is to go by
     shape = (2, reference.numel()) + (3,) * _spatial_dim(layer)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(reference)
     modes = {m: m.training for m in layer.modules()}
