@@ -7,7 +7,8 @@ MABN layer only needs to normalize the second moment.
 
 The layers subclass ``nn.ConvNd``: same constructor, parameters, initialisation and state dict,
 so ``isinstance`` checks, weight loading, folding and export keep working. Only the weight that
-reaches the convolution differs (``centralized_weight``).
+reaches the convolution differs (``centralized_weight``). The convolution saves the input and
+the raw weight, like ``nn.ConvNd``, and recomputes the centralized weight in its backward.
 """
 from __future__ import annotations
 
