@@ -13,7 +13,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from cls.run_log import LOGGER_NAME
 from cls.transforms import TrainTransform, ValTransform
 from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import kept_message, load_model_state, resolve_checkpoint_path
-from mabn.utils.distributed import DistEnv, destroy_distributed, init_distributed, wrap_data_parallel
+from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
+                                    wrap_data_parallel)
 from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
 from mabn.utils.lock import FolderLock
 from mabn.utils.run_log import RunLog
@@ -57,19 +58,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _on_rank0(env: DistEnv, action: Callable[[], None]) -> None:
-    """Run ``action`` on rank 0 only; the :class:`UserError` it raises is raised on every rank."""
-    message = None
-    if env.is_main:
-        try:
-            action()
-        except UserError as exc:
-            message = str(exc)
-    message = env.broadcast_object(message)
-    if message is not None:
-        raise UserError(message)
-
-
 def _check_output_folder(args: argparse.Namespace) -> None:
     """Never overwrite a run's checkpoint by accident: training into a --save that holds one
     needs --checkpoint_dir on it (resume) or --overwrite (start over)."""
@@ -86,7 +74,7 @@ def _check_flags(args: argparse.Namespace, env: DistEnv) -> None:
     resolve(args, env.world_size)
     if args.workers is None:
         args.workers = min(8, max(1, (os.cpu_count() or 1) // max(env.local_world_size, 1)))
-    _on_rank0(env, lambda: _check_output_folder(args))
+    check_on_main_rank(env, lambda: _check_output_folder(args))
 
 
 def _datasets(args: argparse.Namespace, env: DistEnv):
@@ -156,7 +144,7 @@ def _lock_output_folder(stack: contextlib.ExitStack, args: argparse.Namespace, e
         lock.acquire()
         _check_output_folder(args)
 
-    _on_rank0(env, lock_and_check)
+    check_on_main_rank(env, lock_and_check)
 
 
 def _log_header(log: RunLog, args: argparse.Namespace, env: DistEnv, norm, resume_lines) -> None:

@@ -11,7 +11,7 @@ import datetime
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,8 @@ from torch import nn
 
 from mabn.utils.errors import UserError
 
-__all__ = ["DistEnv", "GradientAveraging", "init_distributed", "destroy_distributed", "wrap_data_parallel"]
+__all__ = ["DistEnv", "GradientAveraging", "init_distributed", "destroy_distributed", "check_on_main_rank",
+           "wrap_data_parallel"]
 
 
 @dataclass
@@ -114,6 +115,20 @@ def init_distributed(device: str = "auto", local_rank_flag: Optional[int] = None
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank,
                    local_world_size=local_world_size, device=torch_device, backend=backend)
+
+
+def check_on_main_rank(env: DistEnv, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 only (a file-system check, taking a lock) and raise the
+    :class:`UserError` it raises on every rank, so that all of them stop together."""
+    message = None
+    if env.is_main:
+        try:
+            check()
+        except UserError as exc:
+            message = str(exc)
+    message = env.broadcast_object(message)
+    if message is not None:
+        raise UserError(message)
 
 
 def destroy_distributed(env: DistEnv) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mabn.utils.distributed import DistEnv, init_distributed, wrap_data_parallel
+from mabn.utils.distributed import DistEnv, check_on_main_rank, init_distributed, wrap_data_parallel
 from mabn.utils.errors import UserError
 
 _LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -48,3 +48,14 @@ def test_bad_environments_are_user_errors(plain_process):
 def test_wrap_data_parallel_is_the_model_itself_in_one_process():
     model = nn.Linear(2, 2)
     assert wrap_data_parallel(model, DistEnv()) is model
+
+
+def test_check_on_main_rank_raises_the_check_error(plain_process):
+    env = DistEnv()
+    check_on_main_rank(env, lambda: None)
+
+    def refuse():
+        raise UserError("--save x is in use")
+
+    with pytest.raises(UserError, match="--save x is in use"):
+        check_on_main_rank(env, refuse)
