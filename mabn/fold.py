@@ -121,7 +121,7 @@ def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> nn.Module:
         raise TypeError(f"cannot fold {type(norm).__name__}: expected a BatchNorm-like layer with running statistics")
     if after:
         raise TypeError(f"{type(norm).__name__} applies {', '.join(after)} after normalizing, which one conv cannot "
-                        f"hold; fold its norm only, or use fold_norms (keeps them)")
+                        f"hold; use fold_norms, which keeps them")
     if not _pair_compatible(conv, norm):
         raise ValueError(f"conv has {conv.out_channels} output channels but the norm has "
                          f"{norm.running_mean.numel()} features")
