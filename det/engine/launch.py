@@ -190,7 +190,8 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
         _check_weight_file(cfg.MODEL.WEIGHT, "MODEL.WEIGHT")
     lock = FolderLock(output_dir, "OUTPUT_DIR")
     stack.callback(lock.release)
-    if os.path.isdir(output_dir):  # a folder in use fails now; a new one is created only after the checks
+    locked = os.path.isdir(output_dir)  # a folder in use fails now; a new one is created after the checks
+    if locked:
         _on_rank0(env, lock.acquire)
 
     _seed(0)
@@ -223,7 +224,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
                                           start_iter, pin_memory=env.device.type == "cuda", log=data_log)
     test_loaders = _test_loaders(cfg, env) if evaluates else []
 
-    if not lock.held:
+    if not locked:
         _on_rank0(env, lock.acquire)
     log = _open_log(stack, output_dir, env, tensorboard=True)
     log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'}), "
@@ -286,14 +287,15 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
     _check_weight_file(weight, what)
     lock = FolderLock(os.path.join(output_dir, "inference"), "OUTPUT_DIR")
     stack.callback(lock.release)
-    if os.path.isdir(lock.folder):
+    locked = os.path.isdir(lock.folder)
+    if locked:
         _on_rank0(env, lock.acquire)
 
     _seed(0)
     network = build_detection_model(cfg).to(env.device)
     report = load_weights(network, weight)
     loaders = _test_loaders(cfg, env)
-    if not lock.held:
+    if not locked:
         _on_rank0(env, lock.acquire)
     log = _open_log(stack, output_dir, env, tensorboard=False)
     log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'})")
