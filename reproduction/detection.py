@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from reproduction.schedules import BRN_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
 
@@ -88,9 +88,34 @@ def read_coco_results(output_dir: str) -> Optional[Dict[str, Dict[str, float]]]:
     return {iou_type: {name: 100.0 * value for name, value in values.items()} for iou_type, values in metrics.items()}
 
 
+MAX_DRAWN = 8   # highest-scoring detections drawn per image
+DRAW_SCALE = 3  # the 128-pixel images are enlarged so that the labels stay readable
+
+
+def _top(detections: Dict[str, "np.ndarray"], count: int) -> Dict[str, "np.ndarray"]:
+    order = detections["scores"].argsort()[::-1][:count]
+    return {key: value[order] for key, value in detections.items()}
+
+
+def _enlarged(image: "np.ndarray", detections: Dict[str, "np.ndarray"], scale: int):
+    """``image`` and its detections ``scale`` times larger (nearest neighbour)."""
+    import cv2
+    import numpy as np
+
+    big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    masks = detections["masks"]
+    scaled = dict(detections, boxes=detections["boxes"] * scale,
+                  masks=np.repeat(np.repeat(masks, scale, axis=1), scale, axis=2) if masks.size else masks)
+    return big, scaled
+
+
 def draw_predictions(norm: str, iterations: int, output_dir: str, path: str, images: int = 4,
-                     score_threshold: float = 0.5) -> Dict[str, object]:
-    """Predict on the first ``images`` validation images and write them side by side to ``path``."""
+                     thresholds: Sequence[float] = (0.5, 0.3, 0.1)) -> Dict[str, object]:
+    """Predict on the first ``images`` validation images and write them side by side to ``path``.
+
+    Detections scoring at least the first of ``thresholds`` that leaves any are drawn (a briefly
+    trained model may score nothing at 0.5); the threshold used is returned.
+    """
     import cv2
     import numpy as np
 
@@ -108,16 +133,17 @@ def draw_predictions(norm: str, iterations: int, output_dir: str, path: str, ima
     names = ["__background"] + list(SHAPES[:cfg.MODEL.ROI_BOX_HEAD.NUM_CLASSES - 1])
     folder = ensure_shapes_dataset(log=lambda message: None).img_dir("val")
     files = sorted(folder.iterdir(), key=lambda p: (len(p.name), p.name))[:images]
-    drawn, counts = [], []
-    for file in files:
-        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
-        detections = predictor.predict(image)
-        counts.append(int((detections["scores"] >= score_threshold).sum()))
-        drawn.append(draw_detections(image, detections, names, score_threshold))
+    loaded = [cv2.imread(str(file), cv2.IMREAD_COLOR) for file in files]
+    predictions = [_top(predictor.predict(image), MAX_DRAWN) for image in loaded]
+    score_threshold = next((t for t in thresholds if any((p["scores"] >= t).any() for p in predictions)),
+                           thresholds[0])
+    counts = [int((p["scores"] >= score_threshold).sum()) for p in predictions]
+    drawn = [draw_detections(*_enlarged(image, p, DRAW_SCALE), names, score_threshold)
+             for image, p in zip(loaded, predictions)]
     height = max(image.shape[0] for image in drawn)
-    padded = [cv2.copyMakeBorder(image, 0, height - image.shape[0], 0, 4, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+    padded = [cv2.copyMakeBorder(image, 0, height - image.shape[0], 0, 8, cv2.BORDER_CONSTANT, value=(255, 255, 255))
               for image in drawn]
-    tiled = cv2.resize(np.concatenate(padded, axis=1), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    tiled = np.concatenate(padded, axis=1)
     if not cv2.imwrite(path, tiled):
         raise OSError(f"could not write {path}")
     return {"images": [f.name for f in files], "drawn_detections": counts, "score_threshold": score_threshold,

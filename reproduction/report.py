@@ -326,11 +326,16 @@ def _markdown(report: dict) -> str:
             m = row["metrics"]
             cells = ["—"] * 6 if m is None else [_fmt(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
             lines.append(f"| {row['norm'].upper()} | {row['processes']} | " + " | ".join(cells) + " |")
-        ds = report["det_schedules"]
-        lines += ["", f"Scaled schedules: MABN `MODEL.MABN.WARMUP_ITERS {ds['mabn']['warmup']} "
-                      f"MODEL.MABN.R_WARMUP_ITERS {ds['mabn']['r_warmup']}`, BRN `MODEL.BRN.WARMUP_ITERS "
-                      f"{ds['brn']['warmup']} R_RAMP_END {ds['brn']['r_ramp_end']} D_RAMP_END {ds['brn']['d_ramp_end']}`.",
-                  ""]
+        ds, ran = report["det_schedules"], {row["norm"] for row in det["rows"]}
+        scaled = []
+        if "mabn" in ran:
+            scaled.append(f"MABN `MODEL.MABN.WARMUP_ITERS {ds['mabn']['warmup']} MODEL.MABN.R_WARMUP_ITERS "
+                          f"{ds['mabn']['r_warmup']}`")
+        if "brn" in ran:
+            scaled.append(f"BRN `MODEL.BRN.WARMUP_ITERS {ds['brn']['warmup']} MODEL.BRN.R_RAMP_END "
+                          f"{ds['brn']['r_ramp_end']} MODEL.BRN.D_RAMP_END {ds['brn']['d_ramp_end']}`")
+        lines += ["", "Scaled schedules: " + "; ".join(scaled) + ". Learning rate: the tiny configs' schedule "
+                      "(warm-up and steps) scaled to the same fractions of the run.", ""] if scaled else [""]
         if det["drawing"] and "figure" in det["drawing"]:
             lines += [f"Predictions of the MABN model on validation images (score >= "
                       f"{det['drawing']['score_threshold']}):", "", f"![detections]({det['drawing']['figure']})", ""]

@@ -1,0 +1,106 @@
+"""Pieces of the reproduction: schedule scaling, the commands it runs, log parsing, claims, the task runner."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from reproduction.claims import MIN_MARGIN, check_claims, margin
+from reproduction.classification import TABLE_ROWS, Row, cls_command, cls_schedule_flags, read_test_line
+from reproduction.runner import Task, run_tasks, single_thread_env
+from reproduction.schedules import BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
+
+
+def test_schedules_keep_the_published_fraction_of_the_run():
+    assert BRN_SCHEDULE.fractions() == {"warmup": 5000 / 160000, "r_ramp_end": 0.25, "d_ramp_end": 25000 / 160000}
+    assert scale_schedule(BRN_SCHEDULE, 1000) == {"warmup": 31, "r_ramp_end": 250, "d_ramp_end": 156}
+    assert scale_schedule(BRN_SCHEDULE, 160_000) == dict(BRN_SCHEDULE.iterations)
+    assert scale_schedule(MABN_CLS_SCHEDULE, 600_000) == {"warmup": 100, "r_warmup": 1000}
+    assert scale_schedule(MABN_CLS_SCHEDULE, 1000) == {"warmup": 1, "r_warmup": 2}  # at least 1
+    assert scale_schedule(MABN_DET_SCHEDULE, 1800) == {"warmup": 1, "r_warmup": 10}
+    with pytest.raises(ValueError, match="positive"):
+        scale_schedule(BRN_SCHEDULE, 0)
+
+
+@pytest.mark.parametrize("row", TABLE_ROWS, ids=lambda r: r.key)
+def test_cls_commands_parse_with_the_trainer_flags(row: Row, tmp_path):
+    from cls.config import parse_args
+
+    command = cls_command(row, 1000, 3, str(tmp_path / "run"), ["--synthetic_val_per_class", "5"])
+    assert command[:3] == [sys.executable, "-m", "cls.train"]
+    args = parse_args(command[3:])
+    assert (args.arch, args.image_size, args.batch_size, args.seed, args.workers) == ("resnet20", 32, 32, 3, 0)
+    assert args.iters_per_epoch * args.total_epoch == 1000 and args.lr_milestones == [7, 9]
+    assert args.norm == row.norm and args.norm_batch == row.norm_batch and args.synthetic_val_per_class == 5
+    if row.norm == "brn":
+        assert (args.brn_warmup, args.brn_r_ramp_end, args.brn_d_ramp_end) == (31, 250, 156)
+    if row.norm == "mabn":
+        assert (args.warmup_iters, args.mabn_r_warmup, args.ma_batch) == (1, 2, 32)
+    if row.norm in ("bn", "gn"):
+        assert cls_schedule_flags(row.norm, 1000) == {}
+        assert not any(token.startswith(("--brn_", "--warmup_iters", "--mabn_")) for token in command)
+    assert ("--norm_batch" in command) == (row.norm != "gn")  # GN ignores the normalization batch
+
+
+@pytest.mark.parametrize("norm", ["bn", "brn", "mabn", "syncbn"])
+def test_det_overrides_are_valid_config_keys(norm, tmp_path):
+    from det.config import load_config
+
+    from reproduction.detection import config_file, det_commands, det_opts
+
+    processes = 2 if norm == "syncbn" else 1
+    cfg = load_config(str(config_file(norm)), det_opts(norm, 300, str(tmp_path), processes))
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS) == (300, (200, 260), 10)
+    assert cfg.SOLVER.IMS_PER_BATCH == 2 * processes and cfg.OUTPUT_DIR == str(tmp_path)
+    if norm == "brn":
+        assert (cfg.MODEL.BRN.WARMUP_ITERS, cfg.MODEL.BRN.R_RAMP_END, cfg.MODEL.BRN.D_RAMP_END) == (9, 75, 47)
+    if norm == "mabn":
+        assert (cfg.MODEL.MABN.WARMUP_ITERS, cfg.MODEL.MABN.R_WARMUP_ITERS) == (1, 2)
+    train, test = det_commands(norm, 300, str(tmp_path))
+    assert train[-len(det_opts(norm, 300, str(tmp_path), processes)):] == det_opts(norm, 300, str(tmp_path), processes)
+    assert "--skip-test" in train and train[train.index("--skip-test") - 1].endswith("train_net.py")
+    assert "--skip-test" not in test and any(token.endswith("test_net.py") for token in test)
+    assert ("--nproc_per_node=2" in train) == (norm == "syncbn")
+
+
+def test_read_test_line_takes_the_last_evaluation(tmp_path):
+    assert read_test_line(str(tmp_path)) is None
+    (tmp_path / "log.train-2026-1-1-0-0-0").write_text(
+        "[28 01:02:03] TEST: loss = 2.500000,\tTop-1 err = 80.000000,\tTop-5 err = 30.000000,\t\n"
+        "[28 01:02:09] TEST: loss = 2.012345,\tTop-1 err = 50.125000,\tTop-5 err = 15.500000,\t\n")
+    assert read_test_line(str(tmp_path)) == {"loss": 2.012345, "top1_err": 50.125, "top5_err": 15.5}
+
+
+def test_claims_follow_the_numbers():
+    paper_like = {"BN@32": 30.0, "BN@2": 50.0, "BRN@2": 40.0, "MABN@2": 31.0}
+    verdicts = [c["verdict"] for c in check_claims(paper_like, {}, 1.0)]
+    assert verdicts == ["reproduced"] * 4
+    flat = {"BN@32": 30.0, "BN@2": 31.0, "BRN@2": 31.0, "MABN@2": 40.0}
+    verdicts = [c["verdict"] for c in check_claims(flat, {}, 0.5)]
+    assert verdicts == ["not reproduced"] * 4
+    assert [c["verdict"] for c in check_claims({}, {}, None)] == ["not measured"] * 4
+
+
+def test_margin_grows_with_the_seed_spread():
+    assert margin({}) == MIN_MARGIN
+    assert margin({"BN@32": [30.0, 40.0], "BN@2": [50.0, 60.0]}) == pytest.approx(2 * 50 ** 0.5)
+
+
+def test_runner_runs_commands_in_order_and_stops_a_task_at_its_first_failure(tmp_path):
+    marker = tmp_path / "second_ran"
+    ok = Task("ok", [[sys.executable, "-c", "print('one')"], [sys.executable, "-c", "print('two')"]],
+              str(tmp_path / "ok.log"), 1.0)
+    bad = Task("bad", [[sys.executable, "-c", "raise SystemExit(3)"],
+                       [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]], str(tmp_path / "bad.log"), 1.0, cores=2)
+    results = run_tasks([ok, bad], jobs=2, env=single_thread_env(), progress=False)
+    assert results["ok"].returncode == 0 and results["bad"].returncode == 3
+    assert results["bad"].failed_command == list(bad.commands[0]) and not marker.exists()
+    assert (tmp_path / "ok.log").read_text().splitlines()[1::2] == ["one", "two"]
+
+
+def test_single_thread_env_pins_threads():
+    env = single_thread_env({"REPRODUCTION_TEST_EXTRA": "1"})
+    assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1" and env["REPRODUCTION_TEST_EXTRA"] == "1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONHASHSEED"] == "0"
+    assert "REPRODUCTION_TEST_EXTRA" not in os.environ  # a copy: the caller's environment is untouched
