@@ -233,7 +233,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         extra_env = {"MABN_CACHE": os.path.abspath(os.path.expanduser(args.data_cache))} if args.data_cache else {}
         env = single_thread_env(extra_env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        results = run_tasks(run_plan.tasks, args.jobs, env, progress=args.progress, description=budget.name)
+        try:
+            results = run_tasks(run_plan.tasks, args.jobs, env, progress=args.progress, description=budget.name)
+        except KeyboardInterrupt:
+            print(f"interrupted: the runs were stopped; their logs are in {os.path.join(out, 'logs')}",
+                  file=sys.stderr)
+            return 130
         if extra_env:
             os.environ.update(extra_env)
         report = collect(run_plan, results, budget, args, started_at, time.monotonic() - started)
@@ -243,7 +248,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """0: every part ran; 1: some part failed (see results.md); 2: bad input."""
+    """0: every part ran; 1: some part failed (see results.md); 2: bad input; 130: interrupted."""
     from mabn.utils.errors import run_cli
 
     return run_cli(lambda: run(argv))
