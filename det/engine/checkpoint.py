@@ -161,7 +161,8 @@ def restore_rank_state(checkpoint: Optional[Mapping[str, Any]], path: str, netwo
         load_rank_buffers(network, rank_states[env.rank]["buffers"])
         restore_rng_state(rank_states[env.rank]["rng"], env.device)
     except _MALFORMED as exc:
-        raise UserError(f"checkpoint {path}: rank_states[{env.rank}] does not fit this run ({_describe(exc)})") from None
+        raise UserError(f"checkpoint {path}: rank_states[{env.rank}] does not fit this run "
+                        f"({_describe(exc)})") from None
 
 
 def _write_text_atomic(path: str, text: str) -> None:

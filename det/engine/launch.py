@@ -23,7 +23,7 @@ import os
 import random
 import time
 from datetime import timedelta
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,10 +34,11 @@ from det.data import batch_size_per_process, build_test_loaders, build_train_loa
 from det.engine.checkpoint import (CheckpointWriter, compare_configs, find_last_checkpoint, read_checkpoint,
                                    restore_rank_state, restore_training_state)
 from det.engine.inference import inference
-from det.engine.trainer import DetectionTrainer, MetricsWriter, PeriodicCheckpoint, Precision, build_hooks
+from det.engine.trainer import DetectionTrainer, MetricsWriter, PeriodicCheckpoint, build_hooks, precision_from_dtype
 from det.modeling import build_detection_model, load_weights
 from det.solver import make_lr_scheduler, make_optimizer
-from mabn.utils.distributed import DistEnv, destroy_distributed, init_distributed, wrap_data_parallel
+from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
+                                    wrap_data_parallel)
 from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
 from mabn.utils.lock import FolderLock
 from mabn.utils.run_log import RunLog
@@ -120,19 +121,6 @@ def _check_solver_counts(cfg: CfgNode) -> None:
             raise UserError(f"SOLVER.{key} {getattr(solver, key)} must be >= {minimum}")
 
 
-def _on_rank0(env: DistEnv, action: Callable[[], None]) -> None:
-    """Run ``action`` on rank 0; its :class:`UserError` is raised on every rank."""
-    message = None
-    if env.is_main:
-        try:
-            action()
-        except UserError as exc:
-            message = str(exc)
-    message = env.broadcast_object(message)
-    if message is not None:
-        raise UserError(message)
-
-
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -180,7 +168,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
     # Inputs first: nothing is written before they all check out.
     _check_output_dir(output_dir)
     _check_solver_counts(cfg)
-    precision = Precision(cfg.DTYPE, env.device)
+    precision = precision_from_dtype(cfg.DTYPE, env.device)
     batch_size_per_process(cfg.SOLVER.IMS_PER_BATCH, env.world_size, "SOLVER.IMS_PER_BATCH")
     evaluates = not args.skip_test or cfg.SOLVER.TEST_PERIOD > 0
     if evaluates:
@@ -192,7 +180,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
     stack.callback(lock.release)
     locked = os.path.isdir(output_dir)  # a folder in use fails now; a new one is created after the checks
     if locked:
-        _on_rank0(env, lock.acquire)
+        check_on_main_rank(env, lock.acquire)
 
     _seed(0)
     network = build_detection_model(cfg).to(env.device)
@@ -225,7 +213,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
     test_loaders = _test_loaders(cfg, env) if evaluates else []
 
     if not locked:
-        _on_rank0(env, lock.acquire)
+        check_on_main_rank(env, lock.acquire)
     log = _open_log(stack, output_dir, env, tensorboard=True)
     log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'}), "
              f"{cfg.SOLVER.IMS_PER_BATCH // env.world_size} images per process")
@@ -276,7 +264,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
 def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextlib.ExitStack) -> int:
     output_dir = cfg.OUTPUT_DIR
     _check_output_dir(output_dir)
-    precision = Precision(cfg.DTYPE, env.device)
+    precision = precision_from_dtype(cfg.DTYPE, env.device)
     _check_test_data(cfg, env.world_size)
     last = find_last_checkpoint(output_dir) if os.path.isdir(output_dir) and not args.ckpt else None
     weight, what = ((args.ckpt, "--ckpt") if args.ckpt else (last, "OUTPUT_DIR/last_checkpoint") if last
@@ -289,14 +277,14 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
     stack.callback(lock.release)
     locked = os.path.isdir(lock.folder)
     if locked:
-        _on_rank0(env, lock.acquire)
+        check_on_main_rank(env, lock.acquire)
 
     _seed(0)
     network = build_detection_model(cfg).to(env.device)
     report = load_weights(network, weight)
     loaders = _test_loaders(cfg, env)
     if not locked:
-        _on_rank0(env, lock.acquire)
+        check_on_main_rank(env, lock.acquire)
     log = _open_log(stack, output_dir, env, tensorboard=False)
     log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'})")
     log.info(f"Loaded configuration file {args.config_file or '(none)'}; options: {' '.join(args.opts) or '(none)'}")

@@ -11,7 +11,6 @@ hook plumbing are :mod:`mabn.utils.train_loop`'s.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -24,45 +23,26 @@ from torch.utils.data import DataLoader
 
 from det.engine.checkpoint import CheckpointWriter
 from det.engine.metric_logger import MetricLogger, max_memory_mib
+from mabn.utils.amp import Precision
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import NonFiniteLossError, UserError
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import StopFlag
 from mabn.utils.train_loop import CheckpointHook, EvalHook, HookBase, LRSchedulerHook, TrainerBase
 
-__all__ = ["DTYPES", "Precision", "DetectionTrainer", "LogHook", "PeriodicCheckpoint", "MetricsWriter",
+__all__ = ["DTYPES", "precision_from_dtype", "DetectionTrainer", "LogHook", "PeriodicCheckpoint", "MetricsWriter",
            "build_hooks"]
 
 DTYPES = ("float32", "float16")
 LOG_PERIOD = 20
 
 
-class Precision:
-    """``DTYPE float16``: autocast (float16 with loss scaling on CUDA, bfloat16 on the CPU, which
-    has no fast float16); ``float32``: off."""
-
-    def __init__(self, dtype: str, device: torch.device):
-        if dtype not in DTYPES:
-            raise UserError(f"DTYPE {dtype!r}: use one of {', '.join(DTYPES)}")
-        self.enabled = dtype == "float16"
-        self.device_type = device.type
-        self.dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda") if self.enabled and device.type == "cuda" else None
-
-    def autocast(self):
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
-            optimizer.step()
-            return
-        self.scaler.step(optimizer)
-        self.scaler.update()
+def precision_from_dtype(dtype: str, device: torch.device) -> Precision:
+    """``DTYPE float16``: mixed precision (float16 autocast with loss scaling on CUDA, bfloat16
+    autocast on the CPU, see :mod:`mabn.utils.amp`); ``float32``: off."""
+    if dtype not in DTYPES:
+        raise UserError(f"DTYPE {dtype!r}: use one of {', '.join(DTYPES)}")
+    return Precision(dtype == "float16", device)
 
 
 def _to_device(targets: List[Mapping[str, torch.Tensor]], device: torch.device) -> List[Dict[str, torch.Tensor]]:

@@ -41,7 +41,8 @@ def make_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.SGD:
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (biases if _is_bias(name) else weights).append(parameter)
-    groups = [{"params": params, "is_bias": is_bias} for params, is_bias in ((weights, False), (biases, True)) if params]
+    groups = [{"params": params, "is_bias": is_bias}
+              for params, is_bias in ((weights, False), (biases, True)) if params]
     optimizer = torch.optim.SGD(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM)
     set_optimizer_hyperparameters(cfg, optimizer)
     return optimizer

@@ -12,7 +12,7 @@ from det.data import build_test_loaders
 from det.data.shapes import ensure_shapes_dataset
 from det.engine import launch
 from det.engine.inference import inference
-from det.engine.trainer import Precision
+from det.engine.trainer import precision_from_dtype
 from det.modeling import build_detection_model
 from mabn.utils.distributed import DistEnv
 from mabn.utils.run_log import RunLog
@@ -40,7 +40,8 @@ def test_evaluating_a_mabn_model_leaves_its_buffers_and_modes_unchanged(shapes, 
     catalog = {"tiny_val": {"img_dir": "val", "ann_file": "annotations/instances_val.json"}}
     loaders = build_test_loaders(["tiny_val"], str(shapes.root), 2, 1, 0, 0, catalog=catalog, log=lambda *_: None)
     with RunLog(str(tmp_path), True, file_prefix=None, tensorboard_dir=None, progress=False) as log:
-        metrics = inference(model, loaders, DistEnv(), str(tmp_path), Precision("float32", torch.device("cpu")), log)
+        precision = precision_from_dtype("float32", torch.device("cpu"))
+        metrics = inference(model, loaders, DistEnv(), str(tmp_path), precision, log)
 
     assert set(metrics["tiny_val"]) == {"bbox", "segm"}
     assert (tmp_path / "inference" / "tiny_val" / "coco_results.json").is_file()

@@ -15,7 +15,7 @@ from det.config import load_config
 from det.engine.checkpoint import (LAST_CHECKPOINT, CheckpointWriter, compare_configs, find_last_checkpoint,
                                    read_checkpoint, restore_training_state)
 from det.engine.metric_logger import MetricLogger
-from det.engine.trainer import DetectionTrainer, PeriodicCheckpoint, Precision, build_hooks
+from det.engine.trainer import DetectionTrainer, PeriodicCheckpoint, build_hooks, precision_from_dtype
 from det.solver import make_lr_scheduler, make_optimizer
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import NonFiniteLossError, NonFiniteStateError, UserError
@@ -67,7 +67,7 @@ def _setup(tmp_path, batches, period: int = 1, *opts: str):
     optimizer = make_optimizer(cfg, model)
     scheduler = make_lr_scheduler(cfg, optimizer)
     env, log = DistEnv(), Lines()
-    trainer = DetectionTrainer(model, optimizer, batches, env, Precision("float32", env.device))
+    trainer = DetectionTrainer(model, optimizer, batches, env, precision_from_dtype("float32", env.device))
     writer = CheckpointWriter(str(tmp_path), model, optimizer, scheduler, None, env, cfg.dump(), log)
     saver = PeriodicCheckpoint(writer, trainer, period)
     trainer.register_hooks(build_hooks(trainer, scheduler, log, saver, None, 0))
@@ -170,4 +170,4 @@ def test_meters_print_median_and_global_average():
 
 def test_bad_dtype_is_one_line():
     with pytest.raises(UserError, match="DTYPE 'float64'"):
-        Precision("float64", torch.device("cpu"))
+        precision_from_dtype("float64", torch.device("cpu"))

@@ -142,7 +142,8 @@ def test_a_nan_loss_exits_3_and_keeps_the_last_checkpoint(data_root, tmp_path, c
 
     monkeypatch.setattr(launch, "build_detection_model", poisoned)
     status, _, err = _train_in_process(capsys, "--config-file", TINY_CONFIG, "--skip-test",
-                                       *_opts(data_root, tmp_path, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1"))
+                                       *_opts(data_root, tmp_path, "SOLVER.MAX_ITER", "3",
+                                              "SOLVER.CHECKPOINT_PERIOD", "1"))
     assert status == 3
     assert err.count("\n") == 1 and "non-finite training loss at iteration 2" in err
     assert "the last good checkpoint" in err and "model_0000001.pth was kept" in err
