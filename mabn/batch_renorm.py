@@ -50,17 +50,15 @@ average over groups::
     std += momentum * (mean_g(sqrt(var_B_unbiased)) - std)
 
 Implementation: the output is ``x_hat * (weight * r) + (weight * d + bias)`` per group and
-channel, computed by :func:`mabn.ghost_batchnorm.group_batch_norm` (shared with ghost BN: no copy
+channel, computed by :func:`mabn.groups.group_batch_norm` (shared with ghost BN: no copy
 of the input, batch norm's backward written out with torch's reduction kernel, first order only);
 ``r`` and ``d`` are saved for the backward, never recomputed (:mod:`mabn.compile_barrier`).
 
 Non-finite statistics (a NaN or inf in the input, or a variance that overflows) never enter the
-running statistics: when any channel's new ``running_mean`` or ``running_var`` would be
-non-finite, the WHOLE update of that forward is skipped (buffers and ``num_batches_tracked``
-unchanged, so the schedule does not advance either) and the 0-dim long buffer
-``skipped_updates`` is incremented; tensor logic only, no host sync. A state dict without
-``skipped_updates`` (``nn.BatchNorm``, older checkpoints) loads strictly with the counter at 0.
-An empty batch returns an empty output and leaves every buffer unchanged.
+running statistics: the whole update of that forward is skipped (``num_batches_tracked`` too, so
+the schedule does not advance either) and counted in the 0-dim long buffer ``skipped_updates``,
+without a host sync (:mod:`mabn.running_stats`). An empty batch returns an empty output and
+leaves every buffer unchanged.
 
 Statistics are computed in float32 for float16/bfloat16 inputs; the output has the input's
 dtype.
@@ -75,12 +73,11 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.ghost_batchnorm import FiniteRunningStats, group_batch_norm, group_statistics
-from mabn.groups import check_group_size, count_groups
+from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics
 from mabn.precision import statistics_dtype
+from mabn.running_stats import FiniteRunningStats
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
-
 
 
 class _BatchRenorm(FiniteRunningStats, _BatchNorm):
@@ -121,7 +118,6 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         self.r_ramp_end = int(r_ramp_end)
         self.d_ramp_end = int(d_ramp_end)
         self.B = B
-        self._register_skip_counter(device)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "

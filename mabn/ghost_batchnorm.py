@@ -13,10 +13,11 @@ per-channel mean and biased variance::
 
 The gradient is the gradient of this per-group batch norm (each group's statistics depend only
 on that group). With ``G > 1`` the layer makes no copy of the input: the statistics come from
-vectorized per-(sample, channel) row reductions combined per group (:func:`group_statistics`),
-the output from one fused multiply-add, and the backward is batch norm's, written out in
-:func:`group_batch_norm` (torch's batch-norm reduction kernel plus one fused multiply-add); it
-is first-order only (no double backward). Batch Renormalization shares these two functions.
+vectorized per-(sample, channel) row reductions combined per group
+(:func:`mabn.groups.group_statistics`), the output from one fused multiply-add, and the backward
+is batch norm's, written out in :func:`mabn.groups.group_batch_norm` (torch's batch-norm
+reduction kernel plus one fused multiply-add); it is first-order only (no double backward).
+Batch Renormalization shares these two functions.
 
 Running statistics are updated ONCE per forward with torch's BatchNorm rule applied to the
 average over groups of the group means and of the group unbiased variances::
@@ -28,12 +29,9 @@ with ``n = B * prod(spatial)``, ``f = momentum`` (or ``1 / (num_batches_tracked 
 ``momentum`` is None: cumulative average, as in torch). ``num_batches_tracked`` counts updates.
 
 Non-finite statistics (a NaN or inf in the input, or a variance that overflows) never enter the
-running statistics: when any channel's new ``running_mean`` or ``running_var`` would be
-non-finite, the WHOLE update of that forward is skipped (buffers and ``num_batches_tracked``
-unchanged, so the statistics stay one consistent snapshot) and the 0-dim long buffer
-``skipped_updates`` is incremented; tensor logic only, no host sync. A state dict without
-``skipped_updates`` (torch's BatchNorm, older checkpoints) loads strictly with the counter at 0.
-An empty batch returns an empty output and leaves every buffer unchanged.
+running statistics: the whole update of that forward is skipped and counted in the 0-dim long
+buffer ``skipped_updates``, without a host sync (:mod:`mabn.running_stats`). An empty batch
+returns an empty output and leaves every buffer unchanged.
 
 With ``G == 1`` (``B == N``) output, gradients and running statistics equal ``nn.BatchNorm``
 exactly on finite input (the same kernel call; with ``momentum=None`` the factor is read on the
@@ -49,122 +47,17 @@ dtype.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from mabn.groups import check_group_size, count_groups
+from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics
 from mabn.precision import statistics_dtype
+from mabn.running_stats import FiniteRunningStats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
-
-
-def _grouped(t: Tensor, groups: int) -> Tensor:
-    """(N, C, *S) as (G, N / G, C, prod(S)); a view for contiguous and channels-last tensors."""
-    return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1)
-
-
-def group_statistics(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
-    """Per-group, per-channel mean and biased variance of (N, C, *S) ``x``, each (G, C).
-
-    Two passes over each (sample, channel) row of the ``(N * C, prod(S))`` view (no copy for
-    contiguous input): the row mean, then the norm of the centered row (both vectorized, several
-    times faster on CPU than torch's batch-norm statistics kernel). The rows of a group are then
-    combined exactly (law of total variance): the mean of the row means, and the mean of the row
-    variances plus the variance of the row means.
-    """
-    batch, channels = x.shape[:2]
-    with torch.no_grad():
-        rows = x.reshape(batch * channels, -1)
-        row_mean = rows.mean(dim=1, keepdim=True)
-        row_var = torch.linalg.vector_norm(rows - row_mean, dim=1).square()
-        between, mean = torch.var_mean(row_mean.view(groups, -1, channels), dim=1, correction=0)
-        within = row_var.view(groups, -1, channels).mean(dim=1)
-        return mean, torch.add(between, within, alpha=1 / rows.shape[1])
-
-
-class _GroupBatchNorm(torch.autograd.Function):
-    """``y = (x - mean) * invstd * scale + shift`` on (G, B, C, S) ``x`` with (G, C) coefficients,
-    where ``mean`` and ``invstd`` are the group statistics of ``x`` (from
-    :func:`group_statistics`): the backward is batch norm's, through the statistics too."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        shape = (x.shape[0], 1, x.shape[2], 1)
-        alpha = scale * invstd
-        beta = torch.addcmul(shift, alpha, mean, value=-1)
-        ctx.save_for_backward(x, mean, invstd, scale)
-        # multiply, then add in place: torch's addcmul with a broadcast first operand is slower
-        return (x * alpha.view(shape)).add_(beta.view(shape))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, mean, invstd, scale = ctx.saved_tensors
-        groups, batch, channels = x.shape[:3]
-        count = batch * x.shape[3]  # values per channel and group
-
-        def per_row(stat: Tensor) -> Tensor:
-            return stat.unsqueeze(1).expand(groups, batch, channels).reshape(-1)
-
-        # torch's batch-norm backward reduction per (sample, channel) row: sum(dy * x_hat), sum(dy)
-        rows = (1, groups * batch * channels, -1)
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy.reshape(rows), x.reshape(rows), None, None, None, per_row(mean), per_row(invstd),
-            True, 0.0, [False, True, True])
-        sum_dy_xhat = sum_dy_xhat.view(groups, batch, channels).sum(dim=1)
-        sum_dy = sum_dy.view(groups, batch, channels).sum(dim=1)
-        # dx = scale * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)) = a * dy + b * x + c
-        a = scale * invstd
-        b = (a * invstd * sum_dy_xhat).mul_(-1 / count)
-        c = torch.addcmul(b * mean, a, sum_dy, value=1 / count).neg_()
-        shape = (groups, 1, channels, 1)
-        dx = (dy * a.view(shape)).addcmul_(x, b.view(shape)).add_(c.view(shape))
-        return dx, None, None, sum_dy_xhat, sum_dy
-
-
-def group_batch_norm(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """Normalize each group of (N, C, *S) ``x`` with its (G, C) statistics, then ``* scale +
-    shift`` per group and channel; gradients as if the statistics were computed by autograd."""
-    return _GroupBatchNorm.apply(_grouped(x, mean.shape[0]), mean, invstd, scale, shift).reshape(x.shape)
-
-
-class FiniteRunningStats:
-    """Running-statistics commit that skips non-finite updates; mixed in before a ``_BatchNorm``.
-
-    Adds the 0-dim long buffer ``skipped_updates`` (when running statistics are tracked); state
-    dicts without it load strictly with the counter at 0.
-    """
-
-    def _register_skip_counter(self, device: Optional[torch.device]) -> None:
-        counter = torch.zeros((), dtype=torch.long, device=device) if self.track_running_stats else None
-        self.register_buffer("skipped_updates", counter)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        if getattr(self, "skipped_updates", None) is not None:  # None while _BatchNorm.__init__ runs
-            self.skipped_updates.zero_()
-
-    @torch.no_grad()
-    def _commit_running_stats(self, mean: Tensor, var: Tensor) -> None:
-        """Copy ``mean``/``var`` into the running buffers and count the step, unless any value is
-        non-finite: then nothing changes but ``skipped_updates``."""
-        finite = (torch.cat([mean, var]) * 0 == 0).all()  # x * 0 is NaN for inf and NaN
-        self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
-        self.running_var.copy_(torch.where(finite, var, self.running_var))
-        self.num_batches_tracked.add_(finite)
-        self.skipped_updates.add_(~finite)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        key = prefix + "skipped_updates"
-        if getattr(self, "skipped_updates", None) is not None and key not in state_dict:
-            state_dict[key] = torch.zeros((), dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
 
 class _GhostBatchNormMixin(FiniteRunningStats):
@@ -192,7 +85,6 @@ class _GhostBatchNormMixin(FiniteRunningStats):
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                              bias=False)
         self.B = B
-        self._register_skip_counter(device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, B={self.B}"
@@ -239,10 +131,7 @@ class _GhostBatchNormMixin(FiniteRunningStats):
         """One group: torch's batch norm call, exactly as ``nn.BatchNorm`` makes it."""
         if not update:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        if self.momentum is None:  # cumulative average with torch's host-side factor
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        else:
-            factor = self.momentum
+        factor = self._update_factor()
         # copies that the kernel updates; committed only when finite
         running_mean = self.running_mean.to(x.dtype, copy=True)
         running_var = self.running_var.to(x.dtype, copy=True)

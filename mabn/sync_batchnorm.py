@@ -46,23 +46,23 @@ that by the world size, as it does for every other parameter).
 Running statistics are updated exactly like ``nn.BatchNorm`` would update them on the global
 batch: ``running_mean <- (1 - f) * running_mean + f * mean`` and
 ``running_var <- (1 - f) * running_var + f * var * n / (n - 1)`` (unbiased, global ``n``), with
-``f = momentum`` or, for ``momentum=None``, ``f = 1 / num_batches_tracked`` (cumulative
+``f = momentum`` or, for ``momentum=None``, ``f = 1 / (num_batches_tracked + 1)`` (cumulative
 average).
 
 Non-finite statistics (a NaN or inf in the input of any rank, or a variance that overflows)
-never enter the running statistics, on every path (torch's kernels on CUDA included): when the
-update of a training forward would leave any value of ``running_mean`` or ``running_var``
-non-finite, the whole update is undone (both buffers and ``num_batches_tracked`` as before) and
-the 0-dim long buffer ``skipped_updates`` is incremented, with tensor logic only (no host
-sync). The statistics are global, so every rank skips the same steps. A state dict without
-``skipped_updates`` (torch's SyncBatchNorm / BatchNorm, older checkpoints) loads strictly with
-the counter at 0. The output of such a step is whatever the batch gives (NaN), as in torch.
+never enter the running statistics, on every path (torch's kernels on CUDA included): the
+kernels update copies, and when any new value is non-finite the whole update is skipped
+(``num_batches_tracked`` too) and counted in the 0-dim long buffer ``skipped_updates``, without
+a host sync (:mod:`mabn.running_stats`). The statistics are global, so every rank skips the same
+steps. The output of such a step is whatever the batch gives (NaN), as in torch.
 
 Edge cases: a rank whose local batch is empty (N = 0) still takes part in both all-reduces
 (contributing zeros, no division by its local count) and in their backward, so nothing hangs.
-If the *global* batch is empty, the output is empty and the running statistics are left
-unchanged (as ``nn.BatchNorm`` does for an empty batch; ``num_batches_tracked`` still counts
-the step). If the global batch has a single value per channel, every rank raises the same
+If the *global* batch is empty, the output is empty and every buffer is left unchanged
+(``num_batches_tracked`` included, unlike ``nn.BatchNorm``, as in ghost BN and Batch
+Renormalization). Only torch's fused kernels (CUDA, ...) with more than one process cannot see
+that the global batch is empty without one more collective; there the update is torch's
+kernel's. If the global batch has a single value per channel, every rank raises the same
 ``ValueError`` as ``nn.BatchNorm`` (the decision is made on the all-reduced count, so all ranks
 agree and none is left waiting).
 
@@ -71,7 +71,8 @@ the backward all-reduces are collectives too.
 
 Conversion: :func:`mabn.convert_sync_batchnorm` and, for the way back,
 :func:`mabn.revert_sync_batchnorm` (pytorch/pytorch#41081), both in :mod:`mabn.convert`; this
-module depends on no other part of the package but :mod:`mabn.precision`.
+module depends on no other part of the package but :mod:`mabn.precision` and
+:mod:`mabn.running_stats`.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFunction
 
 from mabn.precision import statistics_dtype
+from mabn.running_stats import FiniteRunningStats
 
 __all__ = ["SyncBatchNorm"]
 
@@ -124,8 +126,9 @@ def _sync_batch_norm_all_reduce(
     eps: float,
     momentum: float,
     group: Any,
-) -> torch.Tensor:
-    """Training-mode batch norm with statistics over the batches of all ranks of ``group``."""
+) -> Tuple[torch.Tensor, int]:
+    """Training-mode batch norm with statistics over the batches of all ranks of ``group``;
+    returns the output and the global number of values per channel."""
     num_channels = input.size(1)
     reduce_dims = [0] + list(range(2, input.dim()))
     param_shape = [1, num_channels] + [1] * (input.dim() - 2)
@@ -170,10 +173,10 @@ def _sync_batch_norm_all_reduce(
                 running_var.mul_(1.0 - momentum).add_(
                     unbiased.to(running_var.dtype), alpha=momentum
                 )
-    return out.to(input.dtype)
+    return out.to(input.dtype), n
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(FiniteRunningStats, nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` with an all-reduce implementation for CPU tensors.
 
     Constructor, parameters, buffers and state dict are those of ``torch.nn.SyncBatchNorm``
@@ -183,52 +186,18 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     With ``track_running_stats`` it has one more buffer, the 0-dim long ``skipped_updates``.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None,
-                 **kwargs: Any) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
-                         **kwargs)
-        counter = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
-        self.register_buffer("skipped_updates", counter)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        if getattr(self, "skipped_updates", None) is not None:  # None while _BatchNorm.__init__ runs
-            self.skipped_updates.zero_()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        key = prefix + "skipped_updates"
-        if getattr(self, "skipped_updates", None) is not None and key not in state_dict:
-            state_dict[key] = torch.zeros((), dtype=torch.long)  # torch's SyncBatchNorm, older checkpoints
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
 
-        # Momentum / num_batches_tracked handling mirrors torch's SyncBatchNorm.forward.
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            if self.num_batches_tracked is None:
-                raise AssertionError("num_batches_tracked must not be None")
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked.item())
-            else:  # exponential moving average
-                exponential_average_factor = self.momentum
-
         # Batch statistics in training mode, and in eval mode when there are no buffers.
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
 
         # Buffers are passed only if they are used or updated. An update goes to copies, which
-        # _commit_update checks before anything enters the buffers (the kernels may also save
-        # what they get for backward, so the buffers themselves must not be edited afterwards).
+        # _commit_running_stats checks before anything enters the buffers (the kernels may also
+        # save what they get for backward, so the buffers themselves must not be edited afterwards).
         updates = self.training and self.track_running_stats and self.running_mean is not None
+        factor = self._update_factor() if updates else 0.0
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
         if updates:
@@ -250,29 +219,20 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             )
             need_sync = torch.distributed.get_world_size(group) > 1
 
+        global_count: Optional[int] = input.numel() // input.shape[1]  # values per channel
         if not need_sync:
             out = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                               exponential_average_factor, self.eps)
+                               factor, self.eps)
         elif input.device.type in _torch_sync_devices():
+            global_count = None  # not known here without one more collective
             out = _TorchSyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
-                                                    exponential_average_factor, group,
-                                                    torch.distributed.get_world_size(group))
+                                                    factor, group, torch.distributed.get_world_size(group))
         else:
-            out = _sync_batch_norm_all_reduce(input, self.weight, self.bias, running_mean, running_var, self.eps,
-                                              exponential_average_factor, group)
-        if updates:
-            self._commit_update(running_mean, running_var)
+            out, global_count = _sync_batch_norm_all_reduce(input, self.weight, self.bias, running_mean,
+                                                            running_var, self.eps, factor, group)
+        if updates and global_count != 0:  # an empty batch leaves every buffer unchanged
+            self._commit_running_stats(running_mean, running_var)
         return out
-
-    @torch.no_grad()
-    def _commit_update(self, new_mean: torch.Tensor, new_var: torch.Tensor) -> None:
-        """Copy the updated statistics into the buffers unless any value is non-finite: then undo
-        this forward's ``num_batches_tracked`` step and count the skip. Tensor logic only, no host sync."""
-        skipped = ~(torch.isfinite(new_mean).all() & torch.isfinite(new_var).all())
-        self.running_mean.copy_(torch.where(skipped, self.running_mean, new_mean))
-        self.running_var.copy_(torch.where(skipped, self.running_var, new_var))
-        self.num_batches_tracked.sub_(skipped.long())
-        self.skipped_updates.add_(skipped.long())
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

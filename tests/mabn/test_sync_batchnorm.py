@@ -145,15 +145,19 @@ def test_non_finite_statistics_are_skipped_and_counted(bad, momentum):
     assert ours.skipped_updates.item() == 0
 
 
-def test_empty_batch_single_process():
-    ref, ours = _pair(nn.BatchNorm2d, 3)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_empty_batch_single_process_leaves_every_buffer(momentum):
+    _, ours = _pair(nn.BatchNorm2d, 3, momentum=momentum)
+    ours.num_batches_tracked.fill_(4)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
     x = torch.randn(0, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     y = ours(x)
     assert y.shape == (0, 3, 4, 4)
     y.sum().backward()
     assert x.grad.shape == x.shape
-    ref(x.detach())  # torch's BatchNorm: statistics unchanged, the step counted
-    _assert_same_state(ref, ours)
+    for k, v in ours.state_dict().items():  # torch's BatchNorm would count the step
+        assert torch.equal(v, before[k]), k
+    assert ours.eval()(x.detach()).shape == (0, 3, 4, 4)
 
 
 def test_state_dicts_without_counter_load_strictly():
@@ -321,6 +325,14 @@ def _worker(rank, tmp, init_method):
         bn(x)
         results["nan_state"] = bn.state_dict()
 
+        # empty global batch: empty output and gradient, every buffer unchanged
+        bn = SyncBatchNorm(3, momentum=None, dtype=torch.float64)
+        _set_params(bn, 0)
+        x = torch.randn(0, 3, 2, dtype=torch.float64, requires_grad=True)
+        bn(x).sum().backward()
+        results["empty_state"] = bn.state_dict()
+        results["empty_grad"] = x.grad
+
         # global batch of one value per channel: every rank raises, nobody hangs
         bn = SyncBatchNorm(3, dtype=torch.float64)
         x = torch.randn(1 - rank, 3, dtype=torch.float64)
@@ -399,6 +411,12 @@ def test_two_gloo_processes_match_global_batchnorm(tmp_path):
     _set_params(ref, 0)
     for r in range(WORLD):
         _assert_same_state(ref, _StateHolder(res[r]["nan_state"]), skipped=1)
+
+    ref = nn.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    _set_params(ref, 0)  # never run: the empty global batch changes nothing
+    for r in range(WORLD):
+        _assert_same_state(ref, _StateHolder(res[r]["empty_state"]))
+        assert res[r]["empty_grad"].shape == (0, 3, 2)
 
 
 class _StateHolder:

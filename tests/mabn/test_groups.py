@@ -1,0 +1,73 @@
+"""Tests for mabn.groups: group checks, per-group statistics and the grouped batch norm."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics
+
+F64 = torch.float64
+
+
+def test_check_group_size():
+    assert check_group_size(2) == 2 and check_group_size(None, allow_none=True) is None
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match="B \\(the normalization batch size\\)"):
+            check_group_size(bad)
+
+
+def test_count_groups():
+    assert count_groups("Layer", 2, 8) == 4 and count_groups("Layer", None, 7) == 1
+    assert count_groups("Layer", 3, 0) == 0
+    with pytest.raises(ValueError, match="Layer normalizes groups of B=3.*divisible by 3"):
+        count_groups("Layer", 3, 8)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 5), (6, 3, 4, 5)], ids=["NC", "NCL", "NCHW"])
+def test_group_statistics_equal_per_group_biased_moments(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=F64) * 3 + 100  # |mean| >> std: the two-pass form stays exact
+    mean, var = group_statistics(x, 3)
+    assert mean.shape == var.shape == (3, 3)
+    for g, part in enumerate(x.split(2)):
+        dims = [0] + list(range(2, x.dim()))
+        torch.testing.assert_close(mean[g], part.mean(dims), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var[g], part.var(dims, correction=0), rtol=1e-10, atol=1e-10)
+
+
+def test_group_statistics_of_channels_last_input():
+    x = torch.randn(4, 3, 5, 6, dtype=F64)
+    for got, want in zip(group_statistics(x.to(memory_format=torch.channels_last), 2),
+                         group_statistics(x, 2)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_group_batch_norm_equals_batch_norm_per_group_forward_and_backward():
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 4, dtype=F64, requires_grad=True)
+    scale = torch.rand(3, 3, dtype=F64, requires_grad=True)  # per group and channel
+    shift = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    mean, var = group_statistics(x, 3)
+    y = group_batch_norm(x, mean, torch.rsqrt(var + 1e-5), scale, shift)
+    ref = torch.cat([F.batch_norm(part, None, None, scale[g], shift[g], True, 0.0, 1e-5)
+                     for g, part in enumerate(x.split(2))])
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, scale, shift), upstream)
+    want = torch.autograd.grad(ref, (x, scale, shift), upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_group_batch_norm_gradcheck():
+    torch.manual_seed(2)
+
+    def f(x, scale, shift):
+        mean, var = group_statistics(x, 2)
+        return group_batch_norm(x, mean, torch.rsqrt(var + 1e-5), scale, shift)
+
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    scale = (torch.rand(2, 2, dtype=F64) + 0.5).requires_grad_(True)
+    shift = torch.randn(2, 2, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, scale, shift))
