@@ -74,6 +74,14 @@ class DetectionTrainer(TrainerBase):
     def stop_requested(self) -> bool:
         return self._stop_agreed
 
+    def train(self, start_iter: int, max_iter: int) -> bool:
+        try:
+            return super().train(start_iter, max_iter)
+        finally:
+            # Shut the loader's workers down now: they ignore SIGTERM (the trainer handles it), so
+            # the interpreter's exit-time terminate() of a still-open loader would wait forever.
+            self._batches = None
+
     def run_step(self) -> None:
         start = time.perf_counter()
         if self._batches is None:

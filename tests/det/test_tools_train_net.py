@@ -96,8 +96,10 @@ def test_two_gloo_processes_checkpoint_resume_and_test_net(data_root, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_root, tmp_path):
     out = tmp_path / "out"
+    # One loader worker: its process must not keep the stopped run from exiting.
     process = subprocess.Popen([sys.executable, "tools/train_net.py", "--skip-test", "--config-file", TINY_CONFIG,
-                                *_opts(data_root, out, "SOLVER.MAX_ITER", "200")], cwd=REPO / "det",
+                                *_opts(data_root, out, "SOLVER.MAX_ITER", "200", "DATALOADER.NUM_WORKERS", "1")],
+                               cwd=REPO / "det",
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:
         for line in process.stdout:
