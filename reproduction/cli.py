@@ -52,8 +52,15 @@ STAT_SECONDS_PER_ITER = {2: 0.05, 32: 0.35}
 DET_SECONDS_PER_ITER, DET_EVAL_SECONDS = 0.7, 60.0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags raise :class:`UserError` (one line, exit status 2) instead of printing the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scripts/reproduce.py", allow_abbrev=False,
         description="Miniature reproduction of the MABN paper's tables and figures on the embedded data "
                     "(quick: about 15 minutes on 2 CPU cores).")
@@ -62,13 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true",
                         help="more iterations and seeds, the error-vs-normalization-batch sweep, the detection table")
     parser.add_argument("--iters", type=int, default=None,
-                        help="classification iterations per row (a multiple of 10; same for every row)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="classification seeds")
-    parser.add_argument("--stat_iters", type=int, default=None, help="iterations of each statistics run")
-    parser.add_argument("--det_iters", type=int, default=None, help="detection training iterations")
-    parser.add_argument("--speed_batch", type=int, default=None, help="images per forward in the speed table")
-    parser.add_argument("--speed_resolution", type=int, default=None, help="image side in the speed table")
-    parser.add_argument("--speed_rounds", type=int, default=None, help="timed rounds in the speed table")
+                        help=f"classification iterations per row, a multiple of 10, the same for every row "
+                             f"(default: {QUICK.cls_iters}, --full {FULL.cls_iters})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"classification seeds (default: {_listed(QUICK.seeds)}, --full {_listed(FULL.seeds)})")
+    parser.add_argument("--stat_iters", type=int, default=None,
+                        help=f"iterations of each statistics run (default: {QUICK.stat_iters}, --full {FULL.stat_iters})")
+    parser.add_argument("--det_iters", type=int, default=None,
+                        help=f"detection training iterations (default: {QUICK.det_iters}, --full {FULL.det_iters})")
+    parser.add_argument("--speed_batch", type=int, default=None,
+                        help=f"images per forward in the speed table (default: {QUICK.speed_batch})")
+    parser.add_argument("--speed_resolution", type=int, default=None,
+                        help=f"image side in the speed table (default: {QUICK.speed_resolution}, --full "
+                             f"{FULL.speed_resolution})")
+    parser.add_argument("--speed_rounds", type=int, default=None,
+                        help=f"timed rounds in the speed table (default: {QUICK.speed_rounds})")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="parts not to run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--data_cache", default=None, help="cache of the embedded datasets (default: $MABN_CACHE "
@@ -79,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="embedded classification validation images per class (default: cls's 100)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
+
+
+def _listed(values: Sequence[int]) -> str:
+    return " ".join(map(str, values))
 
 
 def _budget(args: argparse.Namespace) -> Budget:

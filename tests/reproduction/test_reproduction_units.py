@@ -78,7 +78,14 @@ def test_claims_follow_the_numbers():
     assert verdicts == ["reproduced"] * 4
     flat = {"BN@32": 30.0, "BN@2": 31.0, "BRN@2": 31.0, "MABN@2": 40.0}
     verdicts = [c["verdict"] for c in check_claims(flat, {}, 0.5)]
-    assert verdicts == ["not reproduced"] * 4
+    assert verdicts == ["not reproduced", "not reproduced (BN@2 did not degrade beyond the margin: nothing to recover)",
+                        "not reproduced", "not reproduced"]
+    brn_no_help = check_claims({"BN@32": 30.0, "BN@2": 50.0, "BRN@2": 49.0, "MABN@2": 20.0}, {}, 0.99)
+    assert [c["verdict"] for c in brn_no_help] == [
+        "reproduced", "not reproduced", "reproduced (MABN@2 is better than BN@32 by more than the margin)", "reproduced"]
+    brn_all = check_claims({"BN@32": 30.0, "BN@2": 50.0, "BRN@2": 29.0}, {}, None)[1]
+    assert brn_all["verdict"] == "reproduced (all of it, more than the paper's partial recovery)"
+    assert "recovers 105% of the BN@2 - BN@32 gap" in brn_all["evidence"]
     assert [c["verdict"] for c in check_claims({}, {}, None)] == ["not measured"] * 4
 
 
