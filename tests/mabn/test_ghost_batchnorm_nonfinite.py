@@ -1,5 +1,5 @@
-"""Non-finite and empty batches in GhostBatchNorm and BatchRenorm (both keep running statistics
-finite, count skipped updates in ``skipped_updates`` and accept empty batches)."""
+"""Non-finite batches in GhostBatchNorm and BatchRenorm (both keep running statistics finite and
+count skipped updates in ``skipped_updates``; empty batches: tests/mabn/test_running_stats.py)."""
 from __future__ import annotations
 
 import copy
@@ -89,20 +89,6 @@ def test_cumulative_average_counts_only_applied_updates():
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_finite_input_never_counts_a_skip(name):
     assert _trained(name).skipped_updates.item() == 0
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_empty_batch(name):
-    m = _trained(name)
-    before = _state(m)
-    x = torch.randn(0, C, 3, 3, requires_grad=True)
-    y = m(x)
-    assert y.shape == (0, C, 3, 3)
-    y.sum().backward()
-    assert x.grad.shape == x.shape
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert m.eval()(torch.randn(0, C, 3, 3)).shape == (0, C, 3, 3)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -145,21 +145,6 @@ def test_non_finite_statistics_are_skipped_and_counted(bad, momentum):
     assert ours.skipped_updates.item() == 0
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_empty_batch_single_process_leaves_every_buffer(momentum):
-    _, ours = _pair(nn.BatchNorm2d, 3, momentum=momentum)
-    ours.num_batches_tracked.fill_(4)
-    before = {k: v.clone() for k, v in ours.state_dict().items()}
-    x = torch.randn(0, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    y = ours(x)
-    assert y.shape == (0, 3, 4, 4)
-    y.sum().backward()
-    assert x.grad.shape == x.shape
-    for k, v in ours.state_dict().items():  # torch's BatchNorm would count the step
-        assert torch.equal(v, before[k]), k
-    assert ours.eval()(x.detach()).shape == (0, 3, 4, 4)
-
-
 def test_state_dicts_without_counter_load_strictly():
     ours = SyncBatchNorm(3)
     ours.skipped_updates.fill_(5)
