@@ -43,10 +43,6 @@ class Row:
     def key(self) -> str:
         return f"{self.norm.upper()}@{self.norm_batch if self.norm_batch is not None else 2}"
 
-    @property
-    def label(self) -> str:
-        return self.norm.upper()
-
 
 TABLE_ROWS = (Row("bn", 32), Row("bn", 2), Row("brn", 2), Row("gn", None), Row("mabn", 2))
 

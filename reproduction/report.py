@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 __all__ = ["collect", "write_outputs", "versions"]
 
 FIGURES = "figures"
+DISPLAY_NAMES = {"bn": "BN", "brn": "BRN", "gn": "GN", "mabn": "MABN", "syncbn": "SyncBN"}
 
 
 def versions() -> Dict[str, Optional[str]]:
@@ -325,7 +326,7 @@ def _markdown(report: dict) -> str:
         for row in det["rows"]:
             m = row["metrics"]
             cells = ["—"] * 6 if m is None else [_fmt(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
-            lines.append(f"| {row['norm'].upper()} | {row['processes']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {DISPLAY_NAMES.get(row['norm'], row['norm'])} | {row['processes']} | " + " | ".join(cells) + " |")
         ds, ran = report["det_schedules"], {row["norm"] for row in det["rows"]}
         scaled = []
         if "mabn" in ran:

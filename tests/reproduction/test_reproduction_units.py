@@ -111,3 +111,19 @@ def test_single_thread_env_pins_threads():
     assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1" and env["REPRODUCTION_TEST_EXTRA"] == "1"
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONHASHSEED"] == "0"
     assert "REPRODUCTION_TEST_EXTRA" not in os.environ  # a copy: the caller's environment is untouched
+
+
+def test_plan_skips_detection_with_a_note_when_det_tools_are_missing(monkeypatch, tmp_path):
+    import reproduction.detection
+    from reproduction.cli import QUICK, build_parser, plan
+
+    monkeypatch.setattr(reproduction.detection, "det_tools_available", lambda: "missing det/tools/train_net.py")
+    args = build_parser().parse_args(["--out", str(tmp_path / "r"), "--skip", "speed"])
+    run_plan = plan(args, QUICK, str(tmp_path / "r"))
+    assert run_plan.notes == ["detection skipped: det's tools are not available (missing det/tools/train_net.py)"]
+    assert run_plan.det_runs == [] and run_plan.speed_json is None
+    assert [t.name for t in run_plan.tasks] == [f"cls {r.key} seed 0" for r in TABLE_ROWS] + [
+        "statistics batch 2", "statistics batch 32"]
+    monkeypatch.undo()
+    with_det = plan(args, QUICK, str(tmp_path / "r"))
+    assert with_det.tasks[0].name == "det mabn" and with_det.notes == []  # the longest run starts first
