@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from mabn.utils.errors import UserError
 

@@ -55,7 +55,8 @@ def _classification(plan, results, budget) -> dict:
                      seconds=None if status is None else status.seconds, **(numbers or {}))
         runs.append(entry)
         if numbers is None or status is None or status.returncode != 0:
-            failures.append(f"{name}: no result (exit status {entry['returncode']}, log {status.log_path if status else '-'})")
+            log = status.log_path if status else "-"
+            failures.append(f"{name}: no result (exit status {entry['returncode']}, log {log})")
     summary: Dict[str, dict] = {}
     for run in runs:
         if "top1_err" not in run:
@@ -264,7 +265,8 @@ def _markdown(report: dict) -> str:
                   f"{budget['cls_iters']} iterations ({EPOCHS} epochs of {budget['cls_iters'] // EPOCHS}), learning rate "
                   f"{LEARNING_RATE} x0.1 after epochs {LR_MILESTONES[0]} and {LR_MILESTONES[1]}, seeds "
                   f"{', '.join(map(str, budget['seeds']))}; the same for every row. Errors in % on the "
-                  f"{report['cls_val_images']} validation images{' (mean ± standard deviation over seeds)' if len(budget['seeds']) > 1 else ''}.", "",
+                  f"{report['cls_val_images']} validation images"
+                  f"{' (mean ± standard deviation over seeds)' if len(budget['seeds']) > 1 else ''}.", "",
                   "| Norm batch | Norm | Top-1 err | Top-5 err | paper Top-1 err (ResNet-50, ImageNet) |",
                   "|---|---|---|---|---|"]
         for item in cls["summary"]:
@@ -297,7 +299,8 @@ def _markdown(report: dict) -> str:
                   f"thread), batch {speed['batch']} at {speed['resolution']} px"
                   f"{' (small batch and resolution: quick mode)' if report['mode'] == 'quick' else ''}, median of "
                   f"{speed['rounds']} interleaved rounds (benchmarks' harness). it/s = forwards per second.", "",
-                  "| Norm | it/s | images/s | ratio to BN | spread (IQR, %) | paper it/s (GPU) |", "|---|---|---|---|---|---|"]
+                  "| Norm | it/s | images/s | ratio to BN | spread (IQR, %) | paper it/s (GPU) |",
+                  "|---|---|---|---|---|---|"]
         for row in speed["rows"]:
             lines.append(f"| {row['variant']} | {row['it_per_s']:.2f} | {row['images_per_s']:.1f} | "
                          f"{row['ratio_to_bn']:.3f} | {row['iqr_pct']:.1f} | {_fmt(row['paper_it_per_s'])} |")
@@ -322,11 +325,13 @@ def _markdown(report: dict) -> str:
                   f"R-18-FPN tiny configs (`configs/det/shapes/`), 2 images per process, {budget['det_iters']} "
                   f"iterations (SyncBN: 2 processes), evaluated with `det/tools/test_net.py` on the validation "
                   f"images. AP in %.", "",
-                  "| Norm | processes | AP^b | AP^b_50 | AP^b_75 | AP^m | AP^m_50 | AP^m_75 |", "|---|---|---|---|---|---|---|---|"]
+                  "| Norm | processes | AP^b | AP^b_50 | AP^b_75 | AP^m | AP^m_50 | AP^m_75 |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in det["rows"]:
             m = row["metrics"]
             cells = ["—"] * 6 if m is None else [_fmt(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
-            lines.append(f"| {DISPLAY_NAMES.get(row['norm'], row['norm'])} | {row['processes']} | " + " | ".join(cells) + " |")
+            name = DISPLAY_NAMES.get(row["norm"], row["norm"])
+            lines.append(f"| {name} | {row['processes']} | " + " | ".join(cells) + " |")
         ds, ran = report["det_schedules"], {row["norm"] for row in det["rows"]}
         scaled = []
         if "mabn" in ran:
