@@ -242,6 +242,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     _check(args, budget)
     out = args.out
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    args.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     started = time.monotonic()
     with FolderLock(out, flag="--out"):
         _prepare_folder(out, args.overwrite)

@@ -189,7 +189,7 @@ def collect(plan, results, budget, args, started_at: str, wall_time_s: float) ->
     os.makedirs(os.path.join(out, FIGURES), exist_ok=True)
     report: dict = {"mode": budget.name, "budget": dataclasses.asdict(budget), "command_line": getattr(args, "argv", None),
                     "started": started_at, "machine": machine_info(torch.device("cpu")), "versions": versions(),
-                    "jobs": args.jobs, "threads_per_run": 1, "notes": list(plan.notes), "failures": []}
+                    "jobs": args.jobs, "threads_per_run": 1, "load_at_start": getattr(args, "load_at_start", None), "notes": list(plan.notes), "failures": []}
     report["published_schedules"] = [
         {"method": s.method, "source": s.source, "run_length": s.run_length, "iterations": dict(s.iterations),
          "fractions": s.fractions()} for s in (BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE)]
@@ -241,9 +241,11 @@ def _markdown(report: dict) -> str:
     budget = report["budget"]
     machine, versions_ = report["machine"], report["versions"]
     lines: List[str] = [f"# MABN miniature reproduction ({report['mode']})", ""]
-    lines += [f"- machine: {machine.get('cpu_model')} ({machine.get('cpu_count')} CPUs, 1-min load "
-              f"{machine['load_average'][0]:.1f} at the end), {report['jobs']} runs at once, 1 thread each"
-              if machine.get("load_average") else f"- machine: {machine.get('cpu_model')}",
+    start_load = report.get("load_at_start")
+    load = (f", 1-min load {start_load:.1f} at the start and {machine['load_average'][0]:.1f} at the end"
+            if start_load is not None and machine.get("load_average") else "")
+    lines += [f"- machine: {machine.get('cpu_model')} ({machine.get('cpu_count')} CPUs{load}), {report['jobs']} runs "
+              f"at once, 1 thread each",
               f"- versions: Python {versions_['python']}, torch {versions_['torch']}, torchvision "
               f"{versions_['torchvision']}, numpy {versions_['numpy']}, commit {versions_['git_commit']}",
               f"- started {report['started']}, finished {report['finished']}, wall time "
