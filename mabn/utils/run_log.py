@@ -3,7 +3,8 @@
 The log file is ``<save>/<prefix>-<year>-<month>-<day>-<hour>-<minute>-<second>`` (no zero
 padding, as the published trainers named it), lines ``[<day> <hh>:<mm>:<ss>] message``. The name
 is claimed with an exclusive create, so two runs started within the same second write two
-files (``.1``, ``.2``, ... appended to the second one) instead of interleaving one.
+files (``.1``, ``.2``, ... appended to the second one) instead of interleaving one. A fixed
+``file_name`` (maskrcnn-benchmark's ``log.txt``) is appended to instead, run after run.
 TensorBoard and tqdm are imported only when used.
 """
 from __future__ import annotations
@@ -39,13 +40,18 @@ class RunLog:
     ``[rank N]`` prefix) off rank 0.
 
     ``logger_name`` is the :mod:`logging` logger it owns (its handlers are replaced);
-    ``file_prefix`` names the log file (None: no file); ``tensorboard_dir`` (relative to
-    ``save_dir``) enables the TensorBoard writer; ``progress`` enables the tqdm bars.
+    ``file_prefix`` names a new time-stamped log file per run; ``file_name`` (with
+    ``file_prefix=None``) a fixed log file that every run appends to; neither: no file.
+    ``tensorboard_dir`` (relative to ``save_dir``) enables the TensorBoard writer; ``progress``
+    enables the tqdm bars.
     """
 
     def __init__(self, save_dir: str, is_main: bool, rank: int = 0, logger_name: str = "mabn",
                  file_prefix: Optional[str] = "log.train", tensorboard_dir: Optional[str] = "tb",
-                 progress: bool = True):
+                 progress: bool = True, file_name: Optional[str] = None):
+        if file_prefix is not None and file_name is not None:
+            raise ValueError(f"RunLog: file_prefix {file_prefix!r} and file_name {file_name!r} both given; "
+                             f"pass file_prefix=None to append to {file_name!r}")
         self.save_dir = save_dir
         self.is_main = is_main
         self.show_progress = progress and is_main
@@ -61,9 +67,12 @@ class RunLog:
         if not is_main:
             return
         os.makedirs(save_dir, exist_ok=True)
-        if file_prefix is not None:
+        if file_name is not None:
+            self.path = os.path.join(save_dir, file_name)
+        elif file_prefix is not None:
             self.path = claim_log_path(save_dir, file_prefix)
-            handler = logging.FileHandler(self.path)
+        if self.path is not None:
+            handler = logging.FileHandler(self.path, mode="a")
             handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
             self.logger.addHandler(handler)
         if tensorboard_dir is not None:

@@ -6,6 +6,8 @@ import os
 import re
 import time
 
+import pytest
+
 import mabn.utils.run_log
 from mabn.utils.run_log import RunLog, claim_log_path
 
@@ -27,6 +29,24 @@ def test_two_logs_in_one_folder_write_two_files(tmp_path):
     assert len(texts) == 2 and any("first run" in t and "second" not in t for t in texts)
     assert re.fullmatch(r"\[\d\d \d\d:\d\d:\d\d\] second run\n", [t for t in texts if "second" in t][0])
 
+
+def test_fixed_file_name_is_appended_to(tmp_path):
+    for message in ("first run", "second run"):
+        with RunLog(str(tmp_path), is_main=True, logger_name="test_d", file_prefix=None, file_name="log.txt",
+                    tensorboard_dir=None, progress=False) as log:
+            log.info(message)
+        assert log.path == str(tmp_path / "log.txt")
+    with RunLog(str(tmp_path), is_main=False, rank=1, logger_name="test_d", file_prefix=None, file_name="log.txt"):
+        pass
+    assert os.listdir(tmp_path) == ["log.txt"]
+    assert re.fullmatch(r"\[\d\d \d\d:\d\d:\d\d\] first run\n\[\d\d \d\d:\d\d:\d\d\] second run\n",
+                        (tmp_path / "log.txt").read_text())
+
+
+def test_file_prefix_and_file_name_together_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="file_prefix=None"):
+        RunLog(str(tmp_path), is_main=True, logger_name="test_e", file_name="log.txt")
+    assert not os.listdir(tmp_path)
 
 def test_only_rank_0_writes(tmp_path, capsys):
     log = RunLog(str(tmp_path / "other"), is_main=False, rank=2, logger_name="test_b")
