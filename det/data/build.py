@@ -13,8 +13,11 @@ comes from the sampler, so the batches are the same for any number of workers.
 from __future__ import annotations
 
 import bisect
+import functools
 import multiprocessing
+import os
 import signal
+import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import cv2
@@ -76,12 +79,29 @@ def collate(batch: List[tuple]) -> Tuple[list, list, list]:
     return list(images), list(targets), list(indices)
 
 
-def _worker_init(_worker_id: int) -> None:
-    """One thread per worker; SIGTERM ignored: the trainer handles it (checkpoint, then shutdown of
-    its workers), and a worker whose trainer is gone exits by itself (DataLoader's watchdog)."""
+def _worker_init(owner_pid: int, _worker_id: int) -> None:
+    """One compute thread per worker. A SIGTERM sent to the whole job is ignored: the process that
+    owns the loader (``owner_pid``) gets it too, finishes its step, saves and then shuts its workers
+    down, which a dead worker would break. A SIGTERM from the owner itself (DataLoader's terminate()
+    of a stuck worker, multiprocessing's at exit with a loader still open) ends the worker, so the
+    owner's exit cannot wait on it forever. A worker whose owner is gone exits by itself
+    (DataLoader's watchdog). Without ``sigwaitinfo`` (macOS) every SIGTERM is ignored."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    # Blocked in this thread and in every thread started after it; the watcher takes it instead.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(owner_pid,), name="sigterm-watch", daemon=True).start()
+
+
+def _exit_on_sigterm_from(owner_pid: int) -> None:
+    """Wait for a SIGTERM sent by ``owner_pid`` (sender pids from ``sigwaitinfo``), then exit with
+    status 0 (the owner's SIGCHLD check reports only failures)."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != owner_pid:
+        pass
+    os._exit(0)
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -96,7 +116,8 @@ def _loader_options(num_workers: int, pin_memory: bool) -> dict:
     options = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory,
                "generator": torch.Generator()}  # keeps the global RNG out of the loader
     if num_workers > 0:
-        options.update(worker_init_fn=_worker_init, multiprocessing_context=worker_context())
+        options.update(worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                       multiprocessing_context=worker_context())
     return options
 
 

@@ -78,8 +78,8 @@ class DetectionTrainer(TrainerBase):
         try:
             return super().train(start_iter, max_iter)
         finally:
-            # Shut the loader's workers down now: they ignore SIGTERM (the trainer handles it), so
-            # the interpreter's exit-time terminate() of a still-open loader would wait forever.
+            # Shut the loader's workers down now rather than at exit: they outlive a job-wide
+            # SIGTERM (the trainer handles it) and end only when their loader ends them.
             self._batches = None
 
     def run_step(self) -> None:

@@ -1,10 +1,14 @@
 """det.engine.trainer and det.engine.checkpoint on a toy model: checkpoints and last_checkpoint,
-NaN/Inf handling, stop requests, the log line, the resume policy for changed config keys."""
+NaN/Inf handling, stop requests, the log line, the resume policy for changed config keys; the
+loader workers that the trainer stops."""
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import subprocess
+import sys
+import textwrap
 from typing import List
 
 import pytest
@@ -171,3 +175,39 @@ def test_meters_print_median_and_global_average():
 def test_bad_dtype_is_one_line():
     with pytest.raises(UserError, match="DTYPE 'float64'"):
         precision_from_dtype("float64", torch.device("cpu"))
+
+
+def test_loader_workers_outlive_a_job_sigterm_and_never_hold_up_the_exit(tmp_path):
+    """A SIGTERM from another process leaves a worker running (the trainer still needs it); the
+    interpreter exits although the loader is still open (its terminate() ends the workers)."""
+    script = textwrap.dedent("""
+        import os
+        import subprocess
+
+        import torch
+        from torch.utils.data import DataLoader
+
+        from det.data.build import _loader_options
+
+
+        class Pids(torch.utils.data.Dataset):
+            def __len__(self):
+                return 100
+
+            def __getitem__(self, index):
+                return os.getpid(), {}, index
+
+
+        if __name__ == "__main__":
+            batches = iter(DataLoader(Pids(), batch_size=1, **_loader_options(1, False)))
+            worker = next(batches)[0][0]
+            subprocess.run(["kill", "-TERM", str(worker)], check=True)
+            assert [next(batches)[0][0] for _ in range(20)] == [worker] * 20
+            print("worker alive after an outside SIGTERM")
+    """)
+    path = tmp_path / "open_loader.py"
+    path.write_text(script)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "worker alive after an outside SIGTERM" in done.stdout
