@@ -5,7 +5,9 @@ Conventions as in maskrcnn-benchmark: a ``_TRAIN`` / ``_TEST`` suffix for option
 between training and testing; ``SOLVER.IMS_PER_BATCH`` and ``TEST.IMS_PER_BATCH`` are global
 (divided by the number of processes). Only keys that the model, data pipeline or engine read
 exist: an unknown key in a file or on the command line is an error (see
-:func:`det.config.load_config`).
+:func:`det.config.load_config`). yacs refuses a value whose type differs from the default's, so
+every float-valued key has a float default (``SOLVER.WEIGHT_DECAY_BIAS 0.0`` is accepted) and
+only counts, sizes, iterations and pixel offsets are integers.
 """
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ _C.MODEL.RPN.PRE_NMS_TOP_N_TEST = 6000
 _C.MODEL.RPN.POST_NMS_TOP_N_TRAIN = 2000
 _C.MODEL.RPN.POST_NMS_TOP_N_TEST = 1000
 _C.MODEL.RPN.NMS_THRESH = 0.7
-_C.MODEL.RPN.MIN_SIZE = 0
+# Smallest proposal side in pixels (a float: torchvision's own default is 1e-3).
+_C.MODEL.RPN.MIN_SIZE = 0.0
 # Proposals kept over all levels: per image at test; in training per batch of a process when
 # FPN_POST_NMS_PER_BATCH (maskrcnn-benchmark's behaviour), else per image (torchvision's).
 _C.MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN = 2000
@@ -160,10 +163,10 @@ _C.DATALOADER.ASPECT_RATIO_GROUPING = True
 _C.SOLVER = CN()
 _C.SOLVER.MAX_ITER = 40000
 _C.SOLVER.BASE_LR = 0.001
-_C.SOLVER.BIAS_LR_FACTOR = 2
+_C.SOLVER.BIAS_LR_FACTOR = 2.0
 _C.SOLVER.MOMENTUM = 0.9
 _C.SOLVER.WEIGHT_DECAY = 0.0005
-_C.SOLVER.WEIGHT_DECAY_BIAS = 0
+_C.SOLVER.WEIGHT_DECAY_BIAS = 0.0
 _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.STEPS = (30000,)
 _C.SOLVER.WARMUP_FACTOR = 1.0 / 3
@@ -178,7 +181,7 @@ _C.SOLVER.IMS_PER_BATCH = 16
 
 _C.TEST = CN()
 _C.TEST.EXPECTED_RESULTS = []
-_C.TEST.EXPECTED_RESULTS_SIGMA_TOL = 4
+_C.TEST.EXPECTED_RESULTS_SIGMA_TOL = 4.0
 # Global: divided by the number of processes.
 _C.TEST.IMS_PER_BATCH = 8
 

@@ -9,6 +9,7 @@ from ``det/``, where ``det/configs`` links to ``../configs/det``).
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 from pathlib import Path
@@ -84,6 +85,32 @@ def _check_keys(data: Any, defaults: CN, prefix: str, where: str, valid: List[st
             _check_keys(value, defaults[name], dotted + ".", where, valid, sections)
 
 
+def _widen_file_ints(data: dict, defaults: CN) -> None:
+    """An int in ``data`` where the default is a float becomes that float (yacs would refuse
+    ``WEIGHT_DECAY_BIAS: 0``); ``data`` has passed :func:`_check_keys`."""
+    for name, value in data.items():
+        default = defaults[name]
+        if isinstance(default, CN):
+            _widen_file_ints(value, default)
+        elif isinstance(default, float) and type(value) is int:
+            data[name] = float(value)
+
+
+def _widen_opt_ints(opts: List[Any], config: CN) -> None:
+    """The same for ``KEY VALUE`` pairs: ``SOLVER.WEIGHT_DECAY_BIAS 0`` gives 0.0."""
+    for position in range(1, len(opts), 2):
+        default: Any = config
+        for part in opts[position - 1].split("."):
+            default = default[part]
+        if isinstance(default, float) and isinstance(opts[position], str):
+            try:
+                value = ast.literal_eval(opts[position])
+            except (ValueError, SyntaxError):
+                continue
+            if type(value) is int:
+                opts[position] = float(value)
+
+
 def resolve_config_file(config_file: str) -> Path:
     """``config_file`` as given if it exists, else relative to ``configs/det``; a ``configs/``
     prefix is accepted there (the published command lines say ``configs/e2e_...yaml``)."""
@@ -119,6 +146,7 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
             raise UserError(f"{path}: not valid yaml ({str(exc).splitlines()[0]})") from None
         data = data or {}
         _check_keys(data, config, "", str(path), valid, _sections(config))
+        _widen_file_ints(data, config)
         _merge(config, CN(data), str(path))
     opts = list(opts)
     if len(opts) % 2:
@@ -126,6 +154,7 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
     for key in opts[0::2]:
         if key not in valid:
             raise _unknown_key_error(key, valid, "the command-line options")
+    _widen_opt_ints(opts, config)
     try:
         config.merge_from_list(opts)
     except ValueError as exc:  # yacs' type check: names the key and both types

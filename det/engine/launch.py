@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import random
 import time
@@ -49,8 +48,6 @@ __all__ = ["LOGGER_NAME", "parse_args", "test_net", "test_net_main", "train_net"
 LOGGER_NAME = "det"
 LOG_FILE = "log.txt"
 CONFIG_DUMP = "config.yml"
-_FORMAT = "[%(asctime)s] %(message)s"
-_DATE_FORMAT = "%d %H:%M:%S"
 
 
 def parse_args(argv: Optional[Sequence[str]], test: bool) -> argparse.Namespace:
@@ -129,13 +126,8 @@ def _seed(seed: int) -> None:
 
 def _open_log(stack: contextlib.ExitStack, output_dir: str, env: DistEnv, tensorboard: bool) -> RunLog:
     """Console, ``OUTPUT_DIR/log.txt`` (appended) and TensorBoard on rank 0."""
-    log = stack.enter_context(RunLog(output_dir, env.is_main, env.rank, logger_name=LOGGER_NAME, file_prefix=None,
-                                     tensorboard_dir="tensorboard" if tensorboard else None))
-    if env.is_main:
-        handler = logging.FileHandler(os.path.join(output_dir, LOG_FILE))
-        handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
-        log.logger.addHandler(handler)
-    return log
+    return stack.enter_context(RunLog(output_dir, env.is_main, env.rank, logger_name=LOGGER_NAME, file_prefix=None,
+                                      file_name=LOG_FILE, tensorboard_dir="tensorboard" if tensorboard else None))
 
 
 def _write_config(cfg: CfgNode, output_dir: str, env: DistEnv, log: RunLog) -> None:

@@ -69,6 +69,55 @@ def test_opts_override_and_coerce_types():
     assert cfg.MODEL.RPN.NMS_THRESH == 0.6 and cfg.INPUT.MIN_SIZE_TRAIN == (640, 672) and cfg.MODEL.MABN.B == 1
 
 
+def test_float_keys_accept_float_values():
+    cfg = load_config(None, ["SOLVER.WEIGHT_DECAY_BIAS", "0.0", "SOLVER.BIAS_LR_FACTOR", "1.5",
+                             "MODEL.RPN.MIN_SIZE", "0.5"])
+    assert (cfg.SOLVER.WEIGHT_DECAY_BIAS, cfg.SOLVER.BIAS_LR_FACTOR, cfg.MODEL.RPN.MIN_SIZE) == (0.0, 1.5, 0.5)
+
+
+def test_integer_values_of_float_keys_become_floats(tmp_path):
+    cfg = load_config(None, ["SOLVER.WEIGHT_DECAY_BIAS", "0", "SOLVER.BIAS_LR_FACTOR", "2"])
+    assert type(cfg.SOLVER.WEIGHT_DECAY_BIAS) is float and cfg.SOLVER.BIAS_LR_FACTOR == 2.0
+    path = tmp_path / "ints.yaml"
+    path.write_text("SOLVER:\n  BASE_LR: 1\n  MAX_ITER: 10\n")
+    cfg = load_config(str(path))
+    assert type(cfg.SOLVER.BASE_LR) is float and type(cfg.SOLVER.MAX_ITER) is int
+    with pytest.raises(UserError, match="SOLVER.MAX_ITER"):
+        load_config(None, ["SOLVER.MAX_ITER", "1.5"])
+
+
+# Counts, sizes, iterations and pixel offsets; every other numeric default must be a float, since
+# yacs refuses a float on the command line where the default is an int.
+INTEGER_KEYS = {
+    "MODEL.BACKBONE.FREEZE_CONV_BODY_AT", "MODEL.RESNETS.NUM_GROUPS", "MODEL.RESNETS.WIDTH_PER_GROUP",
+    "MODEL.RESNETS.BACKBONE_OUT_CHANNELS", "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    "MODEL.MABN.B", "MODEL.MABN.REAL_B", "MODEL.MABN.WARMUP_ITERS", "MODEL.MABN.R_WARMUP_ITERS",
+    "MODEL.BRN.WARMUP_ITERS", "MODEL.BRN.R_RAMP_END", "MODEL.BRN.D_RAMP_END", "MODEL.GN.NUM_GROUPS",
+    "MODEL.RPN.STRADDLE_THRESH", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "MODEL.RPN.PRE_NMS_TOP_N_TRAIN",
+    "MODEL.RPN.PRE_NMS_TOP_N_TEST", "MODEL.RPN.POST_NMS_TOP_N_TRAIN", "MODEL.RPN.POST_NMS_TOP_N_TEST",
+    "MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN", "MODEL.RPN.FPN_POST_NMS_TOP_N_TEST",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "MODEL.ROI_HEADS.DETECTIONS_PER_IMG",
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO",
+    "MODEL.ROI_BOX_HEAD.NUM_CLASSES", "MODEL.ROI_BOX_HEAD.MLP_HEAD_DIM", "MODEL.ROI_BOX_HEAD.CONV_HEAD_DIM",
+    "MODEL.ROI_BOX_HEAD.NUM_STACKED_CONVS", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",
+    "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", "MODEL.ROI_MASK_HEAD.RESOLUTION", "MODEL.ROI_MASK_HEAD.DILATION",
+    "INPUT.MAX_SIZE_TRAIN", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "DATALOADER.NUM_WORKERS",
+    "DATALOADER.SIZE_DIVISIBILITY", "SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD",
+    "SOLVER.TEST_PERIOD", "SOLVER.IMS_PER_BATCH", "TEST.IMS_PER_BATCH",
+}
+
+
+def test_only_counts_and_sizes_have_integer_defaults():
+    cfg = get_default_config()
+    integers = set()
+    for key in all_keys(cfg):
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if isinstance(value, int) and not isinstance(value, bool):
+            integers.add(key)
+    assert integers == INTEGER_KEYS
+
 @pytest.mark.parametrize("key, closest", [("MODEL.RPN.NMS_THRES", "MODEL.RPN.NMS_THRESH"),
                                           ("MODEL.NMS_THRESH", "MODEL.RPN.NMS_THRESH"),
                                           ("MODEL.MABN.REALB", "MODEL.MABN.REAL_B")])
