@@ -38,18 +38,18 @@ class Budget:
     speed_warmup: int = 3
 
 
-QUICK = Budget("quick", cls_iters=1000, seeds=(0,), stat_iters=200, det_iters=300, det_norms=("mabn",), sweep=False,
-               speed_batch=8, speed_resolution=64, speed_rounds=20)
+QUICK = Budget("quick", cls_iters=1000, seeds=(0,), stat_iters=200, det_iters=400, det_norms=("mabn",), sweep=False,
+               speed_batch=8, speed_resolution=112, speed_rounds=20)
 FULL = Budget("full", cls_iters=3000, seeds=(0, 1, 2), stat_iters=1000, det_iters=1500,
               det_norms=("bn", "brn", "mabn", "syncbn"), sweep=True, speed_batch=8, speed_resolution=224,
               speed_rounds=20)
 PARTS = ("classification", "speed", "statistics", "detection")
 
-# Seconds per unit on one unloaded CPU thread (for the ETA only).
-CLS_SECONDS_PER_ITER = {32: 0.18}
-CLS_FIXED_SECONDS = 15.0
-STAT_SECONDS_PER_ITER = {2: 0.05, 32: 0.35}
-DET_SECONDS_PER_ITER, DET_EVAL_SECONDS = 0.7, 60.0
+# Seconds per unit on one unloaded CPU thread (for the ETA only; measured on a 2-core AMD EPYC).
+CLS_SECONDS_PER_ITER = {32: 0.17}
+CLS_FIXED_SECONDS = 10.0
+STAT_SECONDS_PER_ITER = {2: 0.05, 32: 0.3}
+DET_SECONDS_PER_ITER, DET_EVAL_SECONDS = 0.45, 30.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -208,7 +208,7 @@ def plan(args: argparse.Namespace, budget: Budget, out: str) -> Plan:
         command = [sys.executable, "-m", "reproduction.speed", "--out", speed_json, "--batch", str(budget.speed_batch),
                    "--resolution", str(budget.speed_resolution), "--rounds", str(budget.speed_rounds),
                    "--warmup", str(budget.speed_warmup)]
-        per_call = 0.012 * budget.speed_batch * (budget.speed_resolution / 64) ** 2
+        per_call = 0.015 * budget.speed_batch * (budget.speed_resolution / 64) ** 2
         tasks.append(Task("inference speed", [command], os.path.join(logs, "speed.log"),
                           20.0 + 6 * 2.0 * per_call * (budget.speed_rounds + budget.speed_warmup)))
     return Plan(tasks, cls_runs, stat_runs, det_runs, speed_json, notes)
