@@ -1,9 +1,10 @@
-"""Install the MABN monorepo: the ``mabn`` core library plus the ``cls`` and ``det`` apps."""
+"""Install the MABN monorepo: the ``mabn`` core library, the ``cls`` and ``det`` apps, and the
+``benchmarks`` and ``reproduction`` tools (outside the core package)."""
 from setuptools import find_packages, setup
 
 CORE = ["torch>=2.4", "torchvision>=0.19"]
-CLS = ["yacs", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml", "filelock"]
-DET = ["yacs", "pycocotools", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml", "filelock"]
+CLS = ["yacs", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml"]
+DET = ["yacs", "pycocotools", "opencv-python-headless", "tensorboard", "tqdm", "matplotlib", "pyyaml"]
 DEV = ["pytest", "pytest-timeout", "pytest-randomly", "onnx", "onnxscript", "timm"]
 
 setup(
@@ -13,7 +14,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["mabn", "mabn.*", "cls", "cls.*", "det", "det.*"]),
+    packages=find_packages(include=["mabn", "mabn.*", "cls", "cls.*", "det", "det.*", "benchmarks", "benchmarks.*",
+                                    "reproduction", "reproduction.*"]),
     install_requires=CORE,
     extras_require={
         "cls": CLS,
