@@ -32,7 +32,7 @@ import atexit
 import multiprocessing
 import os
 import signal
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import cv2
 import numpy as np
@@ -41,79 +41,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mabn.utils.errors import CorruptImageError, UserError
+from mabn.utils.data import ShardSampler, declared_size, load_bgr, opencv_max_pixels
+from mabn.utils.errors import UserError
 
 __all__ = ["load_bgr", "check_image_file", "opencv_max_pixels", "AugmentedImageFolder", "TrainBatchSampler",
            "ShardSampler", "open_image_folder", "worker_context", "build_train_loader", "build_val_loader"]
-
-_OPENCV_DEFAULT_MAX_PIXELS = 1 << 30
-
-
-def opencv_max_pixels() -> int:
-    """The most pixels OpenCV decodes: ``$OPENCV_IO_MAX_IMAGE_PIXELS`` (read by OpenCV at its first
-    decode), 2^30 by default."""
-    try:
-        return int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", _OPENCV_DEFAULT_MAX_PIXELS))
-    except ValueError:
-        return _OPENCV_DEFAULT_MAX_PIXELS
-
-
-def _declared_size(path: str) -> Tuple[Optional[Tuple[int, int]], bool]:
-    """``((width, height) or None, too_large_for_pil)`` from the file header, without decoding."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.size, False
-    except Image.DecompressionBombError:
-        return None, True
-    except (OSError, ValueError, SyntaxError, EOFError):
-        return None, False
-
-
-def _decode_failure(path: str) -> str:
-    """Why OpenCV returned no image for ``path``: too many pixels, or a corrupt file."""
-    size, over_pil_limit = _declared_size(path)
-    limit = opencv_max_pixels()
-    if size is not None and size[0] * size[1] > limit:
-        declared = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels"
-    elif over_pil_limit:
-        from PIL import Image
-
-        declared = f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
-    else:
-        return f"cannot decode image file {path!r} (corrupt or not an image)"
-    return (f"image file {path!r} is too large to decode ({declared}; OpenCV decodes at most {limit}): "
-            f"downscale it, or set OPENCV_IO_MAX_IMAGE_PIXELS higher if there is memory for it")
-
-
-def load_bgr(path: str) -> np.ndarray:
-    """Decode an image file into an (H, W, 3) BGR uint8 array; :class:`CorruptImageError` otherwise."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise CorruptImageError(f"cannot read image file {path!r}: {exc.strerror}") from None
-    image = None
-    if data.size:
-        # OpenCV's own log lines about a bad file would add to the one-line error below: silenced.
-        previous = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-        try:
-            image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-        except cv2.error:
-            image = None
-        finally:
-            cv2.utils.logging.setLogLevel(previous)
-    if image is None:
-        raise CorruptImageError(_decode_failure(path))
-    return image
-
 
 def check_image_file(path: str) -> None:
     """Raise :class:`CorruptImageError` if ``path`` will not decode, cheaply: a header that PIL
     parses and that declares at most OpenCV's pixel limit is accepted without decoding;
     anything else is decoded with :func:`load_bgr`, which names the problem."""
-    size, _ = _declared_size(path)
+    size, _ = declared_size(path)
     if size is not None and 0 < size[0] * size[1] <= opencv_max_pixels():
         return
     load_bgr(path)
@@ -211,21 +149,6 @@ class TrainBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return self.iters_per_epoch - self.start_step
-
-
-class ShardSampler(Sampler):
-    """Indices ``rank, rank + world_size, ...`` below ``num_samples``: exact, uneven shards."""
-
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
-        self.num_samples = num_samples
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
 
 
 def _worker_init(_worker_id: int) -> None:

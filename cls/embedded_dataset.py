@@ -18,17 +18,16 @@ one writer and never see a partial dataset.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
 import cv2
 import numpy as np
+
+from mabn.utils.data import build_once, default_cache_dir
 
 __all__ = ["CLASS_NAMES", "VERSION", "default_cache_dir", "dataset_name", "ensure_embedded_dataset",
            "render_image", "write_embedded_dataset"]
@@ -40,12 +39,6 @@ CLASS_NAMES = tuple(f"{k:02d}_{TEXTURES[k // len(SHAPES)]}_{SHAPES[k % len(SHAPE
                     for k in range(len(SHAPES) * len(TEXTURES)))
 _SPLIT_IDS = {"train": 0, "val": 1}
 _SUPERSAMPLE = 2
-
-
-def default_cache_dir() -> Path:
-    """``$MABN_CACHE`` if set, else ``~/.cache/mabn``."""
-    env = os.environ.get("MABN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mabn"
 
 
 def dataset_name(seed: int, classes: int, train_per_class: int, val_per_class: int, size: int) -> str:
@@ -170,34 +163,14 @@ def ensure_embedded_dataset(cache_dir: Optional[os.PathLike] = None, seed: int =
                             log=print) -> Path:
     """Return the dataset directory, writing it first if no process has yet.
 
-    Safe to call from every rank at once: one process renders into a temporary directory and
-    renames it into place under an exclusive lock; the others block on the lock and then find
-    the finished directory.
+    Safe to call from every rank at once (:func:`mabn.utils.data.build_once`): one process renders
+    into a temporary directory and renames it into place under an exclusive lock; the others block
+    on the lock and then find the finished directory.
     """
     if not 2 <= classes <= len(CLASS_NAMES):
         raise ValueError(f"classes must lie in 2..{len(CLASS_NAMES)}, got {classes}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / dataset_name(seed, classes, train_per_class, val_per_class, size)
-    if (target / "meta.json").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / (target.name + ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if (target / "meta.json").is_file():
-                return target
-            if target.exists():  # left over by something else than this writer: do not trust it
-                shutil.rmtree(target)
-            log(f"writing the embedded dataset ({classes} classes x {train_per_class}+{val_per_class} "
-                f"images of {size} px) to {target}")
-            temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
-            try:
-                shutil.rmtree(temporary)
-                write_embedded_dataset(temporary, seed, classes, train_per_class, val_per_class, size)
-                os.rename(temporary, target)
-            finally:
-                if temporary.exists():
-                    shutil.rmtree(temporary, ignore_errors=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return target
+    return build_once(
+        target, lambda folder: write_embedded_dataset(folder, seed, classes, train_per_class, val_per_class, size),
+        f"the embedded dataset ({classes} classes x {train_per_class}+{val_per_class} images of {size} px)", log)

@@ -28,8 +28,9 @@ from torch.utils.data import BatchSampler, DataLoader
 from det.config.paths_catalog import DATASETS as PUBLISHED_DATASETS
 from det.data.catalog import Catalog, resolve_dataset
 from det.data.coco import COCODataset
-from det.data.samplers import IterationBatchSampler, ShardSampler, aspect_ratio_groups
+from det.data.samplers import IterationBatchSampler, aspect_ratio_groups
 from det.data.transforms import InferenceTransform, TrainTransform
+from mabn.utils.data import ShardSampler
 from mabn.utils.errors import UserError
 
 __all__ = ["ConcatCOCODataset", "batch_size_per_process", "build_test_loaders", "build_train_loader",

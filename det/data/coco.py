@@ -21,36 +21,19 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from mabn.utils.errors import CorruptImageError, UserError
+from mabn.utils.data import load_bgr
+from mabn.utils.errors import UserError
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
 
-__all__ = ["COCODataset", "load_bgr", "load_coco"]
+__all__ = ["COCODataset", "load_coco"]
 
 Target = Dict[str, np.ndarray]
-
-
-def load_bgr(path: str) -> np.ndarray:
-    """Decode an image file into (H, W, 3) BGR uint8; :class:`CorruptImageError` naming the file otherwise."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise CorruptImageError(f"cannot read image file {path!r}: {exc.strerror}") from None
-    image = None
-    if data.size:
-        try:
-            image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-        except cv2.error:
-            image = None
-    if image is None:
-        raise CorruptImageError(f"cannot decode image file {path!r} (corrupt or not an image)")
-    return image
 
 
 def load_coco(ann_file: str) -> "COCO":

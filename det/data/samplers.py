@@ -10,8 +10,7 @@ of a rank is a function of ``(seed, rank, world size, i)`` only: resuming at ``s
 replays the integer stream (cheap) and yields from batch ``start_iter`` on. Every sample carries
 its augmentation seed ``(seed, rank, i, position)``.
 
-Testing (:class:`ShardSampler`): rank ``r`` takes images ``r, r + W, ...``: exact, uneven shards,
-nothing duplicated or dropped.
+Testing uses :class:`mabn.utils.data.ShardSampler` (exact, uneven shards, shared with ``cls``).
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from torch.utils.data import Sampler
 
 from mabn.utils.errors import UserError
 
-__all__ = ["IterationBatchSampler", "ShardSampler", "aspect_ratio_groups"]
+__all__ = ["IterationBatchSampler", "aspect_ratio_groups"]
 
 Sample = Tuple[int, Tuple[int, int, int, int]]
 
@@ -79,18 +78,3 @@ class IterationBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return self.max_iter - self.start_iter
-
-
-class ShardSampler(Sampler):
-    """Indices ``rank, rank + world_size, ...`` below ``num_samples``."""
-
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
-        self.num_samples = num_samples
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))

@@ -22,18 +22,17 @@ exclusive ``flock``; ``meta.json`` marks a finished dataset and other processes 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from mabn.utils.data import build_once, default_cache_dir
 
 __all__ = ["SHAPES", "VERSION", "ShapesFolder", "category_id", "dataset_name", "default_cache_dir",
            "ensure_shapes_dataset", "render_image"]
@@ -57,12 +56,6 @@ class ShapesFolder:
 
     def ann_file(self, split: str) -> Path:
         return self.root / "annotations" / f"instances_{split}.json"
-
-
-def default_cache_dir() -> Path:
-    """``$MABN_CACHE`` if set, else ``~/.cache/mabn``."""
-    env = os.environ.get("MABN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mabn"
 
 
 def dataset_name(seed: int, categories: int, train_images: int, val_images: int, image_size: int) -> str:
@@ -256,25 +249,8 @@ def ensure_shapes_dataset(cache_dir: Optional[os.PathLike] = None, seed: int = 0
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / dataset_name(seed, categories, train_images, val_images, image_size)
-    if (target / "meta.json").is_file():
-        return ShapesFolder(target)
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / (target.name + ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (target / "meta.json").is_file():
-                if target.exists():  # not written by this code (no marker): do not trust it
-                    shutil.rmtree(target)
-                log(f"writing the embedded shapes dataset ({categories} categories, {train_images}+{val_images} "
-                    f"images of up to {image_size} px) to {target}")
-                temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache))
-                try:
-                    shutil.rmtree(temporary)
-                    _write(temporary, seed, categories, {"train": train_images, "val": val_images}, image_size)
-                    os.rename(temporary, target)
-                finally:
-                    if temporary.exists():
-                        shutil.rmtree(temporary, ignore_errors=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return ShapesFolder(target)
+    counts = {"train": train_images, "val": val_images}
+    return ShapesFolder(build_once(
+        target, lambda folder: _write(folder, seed, categories, counts, image_size),
+        f"the embedded shapes dataset ({categories} categories, {train_images}+{val_images} images of up to "
+        f"{image_size} px)", log))

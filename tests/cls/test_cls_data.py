@@ -1,4 +1,5 @@
-"""cls.data: per-rank sampling without replacement, exact evaluation shards, image reading errors."""
+"""cls.data: per-rank sampling without replacement, the image-folder checks and its loaders (shards and
+image decoding errors: tests/mabn/utils/test_utils_data.py)."""
 from __future__ import annotations
 
 import cv2
@@ -7,7 +8,7 @@ import pytest
 from image_files import write_black_png
 
 import cls.data
-from cls.data import ShardSampler, TrainBatchSampler, check_image_file, load_bgr, open_image_folder
+from cls.data import TrainBatchSampler, check_image_file, load_bgr, open_image_folder
 from mabn.utils.errors import CorruptImageError, UserError
 
 
@@ -44,29 +45,9 @@ def test_resume_inside_an_epoch_continues_the_same_stream():
     assert len(set(seeds)) == len(seeds)  # every sample its own augmentation seed
 
 
-def test_shards_cover_the_validation_set_exactly_once():
-    n, world = 11, 4
-    shards = [list(ShardSampler(n, rank, world)) for rank in range(world)]
-    assert sorted(i for shard in shards for i in shard) == list(range(n))
-    assert [len(ShardSampler(n, rank, world)) for rank in range(world)] == [3, 3, 3, 2]
-
-
 def test_tiny_dataset_for_the_world_size():
     with pytest.raises(UserError, match="fewer than the 4 processes"):
         TrainBatchSampler(3, 1, 1, world_size=4)
-
-
-def test_corrupt_and_missing_images(tmp_path):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not a png at all")
-    with pytest.raises(CorruptImageError, match="bad.png"):
-        load_bgr(str(bad))
-    empty = tmp_path / "empty.jpg"
-    empty.write_bytes(b"")
-    with pytest.raises(CorruptImageError, match="empty.jpg"):
-        load_bgr(str(empty))
-    with pytest.raises(CorruptImageError, match="nothere.png"):
-        load_bgr(str(tmp_path / "nothere.png"))
 
 
 def test_missing_and_empty_folders(tmp_path):
@@ -115,7 +96,7 @@ def test_header_check_accepts_good_images_without_decoding(tmp_path, monkeypatch
 
 def test_header_check_decodes_what_pil_cannot_parse(tmp_path, monkeypatch):
     image = _folder(tmp_path / "val") / "a" / "0.png"
-    monkeypatch.setattr(cls.data, "_declared_size", lambda path: (None, False))  # e.g. a format PIL lacks
+    monkeypatch.setattr(cls.data, "declared_size", lambda path: (None, False))  # e.g. a format PIL lacks
     check_image_file(str(image))  # decoded by OpenCV instead: fine
     image.write_bytes(b"junk")
     with pytest.raises(CorruptImageError, match="cannot decode"):
@@ -134,15 +115,6 @@ def test_huge_png_is_reported_as_too_large_not_corrupt(tmp_path):
     huge.rename(root / "a" / "9.png")
     with pytest.raises(CorruptImageError, match="9.png' is too large"):
         open_image_folder(str(root), "--train_dir")
-
-
-def test_too_large_below_pil_limit_names_the_size(tmp_path, monkeypatch):
-    image = tmp_path / "wide.png"
-    write_black_png(image, 300, 200)
-    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "1000")  # as OpenCV would refuse it (read at its start)
-    monkeypatch.setattr(cls.data.cv2, "imdecode", lambda data, flags: None)
-    with pytest.raises(CorruptImageError, match=r"too large to decode \(300x200 = 60000 pixels; OpenCV decodes at most 1000\)"):
-        load_bgr(str(image))
 
 
 def test_small_black_png_writer_is_valid(tmp_path):

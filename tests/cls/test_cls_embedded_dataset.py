@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from cls.data import open_image_folder
-from cls.embedded_dataset import (CLASS_NAMES, dataset_name, default_cache_dir, ensure_embedded_dataset,
-                                  render_image)
+from cls.embedded_dataset import CLASS_NAMES, dataset_name, ensure_embedded_dataset, render_image
 
 
 def _digest(root: Path) -> str:
@@ -83,13 +82,6 @@ def test_concurrent_writers_produce_one_dataset(tmp_path):
     results = [queue.get(timeout=5) for _ in range(4)]
     assert results.count("wrote") == 1
     assert len({r for r in results if r != "wrote"}) == 1
-
-
-def test_cache_dir_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("MABN_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path
-    monkeypatch.delenv("MABN_CACHE")
-    assert default_cache_dir() == Path.home() / ".cache" / "mabn"
 
 
 def test_bad_class_count(tmp_path):

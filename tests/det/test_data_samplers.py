@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from det.data.samplers import IterationBatchSampler, ShardSampler, aspect_ratio_groups
+from det.data.samplers import IterationBatchSampler, aspect_ratio_groups
 from mabn.utils.errors import UserError
 
 
@@ -62,9 +62,3 @@ def test_bad_arguments():
         IterationBatchSampler(10, 1, 10, start_iter=11)
     with pytest.raises(ValueError, match="group ids"):
         IterationBatchSampler(10, 1, 10, group_ids=[0, 1])
-
-
-def test_shard_sampler_covers_everything_once():
-    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
-    assert [len(ShardSampler(11, r, 3)) for r in range(3)] == [len(s) for s in shards] == [4, 4, 3]
-    assert sorted(sum(shards, [])) == list(range(11))

@@ -13,7 +13,7 @@ class Block:
             raise ImportError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 import mabn
-import mabn.utils.checkpoint, mabn.utils.distributed, mabn.utils.errors, mabn.utils.lock
+import mabn.utils.checkpoint, mabn.utils.data, mabn.utils.distributed, mabn.utils.errors, mabn.utils.lock
 import mabn.utils.run_log, mabn.utils.signals, mabn.utils.train_loop
 print("ok")
 """
