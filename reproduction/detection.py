@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from reproduction.schedules import BRN_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
 
-__all__ = ["DET_NORMS", "REPO_ROOT", "det_tools_available", "det_opts", "det_commands", "read_coco_results",
+__all__ = ["DET_NORMS", "REPO_ROOT", "config_file", "det_tools_available", "det_opts", "det_commands", "read_coco_results",
            "draw_predictions"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

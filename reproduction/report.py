@@ -13,6 +13,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 __all__ = ["collect", "write_outputs", "versions"]
 
 FIGURES = "figures"
+MAX_DRAWN_NOTE = "highest-scoring detections per image, up to 8,"
+DRAW_THRESHOLDS = (0.5, 0.3, 0.1)
 DISPLAY_NAMES = {"bn": "BN", "brn": "BRN", "gn": "GN", "mabn": "MABN", "syncbn": "SyncBN"}
 
 
@@ -125,8 +127,8 @@ def _detection(plan, results, budget, out: str) -> Optional[dict]:
         path = os.path.join(out, FIGURES, "detection_mabn_predictions.png")
         try:
             drawing = dict(draw_predictions("mabn", budget.det_iters, os.path.abspath(
-                next(run["folder"] for run in plan.det_runs if run["norm"] == "mabn")), path),
-                figure=os.path.relpath(path, out))
+                next(run["folder"] for run in plan.det_runs if run["norm"] == "mabn")), path,
+                thresholds=DRAW_THRESHOLDS), figure=os.path.relpath(path, out))
         except (OSError, RuntimeError, ValueError) as exc:
             drawing = {"failure": f"drawing the predictions: {exc}"}
     return {"rows": rows, "drawing": drawing}
@@ -344,9 +346,16 @@ def _markdown(report: dict) -> str:
                           f"{ds['brn']['r_ramp_end']} MODEL.BRN.D_RAMP_END {ds['brn']['d_ramp_end']}`")
         lines += ["", "Scaled schedules: " + "; ".join(scaled) + ". Learning rate: the tiny configs' schedule "
                       "(warm-up and steps) scaled to the same fractions of the run.", ""] if scaled else [""]
-        if det["drawing"] and "figure" in det["drawing"]:
-            lines += [f"Predictions of the MABN model on validation images (score >= "
-                      f"{det['drawing']['score_threshold']}):", "", f"![detections]({det['drawing']['figure']})", ""]
+        drawing = det["drawing"]
+        if drawing and "figure" in drawing:
+            if sum(drawing["drawn_detections"]):
+                lines.append(f"Predictions of the MABN model on validation images (the {MAX_DRAWN_NOTE} "
+                             f"scoring >= {drawing['score_threshold']}):")
+            else:
+                lines.append(f"The MABN model made no detection scoring >= {min(DRAW_THRESHOLDS)} on these "
+                             f"validation images after {budget['det_iters']} iterations, so they are shown without "
+                             f"predictions:")
+            lines += ["", f"![detections]({drawing['figure']})", ""]
 
     lines += ["## Published schedules and their fractions", "", "| method | source | run length | iterations | fraction |",
               "|---|---|---|---|---|"]
