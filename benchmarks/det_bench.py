@@ -11,7 +11,8 @@ Models are built by ``det.modeling.build_detection_model`` from the repository's
 ``INPUT.MIN_SIZE_TRAIN (512,)``). The batch is synthetic: 2 random images (seeded) with a few
 random boxes, labels and box-shaped masks each, in torchvision's target format. A step is
 forward (all losses), backward and ``SGD(lr=0, momentum=0.9).step()``, in train mode; gradients
-are zeroed untimed before it.
+are zeroed untimed before it. Every variant runs two untimed steps (the memory measurements
+below) before the warm-up rounds, so R-50 needs no warm-up round of its own.
 
 BN, GN and MABN run in this process with 2 images. SyncBN runs as the SyncBN-(1x2) setting:
 2 spawned gloo processes, 1 image each, each with half of this process's threads, wrapped in
@@ -48,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import Tensor, nn
+from torch import Tensor
 
 from benchmarks.harness import Case, interleaved_times, log, saved_bytes, summarize
 from benchmarks.targets import Target, check, format_target
@@ -83,7 +84,7 @@ class DetConfig:
 
 TINY = DetConfig("tiny", "configs/det/shapes/mask_rcnn_{norm}_tiny.yaml", (), 128, 160, rounds=5, warmup=1)
 R50 = DetConfig("R-50-FPN 512px", "configs/det/e2e_mask_rcnn_R_50_FPN_{norm}_2x_from_scratch.yaml",
-                ("INPUT.MIN_SIZE_TRAIN", "(512,)", "INPUT.MAX_SIZE_TRAIN", "1024"), 512, 640, rounds=3, warmup=1)
+                ("INPUT.MIN_SIZE_TRAIN", "(512,)", "INPUT.MAX_SIZE_TRAIN", "1024"), 512, 640, rounds=3, warmup=0)
 
 
 def _repo_path(path: str) -> str:
@@ -204,6 +205,7 @@ def _sync_worker(rank: int, config: DetConfig, threads: int, init_file: str, con
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         meter = _AllReduceMeter()
+        # This worker process only: SyncBN and GradientAveraging look the function up on the module.
         dist.all_reduce = meter
         images, targets = _batch_for(config, "syncbn")
         case = build_step(config, "syncbn", images[rank:rank + 1], targets[rank:rank + 1],
@@ -316,6 +318,7 @@ def run_config(config: DetConfig, threads: int, with_syncbn: bool) -> Dict[str, 
     result: Dict[str, object] = {"config": config.name, "rounds": config.rounds, "warmup": config.warmup,
                                  "image_size": [config.height, config.width], "rows": rows}
     if workers is not None:
+        result["syncbn_threads_per_process"] = max(1, threads // WORLD_SIZE)
         timed = {flag: steps[config.warmup:] for flag, steps in workers.steps.items()}
         all_reduce_ms = sorted(1e3 * step["all_reduce_s"] for step in timed[True])
         result["syncbn"] = {
@@ -352,7 +355,9 @@ def format_markdown(result: Dict[str, object]) -> str:
                      f"| {row['ratio_to_gn']:.3f}x | {row['ratio_to_mabn']:.3f}x | {saved} | {peak} |")
     sync = result.get("syncbn")
     if sync:
-        lines += ["", f"SyncBN 1x2 / MABN: {sync['vs_mabn']:.3f}x (without communication {sync['no_comm_vs_mabn']:.3f}x); "
+        lines += ["", f"SyncBN 1x2 (2 gloo processes x 1 image, {result['syncbn_threads_per_process']} thread(s) each, "
+                  f"interleaved in the same rounds) / MABN: {sync['vs_mabn']:.3f}x "
+                  f"(without communication {sync['no_comm_vs_mabn']:.3f}x); "
                   f"communication {sync['comm_cost_ms']:.0f} ms per step (difference of medians), "
                   f"{sync['all_reduce_median_ms']:.0f} ms inside {sync['all_reduce_calls_per_step']} all-reduce calls "
                   f"(median, slower rank, waiting included); MABN needs none."]
@@ -370,7 +375,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny config only, few rounds (about a minute)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     parser.add_argument("--rounds", type=int, help="timed rounds per config (default: 5 tiny, 3 R-50; --quick 3)")
-    parser.add_argument("--warmup", type=int, help="untimed warm-up rounds (default 1)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up rounds (default: 1 tiny, 0 R-50)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads here; each SyncBN process gets half (default: torch's)")
     parser.add_argument("--no-syncbn", action="store_true", help="skip the 2-process SyncBN variants")
