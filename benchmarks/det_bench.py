@@ -364,6 +364,14 @@ def format_markdown(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _write_json_atomic(path: str, content: Dict[str, object]) -> None:
+    """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as stream:
+        json.dump(content, stream, indent=1)
+    os.replace(stream.name, path)
+
+
 def _machine(threads: int) -> Dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
@@ -373,7 +381,7 @@ def _machine(threads: int) -> Dict[str, object]:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny config only, few rounds (about a minute)")
-    parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+    parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file (atomically)")
     parser.add_argument("--rounds", type=int, help="timed rounds per config (default: 5 tiny, 3 R-50; --quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up rounds (default: 1 tiny, 0 R-50)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -413,8 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"threads {args.threads}, load average at start {results['machine']['load_average_at_start'][0]:.2f}, "
           f"{results['elapsed_s']:.0f} s; peak RSS is sampled every 1 ms (an estimate), saved is exact", flush=True)
     if args.json:
-        with open(args.json, "w") as stream:
-            json.dump(results, stream, indent=1)
+        _write_json_atomic(args.json, results)
     return 0
 
 
