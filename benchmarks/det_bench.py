@@ -44,12 +44,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmarks.harness import Case, interleaved_times, log, saved_bytes, summarize
 from benchmarks.targets import Target, check, format_target
@@ -110,8 +110,8 @@ def synthetic_batch(height: int, width: int, num_classes: int, seed: int = 0
 
 
 def build_step(config: DetConfig, norm: str, images: Sequence[Tensor], targets: Sequence[Dict[str, Tensor]],
-               wrap=None) -> Case:
-    """A :class:`Case` running one training step of the ``norm`` detector on ``images``."""
+               wrap: Optional[Callable[[nn.Module], nn.Module]] = None) -> Case:
+    """A :class:`Case` running one training step of the ``norm`` detector (``wrap``-ped) on ``images``."""
     from det.config import load_config
     from det.modeling import build_detection_model
 
