@@ -38,7 +38,7 @@ class Budget:
     speed_warmup: int = 3
 
 
-QUICK = Budget("quick", cls_iters=1000, seeds=(0,), stat_iters=200, det_iters=400, det_norms=("mabn",), sweep=False,
+QUICK = Budget("quick", cls_iters=1000, seeds=(0,), stat_iters=200, det_iters=700, det_norms=("mabn",), sweep=False,
                speed_batch=8, speed_resolution=112, speed_rounds=20)
 FULL = Budget("full", cls_iters=3000, seeds=(0, 1, 2), stat_iters=1000, det_iters=1500,
               det_norms=("bn", "brn", "mabn", "syncbn"), sweep=True, speed_batch=8, speed_resolution=224,
