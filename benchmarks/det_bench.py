@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from benchmarks.harness import Case, interleaved_times, log, saved_bytes, summarize
 from benchmarks.targets import Target, check, format_target
+from mabn.utils.checkpoint import write_text_atomic
 
 __all__ = ["DetConfig", "TINY", "R50", "synthetic_batch", "build_step", "run_config", "evaluate_targets",
            "format_markdown", "main"]
@@ -364,14 +365,6 @@ def format_markdown(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: str, content: Dict[str, object]) -> None:
-    """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as stream:
-        json.dump(content, stream, indent=1)
-    os.replace(stream.name, path)
-
-
 def _machine(threads: int) -> Dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
@@ -421,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"threads {args.threads}, load average at start {results['machine']['load_average_at_start'][0]:.2f}, "
           f"{results['elapsed_s']:.0f} s; peak RSS is sampled every 1 ms (an estimate), saved is exact", flush=True)
     if args.json:
-        _write_json_atomic(args.json, results)
+        write_text_atomic(args.json, json.dumps(results, indent=1))
     return 0
 
 

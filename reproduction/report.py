@@ -10,6 +10,8 @@ import subprocess
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from mabn.utils.checkpoint import write_text_atomic
+
 __all__ = ["collect", "write_outputs", "versions"]
 
 FIGURES = "figures"
@@ -372,13 +374,6 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
-
-
 def _finite(value):
     """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
     if isinstance(value, float):
@@ -391,5 +386,5 @@ def _finite(value):
 
 
 def write_outputs(out: str, report: dict) -> None:
-    _write_atomic(os.path.join(out, "results.json"), json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
-    _write_atomic(os.path.join(out, "results.md"), _markdown(report))
+    write_text_atomic(os.path.join(out, "results.json"), json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
+    write_text_atomic(os.path.join(out, "results.md"), _markdown(report))

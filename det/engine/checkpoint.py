@@ -23,7 +23,6 @@ naming each key; to fine-tune from a checkpoint with other values, start a new O
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -33,7 +32,8 @@ from yacs.config import CfgNode
 
 from det.solver import WarmupMultiStepLR, set_optimizer_hyperparameters
 from mabn.utils.checkpoint import (capture_rng_state, check_fields, check_finite, kept_message, load_checkpoint,
-                                   load_model_state, load_rank_buffers, rank_buffers, restore_rng_state, save_atomic)
+                                   load_model_state, load_rank_buffers, rank_buffers, restore_rng_state, save_atomic,
+                                   write_text_atomic)
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError
 
@@ -165,21 +165,6 @@ def restore_rank_state(checkpoint: Optional[Mapping[str, Any]], path: str, netwo
                         f"({_describe(exc)})") from None
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                         dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 class CheckpointWriter:
     """``writer(name, iteration)`` gathers every rank's buffers and RNG states, checks everything
     for NaN/Inf on every rank (so all of them stop together, writing nothing) and lets rank 0
@@ -215,7 +200,7 @@ class CheckpointWriter:
         check_finite(checkpoint, self.last_path or path)
         if self.env.is_main:
             save_atomic(checkpoint, path)
-            _write_text_atomic(os.path.join(self.output_dir, LAST_CHECKPOINT), os.path.basename(path) + "\n")
+            write_text_atomic(os.path.join(self.output_dir, LAST_CHECKPOINT), os.path.basename(path) + "\n")
             self.log.info(f"Saving checkpoint to {path} (iteration {iteration})")
         self.env.barrier()
         self.last_path, self.last_iteration = path, iteration

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 from det.engine.checkpoint import CheckpointWriter
 from det.engine.metric_logger import MetricLogger, max_memory_mib
 from mabn.utils.amp import Precision
+from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import NonFiniteLossError, UserError
 from mabn.utils.run_log import RunLog
@@ -169,19 +169,6 @@ class PeriodicCheckpoint:
             self.writer("model_final", iteration)
 
 
-def _write_json_atomic(path: str, content) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                         dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=1)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 class MetricsWriter:
     """``OUTPUT_DIR/metrics.json``: a list of ``{"iteration": i, "<dataset>": {"bbox": {"AP": ...},
     "segm": {...}}}``, one entry per evaluation, plus TensorBoard scalars
@@ -206,7 +193,7 @@ class MetricsWriter:
             return
         self.entries = [e for e in self.entries if e.get("iteration") != iteration]
         self.entries.append({"iteration": iteration, **metrics})
-        _write_json_atomic(self.path, self.entries)
+        write_text_atomic(self.path, json.dumps(self.entries, indent=1))
         for dataset, per_type in metrics.items():
             for iou_type, values in per_type.items():
                 self.log.scalars({f"eval/{dataset}/{iou_type}_{name}": value for name, value in values.items()},

@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from typing import Callable, Dict, List, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +32,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from det.data.coco import COCODataset
+from mabn.utils.checkpoint import write_text_atomic
 
 __all__ = ["IOU_TYPES", "METRICS", "coco_results", "evaluate_coco", "evaluate_dataset", "format_table",
            "gather_results", "merge_results"]
@@ -126,18 +126,6 @@ def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, content) -> None:
-    """Write ``content`` as JSON to ``path`` atomically (temporary file, then rename)."""
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(content, file)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def evaluate_dataset(dataset: COCODataset, results: Results, output_dir: str, iou_types: Sequence[str] = IOU_TYPES,
                      log: Callable[[str], None] = print) -> Dict[str, Dict[str, float]]:
     """Evaluate gathered ``results`` on ``dataset``, write ``<output_dir>/inference/<name>/`` (the
@@ -145,8 +133,8 @@ def evaluate_dataset(dataset: COCODataset, results: Results, output_dir: str, io
     folder = os.path.join(output_dir, "inference", dataset.name)
     os.makedirs(folder, exist_ok=True)
     for iou_type in iou_types:
-        _write_json(os.path.join(folder, f"{iou_type}.json"), results.get(iou_type, []))
+        write_text_atomic(os.path.join(folder, f"{iou_type}.json"), json.dumps(results.get(iou_type, [])))
     metrics = evaluate_coco(dataset.coco(), results, iou_types)
-    _write_json(os.path.join(folder, "coco_results.json"), metrics)
+    write_text_atomic(os.path.join(folder, "coco_results.json"), json.dumps(metrics))
     log(f"COCO evaluation of {dataset.name} ({len(dataset)} images):\n{format_table(metrics)}")
     return metrics

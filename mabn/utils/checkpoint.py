@@ -17,14 +17,14 @@ import os
 import random
 import tempfile
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from mabn.utils.errors import NonFiniteStateError, UserError
 
-__all__ = ["CHECKPOINT_NAME", "save_atomic", "save_checkpoint", "check_finite", "first_non_finite", "kept_message",
+__all__ = ["CHECKPOINT_NAME", "save_atomic", "write_text_atomic", "save_checkpoint", "check_finite", "first_non_finite", "kept_message",
            "resolve_checkpoint_path", "load_checkpoint", "check_fields", "strip_module_prefix",
            "load_model_state", "rank_buffers", "load_rank_buffers", "capture_rng_state", "restore_rng_state"]
 
@@ -34,14 +34,15 @@ TRUST_HINT = "--trust_checkpoint"
 _TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` through a temporary file and ``os.replace``."""
+def _replace_atomically(path: str, write: Callable[[IO], None], mode: str) -> None:
+    """``write(stream)`` into a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``: a crash never leaves half a file, and a failed write leaves nothing behind."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
+        with os.fdopen(handle, mode, encoding=None if "b" in mode else "utf-8") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         mask = os.umask(0o022)
@@ -52,6 +53,16 @@ def save_atomic(obj: Any, path: str) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file and ``os.replace``."""
+    _replace_atomically(path, lambda stream: torch.save(obj, stream), "wb")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
+    _replace_atomically(path, lambda stream: stream.write(text), "w")
 
 
 def _leaves(obj: Any, path: str) -> Iterator[Tuple[str, Any]]:
