@@ -186,6 +186,9 @@ _C.TEST.EXPECTED_RESULTS_SIGMA_TOL = 4.0
 _C.TEST.IMS_PER_BATCH = 8
 
 _C.OUTPUT_DIR = "."
+# Seed of the weight initialization and of the training data's order and augmentation (the same
+# on every process); a resume refuses another value.
+_C.SEED = 0
 # "float32" or "float16" (mixed precision with torch.amp).
 _C.DTYPE = "float32"
 

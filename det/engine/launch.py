@@ -174,7 +174,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
     if locked:
         check_on_main_rank(env, lock.acquire)
 
-    _seed(0)
+    _seed(cfg.SEED)
     network = build_detection_model(cfg).to(env.device)
     optimizer = make_optimizer(cfg, network)
     scheduler = make_lr_scheduler(cfg, optimizer)
@@ -201,7 +201,8 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
         train_loader = build_train_loader(cfg.DATASETS.TRAIN, cfg.DATASETS.ROOT, cfg.INPUT.HORIZONTAL_FLIP_PROB_TRAIN,
                                           cfg.SOLVER.IMS_PER_BATCH, env.world_size, env.rank,
                                           cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.ASPECT_RATIO_GROUPING, max_iter,
-                                          start_iter, pin_memory=env.device.type == "cuda", log=data_log)
+                                          start_iter, seed=cfg.SEED, pin_memory=env.device.type == "cuda",
+                                          log=data_log)
     test_loaders = _test_loaders(cfg, env) if evaluates else []
 
     if not locked:
@@ -271,7 +272,7 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
     if locked:
         check_on_main_rank(env, lock.acquire)
 
-    _seed(0)
+    _seed(cfg.SEED)
     network = build_detection_model(cfg).to(env.device)
     report = load_weights(network, weight)
     loaders = _test_loaders(cfg, env)

@@ -153,6 +153,8 @@ def test_resume_applies_schedule_changes_and_refuses_model_changes():
         compare_configs(saved.dump(), load_config(None, ["MODEL.MABN.B", "4", "SOLVER.IMS_PER_BATCH", "8"]),
                         "ckpt", 1, 1)
     assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match=r"SEED 0 \(now 3\)"):
+        compare_configs(saved.dump(), load_config(None, ["SEED", "3"]), "ckpt", 1, 1)
     with pytest.raises(UserError, match=r"world size 2 \(now 1\)"):
         compare_configs(saved.dump(), saved, "ckpt", 2, 1)
 

@@ -153,6 +153,30 @@ def test_a_nan_loss_exits_3_and_keeps_the_last_checkpoint(data_root, tmp_path, c
     assert not (tmp_path / "model_0000002.pth").exists()
 
 
+def test_seed_sets_the_initialization_and_the_data_order(data_root, tmp_path, capsys, monkeypatch):
+    real_build, real_loader = launch.build_detection_model, launch.build_train_loader
+    first_weights, loader_seeds = [], []
+
+    def recording_build(cfg):
+        model = real_build(cfg)
+        first_weights.append(model.backbone.body.conv1.weight.detach().clone())
+        return model
+
+    def recording_loader(*args, **kwargs):
+        loader_seeds.append(kwargs["seed"])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "build_detection_model", recording_build)
+    monkeypatch.setattr(launch, "build_train_loader", recording_loader)
+    for run, seed in enumerate(("0", "0", "5")):
+        status, _, err = _train_in_process(capsys, "--config-file", TINY_CONFIG, "--skip-test",
+                                           *_opts(data_root, tmp_path / str(run), "SOLVER.MAX_ITER", "1", "SEED", seed))
+        assert status == 0, err
+    assert loader_seeds == [0, 0, 5]
+    assert torch.equal(first_weights[0], first_weights[1])
+    assert not torch.allclose(first_weights[0], first_weights[2])
+
+
 @pytest.mark.parametrize("case, extra, message", [
     ("weight-catalog", ["MODEL.WEIGHT", "catalog://ImageNetPretrained/MSRA/R-50"], "only local files"),
     ("weight-url", ["MODEL.WEIGHT", "https://example.com/r50.pth"], "only local files"),
