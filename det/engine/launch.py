@@ -22,7 +22,7 @@ import os
 import random
 import time
 from datetime import timedelta
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -124,6 +124,22 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _lock_existing_folder(stack: contextlib.ExitStack, env: DistEnv, folder: str) -> Callable[[], None]:
+    """Lock ``folder`` now if it exists, so that a folder in use fails before any work; return the
+    call that locks it otherwise, once the inputs have checked out and the folder may be created."""
+    lock = FolderLock(folder, "OUTPUT_DIR")
+    stack.callback(lock.release)
+    if os.path.isdir(folder):
+        check_on_main_rank(env, lock.acquire)
+        return lambda: None
+    return lambda: check_on_main_rank(env, lock.acquire)
+
+
+def _log_start(log: RunLog, env: DistEnv, args: argparse.Namespace, detail: str = "") -> None:
+    log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'}){detail}")
+    log.info(f"Loaded configuration file {args.config_file or '(none)'}; options: {' '.join(args.opts) or '(none)'}")
+
+
 def _open_log(stack: contextlib.ExitStack, output_dir: str, env: DistEnv, tensorboard: bool) -> RunLog:
     """Console, ``OUTPUT_DIR/log.txt`` (appended) and TensorBoard on rank 0."""
     return stack.enter_context(RunLog(output_dir, env.is_main, env.rank, logger_name=LOGGER_NAME, file_prefix=None,
@@ -168,11 +184,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
     resume_path = find_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if resume_path is None and cfg.MODEL.WEIGHT:
         _check_weight_file(cfg.MODEL.WEIGHT, "MODEL.WEIGHT")
-    lock = FolderLock(output_dir, "OUTPUT_DIR")
-    stack.callback(lock.release)
-    locked = os.path.isdir(output_dir)  # a folder in use fails now; a new one is created after the checks
-    if locked:
-        check_on_main_rank(env, lock.acquire)
+    lock_new_folder = _lock_existing_folder(stack, env, output_dir)
 
     _seed(cfg.SEED)
     network = build_detection_model(cfg).to(env.device)
@@ -205,12 +217,9 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
                                           log=data_log)
     test_loaders = _test_loaders(cfg, env) if evaluates else []
 
-    if not locked:
-        check_on_main_rank(env, lock.acquire)
+    lock_new_folder()
     log = _open_log(stack, output_dir, env, tensorboard=True)
-    log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'}), "
-             f"{cfg.SOLVER.IMS_PER_BATCH // env.world_size} images per process")
-    log.info(f"Loaded configuration file {args.config_file or '(none)'}; options: {' '.join(args.opts) or '(none)'}")
+    _log_start(log, env, args, f", {cfg.SOLVER.IMS_PER_BATCH // env.world_size} images per process")
     _write_config(cfg, output_dir, env, log)
     for line in header:
         log.info(line)
@@ -266,21 +275,15 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
         raise UserError("no weights to evaluate: pass --ckpt FILE or MODEL.WEIGHT FILE, or an OUTPUT_DIR whose "
                         "last_checkpoint names one")
     _check_weight_file(weight, what)
-    lock = FolderLock(os.path.join(output_dir, "inference"), "OUTPUT_DIR")
-    stack.callback(lock.release)
-    locked = os.path.isdir(lock.folder)
-    if locked:
-        check_on_main_rank(env, lock.acquire)
+    lock_new_folder = _lock_existing_folder(stack, env, os.path.join(output_dir, "inference"))
 
     _seed(cfg.SEED)
     network = build_detection_model(cfg).to(env.device)
     report = load_weights(network, weight)
     loaders = _test_loaders(cfg, env)
-    if not locked:
-        check_on_main_rank(env, lock.acquire)
+    lock_new_folder()
     log = _open_log(stack, output_dir, env, tensorboard=False)
-    log.info(f"Using {env.world_size} process(es) on {env.device.type} ({env.backend or 'no process group'})")
-    log.info(f"Loaded configuration file {args.config_file or '(none)'}; options: {' '.join(args.opts) or '(none)'}")
+    _log_start(log, env, args)
     log.info(report.summary())
     if report.missing:
         log.warning(f"{len(report.missing)} tensors of the model were not in {weight}: they keep their initialization")
