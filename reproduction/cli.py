@@ -29,7 +29,7 @@ class Budget:
     cls_iters: int
     seeds: Tuple[int, ...]
     stat_iters: int
-    det_iters: int
+    det_iters: Optional[int]  # None: each tiny config's own schedule
     det_norms: Tuple[str, ...]
     sweep: bool
     speed_batch: int
@@ -38,9 +38,9 @@ class Budget:
     speed_warmup: int = 3
 
 
-QUICK = Budget("quick", cls_iters=1000, seeds=(0,), stat_iters=200, det_iters=700, det_norms=("mabn",), sweep=False,
+QUICK = Budget("quick", cls_iters=1000, seeds=(0,), stat_iters=200, det_iters=None, det_norms=("mabn",), sweep=False,
                speed_batch=8, speed_resolution=112, speed_rounds=20)
-FULL = Budget("full", cls_iters=3000, seeds=(0, 1, 2), stat_iters=1000, det_iters=1500,
+FULL = Budget("full", cls_iters=3000, seeds=(0, 1, 2), stat_iters=1000, det_iters=None,
               det_norms=("bn", "brn", "mabn", "syncbn"), sweep=True, speed_batch=8, speed_resolution=224,
               speed_rounds=20)
 PARTS = ("classification", "speed", "statistics", "detection")
@@ -49,7 +49,7 @@ PARTS = ("classification", "speed", "statistics", "detection")
 CLS_SECONDS_PER_ITER = {32: 0.17}
 CLS_FIXED_SECONDS = 10.0
 STAT_SECONDS_PER_ITER = {2: 0.05, 32: 0.3}
-DET_SECONDS_PER_ITER, DET_EVAL_SECONDS = 0.45, 30.0
+DET_SECONDS_PER_ITER, DET_EVAL_SECONDS = 0.5, 30.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stat_iters", type=int, default=None,
                         help=f"iterations of each statistics run (default: {QUICK.stat_iters}, --full {FULL.stat_iters})")
     parser.add_argument("--det_iters", type=int, default=None,
-                        help=f"detection training iterations (default: {QUICK.det_iters}, --full {FULL.det_iters})")
+                        help="detection training iterations, the tiny config's LR schedule scaled to them "
+                             "(default: the config's own schedule, 2700 iterations)")
     parser.add_argument("--speed_batch", type=int, default=None,
                         help=f"images per forward in the speed table (default: {QUICK.speed_batch})")
     parser.add_argument("--speed_resolution", type=int, default=None,
@@ -117,7 +118,7 @@ def _check(args: argparse.Namespace, budget: Budget) -> None:
     if budget.cls_iters < EPOCHS or budget.cls_iters % EPOCHS:
         raise UserError(f"--iters {budget.cls_iters}: use a positive multiple of {EPOCHS} (the run has {EPOCHS} "
                         f"epochs; the learning rate drops after epochs 7 and 9)")
-    for flag, value in (("--stat_iters", budget.stat_iters), ("--det_iters", budget.det_iters),
+    for flag, value in (("--stat_iters", budget.stat_iters), ("--det_iters", budget.det_iters or 1),
                         ("--speed_batch", budget.speed_batch), ("--speed_rounds", budget.speed_rounds),
                         ("--jobs", args.jobs)):
         if value < 1:
@@ -162,7 +163,7 @@ class Plan:
 def plan(args: argparse.Namespace, budget: Budget, out: str) -> Plan:
     """Every subprocess of the run, longest first within each kind so that two slots stay busy."""
     from reproduction.classification import TABLE_ROWS, cls_command, sweep_rows
-    from reproduction.detection import det_commands, det_tools_available
+    from reproduction.detection import det_commands, det_tools_available, tiny_schedule
     from reproduction.runner import Task
     from reproduction.statistics import STAT_BATCHES, statistics_command
 
@@ -179,11 +180,12 @@ def plan(args: argparse.Namespace, budget: Budget, out: str) -> Plan:
             for norm in budget.det_norms:
                 folder = os.path.join(out, "runs", "det", norm)
                 cores = 2 if norm == "syncbn" else 1
-                tasks.append(Task(f"det {norm}", det_commands(norm, budget.det_iters, os.path.abspath(folder)),
+                iterations = budget.det_iters or tiny_schedule(norm).max_iter
+                tasks.append(Task(f"det {norm}", det_commands(norm, iterations, os.path.abspath(folder)),
                                   os.path.join(logs, f"det_{norm}.log"),
-                                  (DET_SECONDS_PER_ITER * budget.det_iters + DET_EVAL_SECONDS) * (1.3 if cores == 2 else 1),
+                                  (DET_SECONDS_PER_ITER * iterations + DET_EVAL_SECONDS) * (1.3 if cores == 2 else 1),
                                   cores))
-                det_runs.append({"norm": norm, "folder": folder, "processes": cores})
+                det_runs.append({"norm": norm, "folder": folder, "processes": cores, "iterations": iterations})
     if "classification" not in skip:
         rows = list(TABLE_ROWS)
         if budget.sweep:

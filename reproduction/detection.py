@@ -1,9 +1,9 @@
 """The detection miniature: tiny Mask R-CNN configs on the embedded COCO-format shapes data.
 
 ``det/tools/train_net.py`` trains a ``configs/det/shapes/mask_rcnn_<norm>_tiny.yaml`` config with
-2 images per process (SyncBN: 2 processes, 4 images in all) for a shortened schedule, then
-``det/tools/test_net.py`` evaluates the last checkpoint on the validation images (COCO box and
-mask AP). :func:`draw_predictions` runs det's ``Predictor`` on a few validation images and draws
+2 images per process (SyncBN: 2 processes, 4 images in all) for the config's own schedule (or that
+schedule scaled to another length), then ``det/tools/test_net.py`` evaluates the last checkpoint
+on the validation images (COCO box and mask AP). :func:`draw_predictions` runs det's ``Predictor`` on a few validation images and draws
 masks, boxes and class names with det's ``draw_detections``.
 """
 from __future__ import annotations
@@ -12,18 +12,32 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from reproduction.schedules import BRN_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
+from reproduction.schedules import BRN_SCHEDULE, scale_schedule
 
-__all__ = ["DET_NORMS", "REPO_ROOT", "config_file", "det_tools_available", "det_opts", "det_commands", "read_coco_results",
-           "draw_predictions"]
+__all__ = ["DET_NORMS", "REPO_ROOT", "TinySchedule", "config_file", "det_tools_available", "det_opts", "det_commands",
+           "norm_schedule", "read_coco_results", "draw_predictions", "tiny_schedule"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DET_NORMS = ("bn", "brn", "mabn", "syncbn")
 IMAGES_PER_PROCESS = 2
-# The tiny configs: LR steps at 2000 and 2600 and 100 warm-up iterations in a run of 3000.
-TINY_RUN, TINY_STEPS, TINY_LR_WARMUP = 3000, (2000, 2600), 100
+
+
+class TinySchedule(NamedTuple):
+    """A tiny config's learning-rate schedule: run length, LR steps, LR warm-up iterations."""
+
+    max_iter: int
+    steps: Tuple[int, ...]
+    warmup_iters: int
+
+
+def tiny_schedule(norm: str) -> TinySchedule:
+    """The schedule written in ``configs/det/shapes/mask_rcnn_<norm>_tiny.yaml``."""
+    from det.config import load_config
+
+    solver = load_config(str(config_file(norm))).SOLVER
+    return TinySchedule(solver.MAX_ITER, tuple(solver.STEPS), solver.WARMUP_ITERS)
 
 
 def _tool(name: str) -> Path:
@@ -49,22 +63,34 @@ def det_tools_available() -> Optional[str]:
 
 
 def det_opts(norm: str, iterations: int, output_dir: str, processes: int = 1) -> List[str]:
-    """KEY VALUE overrides: the tiny schedule scaled to ``iterations``, BRN/MABN schedules scaled alike."""
-    steps = tuple(max(1, round(step * iterations / TINY_RUN)) for step in TINY_STEPS)
+    """KEY VALUE overrides: the config's LR schedule scaled to ``iterations`` (unchanged at its own
+    length), BRN's published schedule scaled alike. MABN keeps the config's warm-ups: they count
+    iterations against its window of ``REAL_B / B`` iterations, not fractions of the run."""
+    schedule = tiny_schedule(norm)
+    steps = ",".join(str(max(1, round(step * iterations / schedule.max_iter))) for step in schedule.steps)
+    warmup = max(1, round(schedule.warmup_iters * iterations / schedule.max_iter))
     images = str(IMAGES_PER_PROCESS * processes)
-    opts = ["SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({steps[0]},{steps[1]})",
-            "SOLVER.WARMUP_ITERS", str(max(1, round(TINY_LR_WARMUP * iterations / TINY_RUN))),
+    opts = ["SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({steps},)", "SOLVER.WARMUP_ITERS", str(warmup),
             "SOLVER.CHECKPOINT_PERIOD", str(iterations), "SOLVER.IMS_PER_BATCH", images, "TEST.IMS_PER_BATCH", images,
             "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", output_dir]
     if norm == "brn":
         brn = scale_schedule(BRN_SCHEDULE, iterations)
         opts += ["MODEL.BRN.WARMUP_ITERS", str(brn["warmup"]), "MODEL.BRN.R_RAMP_END", str(brn["r_ramp_end"]),
                  "MODEL.BRN.D_RAMP_END", str(brn["d_ramp_end"])]
-    if norm == "mabn":
-        mabn_schedule = scale_schedule(MABN_DET_SCHEDULE, iterations)
-        opts += ["MODEL.MABN.WARMUP_ITERS", str(mabn_schedule["warmup"]),
-                 "MODEL.MABN.R_WARMUP_ITERS", str(mabn_schedule["r_warmup"])]
     return opts
+
+
+def norm_schedule(norm: str, iterations: int) -> Dict[str, int]:
+    """The BRN or MABN schedule keys a run of ``iterations`` trains with (empty for other norms)."""
+    from det.config import load_config
+
+    cfg = load_config(str(config_file(norm)), det_opts(norm, iterations, "."))
+    if norm == "brn":
+        return {"WARMUP_ITERS": cfg.MODEL.BRN.WARMUP_ITERS, "R_RAMP_END": cfg.MODEL.BRN.R_RAMP_END,
+                "D_RAMP_END": cfg.MODEL.BRN.D_RAMP_END}
+    if norm == "mabn":
+        return {"WARMUP_ITERS": cfg.MODEL.MABN.WARMUP_ITERS, "R_WARMUP_ITERS": cfg.MODEL.MABN.R_WARMUP_ITERS}
+    return {}
 
 
 def det_commands(norm: str, iterations: int, output_dir: str) -> List[List[str]]:

@@ -108,8 +108,8 @@ def _statistics(plan, results, out: str) -> Optional[dict]:
         return {"failure": f"statistics: {exc}"}
 
 
-def _detection(plan, results, budget, out: str) -> Optional[dict]:
-    from reproduction.detection import draw_predictions, read_coco_results
+def _detection(plan, results, out: str) -> Optional[dict]:
+    from reproduction.detection import draw_predictions, norm_schedule, read_coco_results
 
     if not plan.det_runs:
         return None
@@ -117,7 +117,8 @@ def _detection(plan, results, budget, out: str) -> Optional[dict]:
     for run in plan.det_runs:
         status = results.get(f"det {run['norm']}")
         metrics = read_coco_results(run["folder"])
-        row = {"norm": run["norm"], "processes": run["processes"], "iterations": budget.det_iters,
+        row = {"norm": run["norm"], "processes": run["processes"], "iterations": run["iterations"],
+               "schedule": norm_schedule(run["norm"], run["iterations"]),
                "returncode": None if status is None else status.returncode,
                "seconds": None if status is None else status.seconds, "metrics": metrics}
         if metrics is None:
@@ -128,9 +129,9 @@ def _detection(plan, results, budget, out: str) -> Optional[dict]:
     if drawn is not None:
         path = os.path.join(out, FIGURES, "detection_mabn_predictions.png")
         try:
-            drawing = dict(draw_predictions("mabn", budget.det_iters, os.path.abspath(
-                next(run["folder"] for run in plan.det_runs if run["norm"] == "mabn")), path,
-                thresholds=DRAW_THRESHOLDS), figure=os.path.relpath(path, out))
+            run = next(run for run in plan.det_runs if run["norm"] == "mabn")
+            drawing = dict(draw_predictions("mabn", run["iterations"], os.path.abspath(run["folder"]), path,
+                                            thresholds=DRAW_THRESHOLDS), figure=os.path.relpath(path, out))
         except (OSError, RuntimeError, ValueError) as exc:
             drawing = {"failure": f"drawing the predictions: {exc}"}
     return {"rows": rows, "drawing": drawing}
@@ -187,7 +188,7 @@ def collect(plan, results, budget, args, started_at: str, wall_time_s: float) ->
 
     from benchmarks.bench import machine_info
     from reproduction.claims import check_claims, margin
-    from reproduction.schedules import BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
+    from reproduction.schedules import BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE
 
     out = args.out
     os.makedirs(os.path.join(out, FIGURES), exist_ok=True)
@@ -197,15 +198,13 @@ def collect(plan, results, budget, args, started_at: str, wall_time_s: float) ->
     report["published_schedules"] = [
         {"method": s.method, "source": s.source, "run_length": s.run_length, "iterations": dict(s.iterations),
          "fractions": s.fractions()} for s in (BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE)]
-    report["det_schedules"] = {"brn": scale_schedule(BRN_SCHEDULE, budget.det_iters),
-                               "mabn": scale_schedule(MABN_DET_SCHEDULE, budget.det_iters)}
     report["cls_val_images"] = 16 * (args.val_per_class or 100)
     report["tasks"] = {name: {"returncode": r.returncode, "seconds": r.seconds, "log": os.path.relpath(r.log_path, out)}
                        for name, r in results.items()}
     report["classification"] = _classification(plan, results, budget) if plan.cls_runs else None
     report["speed"] = _speed(plan, results)
     report["statistics"] = _statistics(plan, results, out)
-    report["detection"] = _detection(plan, results, budget, out)
+    report["detection"] = _detection(plan, results, out)
     top1, per_seed = {}, {}
     if report["classification"]:
         report["failures"] += report["classification"]["failures"]
@@ -328,26 +327,25 @@ def _markdown(report: dict) -> str:
     det = report["detection"]
     if det:
         lines += ["## Detection (embedded COCO-format shapes, tiny Mask R-CNN)", "",
-                  f"R-18-FPN tiny configs (`configs/det/shapes/`), 2 images per process, {budget['det_iters']} "
-                  f"iterations (SyncBN: 2 processes), evaluated with `det/tools/test_net.py` on the validation "
-                  f"images. AP in %.", "",
-                  "| Norm | processes | AP^b | AP^b_50 | AP^b_75 | AP^m | AP^m_50 | AP^m_75 |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "R-18-FPN tiny configs (`configs/det/shapes/`), 2 images per process (SyncBN: 2 processes), "
+                  "evaluated with `det/tools/test_net.py` on the validation images. AP in %.", "",
+                  "| Norm | processes | iterations | train + test seconds | AP^b | AP^b_50 | AP^b_75 | AP^m | AP^m_50 "
+                  "| AP^m_75 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        schedules = []
         for row in det["rows"]:
             m = row["metrics"]
             cells = ["—"] * 6 if m is None else [_fmt(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
             name = DISPLAY_NAMES.get(row["norm"], row["norm"])
-            lines.append(f"| {name} | {row['processes']} | " + " | ".join(cells) + " |")
-        ds, ran = report["det_schedules"], {row["norm"] for row in det["rows"]}
-        scaled = []
-        if "mabn" in ran:
-            scaled.append(f"MABN `MODEL.MABN.WARMUP_ITERS {ds['mabn']['warmup']} MODEL.MABN.R_WARMUP_ITERS "
-                          f"{ds['mabn']['r_warmup']}`")
-        if "brn" in ran:
-            scaled.append(f"BRN `MODEL.BRN.WARMUP_ITERS {ds['brn']['warmup']} MODEL.BRN.R_RAMP_END "
-                          f"{ds['brn']['r_ramp_end']} MODEL.BRN.D_RAMP_END {ds['brn']['d_ramp_end']}`")
-        lines += ["", "Scaled schedules: " + "; ".join(scaled) + ". Learning rate: the tiny configs' schedule "
-                      "(warm-up and steps) scaled to the same fractions of the run.", ""] if scaled else [""]
+            seconds = "—" if row["seconds"] is None else f"{row['seconds']:.0f}"
+            lines.append(f"| {name} | {row['processes']} | {row['iterations']} | {seconds} | " + " | ".join(cells) + " |")
+            if row["schedule"]:
+                prefix = f"MODEL.{row['norm'].upper()}"
+                schedules.append(f"{name} `" + " ".join(f"{prefix}.{key} {value}" for key, value in row["schedule"].items())
+                                 + "`")
+        lines += ["", "Learning rate: the tiny configs' schedule (warm-up and steps), scaled to the same fractions "
+                      "when the run is shortened with `--det_iters`. BRN's published schedule is scaled to the run; "
+                      "MABN keeps the config's warm-ups (counted against its window of REAL_B / B iterations). "
+                      + ("Norm schedules: " + "; ".join(schedules) + "." if schedules else ""), ""]
         drawing = det["drawing"]
         if drawing and "figure" in drawing:
             if sum(drawing["drawn_detections"]):
@@ -355,7 +353,7 @@ def _markdown(report: dict) -> str:
                              f"scoring >= {drawing['score_threshold']}):")
             else:
                 lines.append(f"The MABN model made no detection scoring >= {min(DRAW_THRESHOLDS)} on these "
-                             f"validation images after {budget['det_iters']} iterations, so they are shown without "
+                             f"validation images, so they are shown without "
                              f"predictions:")
             lines += ["", f"![detections]({drawing['figure']})", ""]
 

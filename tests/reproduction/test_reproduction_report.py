@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import json
 
+from det.config import load_config
 from reproduction.classification import TABLE_ROWS, sweep_rows
 from reproduction.cli import FULL, Plan
+from reproduction.detection import config_file
 from reproduction.report import collect, write_outputs
 from reproduction.runner import TaskResult
 
@@ -42,8 +44,8 @@ def test_full_report_from_made_up_runs(tmp_path):
     (mabn_det / "inference" / "shapes_val").mkdir(parents=True)
     (mabn_det / "inference" / "shapes_val" / "coco_results.json").write_text(json.dumps(
         {t: {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "APs": 0.1, "APm": 0.3, "APl": -1.0} for t in ("bbox", "segm")}))
-    det_runs = [{"norm": "mabn", "folder": str(mabn_det), "processes": 1},
-                {"norm": "syncbn", "folder": str(out / "runs" / "det" / "syncbn"), "processes": 2}]
+    det_runs = [{"norm": "mabn", "folder": str(mabn_det), "processes": 1, "iterations": 2700},
+                {"norm": "syncbn", "folder": str(out / "runs" / "det" / "syncbn"), "processes": 2, "iterations": 2700}]
     plan = Plan([], cls_runs, [], det_runs, str(speed_json), ["a note"])
     args = argparse.Namespace(out=str(out), jobs=2, val_per_class=None, argv=["--full"])
 
@@ -61,8 +63,11 @@ def test_full_report_from_made_up_runs(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "| 2 | BN | 50.50 ± 0.71 | 12.62 ± 0.18 | 35.22 |" in markdown
     assert "| BRN | 40.50 ± 0.71 | 43.50 ± 0.71 | 41.50 ± 0.71 | 37.50 ± 0.71 | 29.50 ± 0.71 |" in markdown
-    assert "| MABN | 1 | 25.00 | 50.00 | 20.00 | 25.00 | 50.00 | 20.00 |" in markdown
-    assert "| SyncBN | 2 | — | — | — | — | — | — |" in markdown
+    assert "| MABN | 1 | 2700 | — | 25.00 | 50.00 | 20.00 | 25.00 | 50.00 | 20.00 |" in markdown
+    assert "| SyncBN | 2 | 2700 | — | — | — | — | — | — | — |" in markdown
+    mabn = load_config(str(config_file("mabn"))).MODEL.MABN
+    assert f"MABN `MODEL.MABN.WARMUP_ITERS {mabn.WARMUP_ITERS} MODEL.MABN.R_WARMUP_ITERS {mabn.R_WARMUP_ITERS}`" \
+        in markdown
     assert "| MABN folded | 99.00 | 792.0 | 0.990 |" in markdown and "> note: a note" in markdown
     for figure in ("classification.png", "error_vs_norm_batch.png"):
         assert (out / "figures" / figure).read_bytes()[:4] == b"\x89PNG"

@@ -47,16 +47,25 @@ def test_cls_commands_parse_with_the_trainer_flags(row: Row, tmp_path):
 def test_det_overrides_are_valid_config_keys(norm, tmp_path):
     from det.config import load_config
 
-    from reproduction.detection import config_file, det_commands, det_opts
+    from reproduction.detection import config_file, det_commands, det_opts, tiny_schedule
 
     processes = 2 if norm == "syncbn" else 1
-    cfg = load_config(str(config_file(norm)), det_opts(norm, 300, str(tmp_path), processes))
-    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS) == (300, (200, 260), 10)
+    own = load_config(str(config_file(norm)))
+    assert tiny_schedule(norm) == (own.SOLVER.MAX_ITER, tuple(own.SOLVER.STEPS), own.SOLVER.WARMUP_ITERS)
+    unchanged = load_config(str(config_file(norm)), det_opts(norm, own.SOLVER.MAX_ITER, str(tmp_path), processes))
+    assert tiny_schedule(norm) == (unchanged.SOLVER.MAX_ITER, tuple(unchanged.SOLVER.STEPS),
+                                   unchanged.SOLVER.WARMUP_ITERS)
+    half = own.SOLVER.MAX_ITER // 2
+    cfg = load_config(str(config_file(norm)), det_opts(norm, half, str(tmp_path), processes))
+    assert cfg.SOLVER.MAX_ITER == half
+    assert tuple(cfg.SOLVER.STEPS) == tuple(round(step / 2) for step in own.SOLVER.STEPS)
+    assert cfg.SOLVER.WARMUP_ITERS == round(own.SOLVER.WARMUP_ITERS / 2)
     assert cfg.SOLVER.IMS_PER_BATCH == 2 * processes and cfg.OUTPUT_DIR == str(tmp_path)
     if norm == "brn":
-        assert (cfg.MODEL.BRN.WARMUP_ITERS, cfg.MODEL.BRN.R_RAMP_END, cfg.MODEL.BRN.D_RAMP_END) == (9, 75, 47)
+        assert (cfg.MODEL.BRN.WARMUP_ITERS, cfg.MODEL.BRN.R_RAMP_END, cfg.MODEL.BRN.D_RAMP_END) == tuple(
+            max(1, round(value * half / 160_000)) for value in (5_000, 40_000, 25_000))
     if norm == "mabn":
-        assert (cfg.MODEL.MABN.WARMUP_ITERS, cfg.MODEL.MABN.R_WARMUP_ITERS) == (1, 2)
+        assert cfg.MODEL.MABN == own.MODEL.MABN  # the config's warm-ups, not scaled
     train, test = det_commands(norm, 300, str(tmp_path))
     assert train[-len(det_opts(norm, 300, str(tmp_path), processes)):] == det_opts(norm, 300, str(tmp_path), processes)
     assert "--skip-test" in train and train[train.index("--skip-test") - 1].endswith("train_net.py")
