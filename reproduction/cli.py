@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="scripts/reproduce.py", allow_abbrev=False,
         description="Miniature reproduction of the MABN paper's tables and figures on the embedded data "
-                    "(quick: about 15 minutes on 2 CPU cores).")
+                    "(quick: about 30 minutes on 2 CPU cores).")
     parser.add_argument("--out", default="results", help="results folder (refused if it exists, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing results folder")
     parser.add_argument("--full", action="store_true",
