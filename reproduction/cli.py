@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"iterations of each statistics run (default: {QUICK.stat_iters}, --full {FULL.stat_iters})")
     parser.add_argument("--det_iters", type=int, default=None,
                         help="detection training iterations, the tiny config's LR schedule scaled to them "
-                             "(default: the config's own schedule, 2500 iterations)")
+                             "(default: the config's own schedule, 2250 iterations)")
     parser.add_argument("--speed_batch", type=int, default=None,
                         help=f"images per forward in the speed table (default: {QUICK.speed_batch})")
     parser.add_argument("--speed_resolution", type=int, default=None,
