@@ -118,10 +118,10 @@ def _check(args: argparse.Namespace, budget: Budget) -> None:
     if budget.cls_iters < EPOCHS or budget.cls_iters % EPOCHS:
         raise UserError(f"--iters {budget.cls_iters}: use a positive multiple of {EPOCHS} (the run has {EPOCHS} "
                         f"epochs; the learning rate drops after epochs 7 and 9)")
-    for flag, value in (("--stat_iters", budget.stat_iters), ("--det_iters", budget.det_iters or 1),
+    for flag, value in (("--stat_iters", budget.stat_iters), ("--det_iters", budget.det_iters),
                         ("--speed_batch", budget.speed_batch), ("--speed_rounds", budget.speed_rounds),
                         ("--jobs", args.jobs)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if budget.speed_resolution < 64:
         raise UserError(f"--speed_resolution must be at least 64 (ResNet-50 downsamples 32x and IN needs more "
@@ -180,7 +180,7 @@ def plan(args: argparse.Namespace, budget: Budget, out: str) -> Plan:
             for norm in budget.det_norms:
                 folder = os.path.join(out, "runs", "det", norm)
                 cores = 2 if norm == "syncbn" else 1
-                iterations = budget.det_iters or tiny_schedule(norm).max_iter
+                iterations = tiny_schedule(norm).max_iter if budget.det_iters is None else budget.det_iters
                 tasks.append(Task(f"det {norm}", det_commands(norm, iterations, os.path.abspath(folder)),
                                   os.path.join(logs, f"det_{norm}.log"),
                                   (DET_SECONDS_PER_ITER * iterations + DET_EVAL_SECONDS) * (1.3 if cores == 2 else 1),

@@ -3,8 +3,9 @@
 ``det/tools/train_net.py`` trains a ``configs/det/shapes/mask_rcnn_<norm>_tiny.yaml`` config with
 2 images per process (SyncBN: 2 processes, 4 images in all) for the config's own schedule (or that
 schedule scaled to another length), then ``det/tools/test_net.py`` evaluates the last checkpoint
-on the validation images (COCO box and mask AP). :func:`draw_predictions` runs det's ``Predictor`` on a few validation images and draws
-masks, boxes and class names with det's ``draw_detections``.
+on the validation images (COCO box and mask AP). :func:`draw_predictions` runs det's
+``Predictor`` on a few validation images and draws masks, boxes and class names with det's
+``draw_detections``.
 """
 from __future__ import annotations
 
@@ -81,15 +82,18 @@ def det_opts(norm: str, iterations: int, output_dir: str, processes: int = 1) ->
 
 
 def norm_schedule(norm: str, iterations: int) -> Dict[str, int]:
-    """The BRN or MABN schedule keys a run of ``iterations`` trains with (empty for other norms)."""
+    """The BRN or MABN schedule keys a run of ``iterations`` trains with (empty for other norms);
+    MABN's R_WARMUP_ITERS as the layer resolves it (the config's -1 means a default)."""
     from det.config import load_config
+    from det.modeling.norms import norm_spec
 
     cfg = load_config(str(config_file(norm)), det_opts(norm, iterations, "."))
     if norm == "brn":
         return {"WARMUP_ITERS": cfg.MODEL.BRN.WARMUP_ITERS, "R_RAMP_END": cfg.MODEL.BRN.R_RAMP_END,
                 "D_RAMP_END": cfg.MODEL.BRN.D_RAMP_END}
     if norm == "mabn":
-        return {"WARMUP_ITERS": cfg.MODEL.MABN.WARMUP_ITERS, "R_WARMUP_ITERS": cfg.MODEL.MABN.R_WARMUP_ITERS}
+        layer = norm_spec("MABN", cfg).layer(1)
+        return {"WARMUP_ITERS": layer.warmup_iters, "R_WARMUP_ITERS": layer.r_warmup_iters}
     return {}
 
 

@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from reproduction.claims import MIN_MARGIN, check_claims, margin
+from mabn.utils.errors import UserError
 from reproduction.classification import TABLE_ROWS, Row, cls_command, cls_schedule_flags, read_test_line
+from reproduction.detection import tiny_schedule
 from reproduction.runner import Task, run_tasks, single_thread_env
 from reproduction.schedules import BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
 
@@ -47,7 +49,7 @@ def test_cls_commands_parse_with_the_trainer_flags(row: Row, tmp_path):
 def test_det_overrides_are_valid_config_keys(norm, tmp_path):
     from det.config import load_config
 
-    from reproduction.detection import config_file, det_commands, det_opts, tiny_schedule
+    from reproduction.detection import config_file, det_commands, det_opts
 
     processes = 2 if norm == "syncbn" else 1
     own = load_config(str(config_file(norm)))
@@ -136,3 +138,14 @@ def test_plan_skips_detection_with_a_note_when_det_tools_are_missing(monkeypatch
     monkeypatch.undo()
     with_det = plan(args, QUICK, str(tmp_path / "r"))
     assert with_det.tasks[0].name == "det mabn" and with_det.notes == []  # the longest run starts first
+    assert with_det.det_runs[0]["iterations"] == tiny_schedule("mabn").max_iter
+
+
+def test_det_iters_scales_the_detection_run_and_must_be_positive(tmp_path):
+    from reproduction.cli import _budget, _check, build_parser, plan
+
+    args = build_parser().parse_args(["--out", str(tmp_path / "r"), "--det_iters", "300"])
+    assert plan(args, _budget(args), str(tmp_path / "r")).det_runs[0]["iterations"] == 300
+    refused = build_parser().parse_args(["--det_iters", "0"])
+    with pytest.raises(UserError, match="--det_iters must be at least 1, got 0"):
+        _check(refused, _budget(refused))
