@@ -1,6 +1,11 @@
-"""Helpers for the ``det`` tests: tiny configs, small images with boxes and masks, norm counts."""
+"""Helpers for the ``det`` tests: tiny configs, small images with boxes and masks, norm counts, and
+scripts run in a fresh interpreter (for worker processes and exits that a test process must not share)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -45,3 +50,14 @@ def images_and_targets(sizes: Sequence[Tuple[int, int]] = ((90, 120), (80, 100))
 
 def type_counts(module: nn.Module) -> Counter:
     return Counter(type(m).__name__ for m in module.modules())
+
+
+def run_script(folder: Path, name: str, source: str, timeout: int) -> str:
+    """Run ``source`` (dedented) as ``folder/name`` in a new single-threaded interpreter; its stdout,
+    after checking that it exited with 0."""
+    path = folder / name
+    path.write_text(textwrap.dedent(source))
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

@@ -1,14 +1,12 @@
 """det.data.build: loaders from plain config values, global batch sizes, sharding, resume, workers."""
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+
+from det_helpers import run_script
 
 from det.data.build import batch_size_per_process, build_test_loaders, build_train_loader
 from det.data.shapes import ensure_shapes_dataset
@@ -126,7 +124,7 @@ def test_workers_use_forkserver_and_match_the_main_process(tiny, tmp_path):
     assert loader.multiprocessing_context.get_start_method() == "forkserver"
     assert len(pickle.loads(pickle.dumps(loader.dataset))) == len(loader.dataset)
     root, catalog = tiny
-    script = textwrap.dedent(f"""
+    script = f"""
         from det.data.build import build_train_loader
 
         def batches(workers):
@@ -137,10 +135,5 @@ def test_workers_use_forkserver_and_match_the_main_process(tiny, tmp_path):
         if __name__ == "__main__":
             assert batches(1) == batches(0)
             print("same batches")
-    """)
-    path = tmp_path / "workers.py"
-    path.write_text(script)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "same batches" in done.stdout
+    """
+    assert "same batches" in run_script(tmp_path, "workers.py", script, timeout=240)

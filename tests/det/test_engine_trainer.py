@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import subprocess
-import sys
-import textwrap
 from typing import List
 
 import pytest
 import torch
 from torch import nn
+
+from det_helpers import run_script
 
 from det.config import load_config
 from det.engine.checkpoint import (LAST_CHECKPOINT, CheckpointWriter, compare_configs, find_last_checkpoint,
@@ -182,7 +181,7 @@ def test_bad_dtype_is_one_line():
 def test_loader_workers_outlive_a_job_sigterm_and_never_hold_up_the_exit(tmp_path):
     """A SIGTERM from another process leaves a worker running (the trainer still needs it); the
     interpreter exits although the loader is still open (its terminate() ends the workers)."""
-    script = textwrap.dedent("""
+    script = """
         import os
         import subprocess
 
@@ -206,10 +205,5 @@ def test_loader_workers_outlive_a_job_sigterm_and_never_hold_up_the_exit(tmp_pat
             subprocess.run(["kill", "-TERM", str(worker)], check=True)
             assert [next(batches)[0][0] for _ in range(20)] == [worker] * 20
             print("worker alive after an outside SIGTERM")
-    """)
-    path = tmp_path / "open_loader.py"
-    path.write_text(script)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "worker alive after an outside SIGTERM" in done.stdout
+    """
+    assert "worker alive after an outside SIGTERM" in run_script(tmp_path, "open_loader.py", script, timeout=120)
