@@ -87,6 +87,7 @@ class Trainer(TrainerBase):
         images, targets = self._next_batch()
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        self.precision.before_forward()
         with self.precision.autocast():
             logits = self.model(images)
         loss = label_smoothing_loss(logits, targets)

@@ -115,7 +115,9 @@ def _build_learner(args: argparse.Namespace, env: DistEnv):
     optimizer = torch.optim.SGD(network.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 dampening=0.0, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args.lr_milestones), 0.1)
-    return Learner(network, optimizer, scheduler, Precision(args.amp, env.device)), norm
+    precision = Precision(args.amp, env.device)
+    precision.track(network)
+    return Learner(network, optimizer, scheduler, precision), norm
 
 
 def _resume(args: argparse.Namespace, env: DistEnv,

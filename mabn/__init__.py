@@ -6,6 +6,7 @@ from mabn.convert import (NormAct, NotConvertibleError, convert_conv, convert_no
                           is_batch_norm, revert_sync_batchnorm, skipped_updates)
 from mabn.fold import fold_conv_norm, fold_norms
 from mabn.factory import NORM_NAMES, get_norm, norm_class, resolve_norm_name
+from mabn.loss_scale import GradScaleSync, set_grad_scale
 from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from mabn.moving_average_bn import MABN1d, MABN2d, MABN3d
 from mabn.sync_batchnorm import SyncBatchNorm
@@ -20,6 +21,6 @@ __all__ = [
     "MABN1d", "MABN2d", "MABN3d",
     "NORM_NAMES", "NormAct", "NotConvertibleError", "SyncBatchNorm",
     "convert_conv", "convert_norm", "convert_sync_batchnorm", "fold_conv_norm", "fold_norms",
-    "get_norm", "is_batch_norm",
-    "norm_class", "resolve_norm_name", "revert_sync_batchnorm", "skipped_updates",
+    "GradScaleSync", "get_norm", "is_batch_norm",
+    "norm_class", "resolve_norm_name", "revert_sync_batchnorm", "set_grad_scale", "skipped_updates",
 ]

@@ -84,10 +84,13 @@ class _GroupBatchNorm(torch.autograd.Function):
         def per_row(stat: Tensor) -> Tensor:
             return stat.unsqueeze(1).expand(groups, batch, channels).reshape(-1)
 
-        # torch's batch-norm backward reduction per (sample, channel) row: sum(dy * x_hat), sum(dy)
+        # torch's batch-norm backward reduction per (sample, channel) row: sum(dy * x_hat), sum(dy);
+        # the weight only sets the dtype of the sums (no input gradient is asked for), but the
+        # CUDA kernel needs one whenever a weight or bias gradient is requested
         rows = (1, groups * batch * channels, -1)
+        row_invstd = per_row(invstd)
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy.reshape(rows), x.reshape(rows), None, None, None, per_row(mean), per_row(invstd),
+            dy.reshape(rows), x.reshape(rows), row_invstd, None, None, per_row(mean), row_invstd,
             True, 0.0, [False, True, True])
         sum_dy_xhat = sum_dy_xhat.view(groups, batch, channels).sum(dim=1)
         sum_dy = sum_dy.view(groups, batch, channels).sum(dim=1)

@@ -75,6 +75,8 @@ def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
     BN's backward reduction ``sum(dy * (x - mean) * invstd)`` with ``dy = x``, ``mean = 0`` and
     ``invstd = 1 / count`` is this mean in one fast kernel, accumulated in float32 or wider
     for every input dtype (a strided ``vector_norm`` over (N, *) is several times slower on CPU).
+    The kernel's ``weight`` only sets the dtype and device of the result (no input gradient is
+    asked for), but CUDA needs one whenever a weight gradient is: ``inv_count`` serves.
     """
     batch, channels = x.shape[0], x.shape[1]
     count = x.numel() // (groups * channels)
@@ -85,7 +87,7 @@ def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
         zeros = zeros.new_zeros(shape)
     inv_count = zeros.new_full(shape, 1.0 / count)
     moments = torch.ops.aten.native_batch_norm_backward(
-        planes, planes, None, None, None, zeros, inv_count, True, 0.0, [False, True, False])[1]
+        planes, planes, inv_count, None, None, zeros, inv_count, True, 0.0, [False, True, False])[1]
     return moments if groups == 1 else moments.view(groups, -1, channels).sum(dim=1)
 
 
@@ -116,7 +118,7 @@ def _per_sample(per_group: Tensor, batch: int) -> Tensor:
 
 
 @torch.no_grad()
-def _advance_forward_statistics(x: Tensor, running_mean: Tensor, running_var: Tensor,
+def _advance_forward_statistics(x: Tensor, zeros: Tensor, running_var: Tensor,
                                 num_batches_tracked: Tensor, groups_seen: Tensor, skipped_updates: Tensor,
                                 chi_window: Tensor, groups: int, warmup_iters: int, r_warmup_iters: int, eps: float,
                                 momentum: float, r_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -128,7 +130,7 @@ def _advance_forward_statistics(x: Tensor, running_mean: Tensor, running_var: Te
     ``chi + eps``, and the own-statistic mask (0-dim or (G, 1)).
     """
     window = chi_window.shape[0]
-    chi = _second_moments(x, groups, running_mean)
+    chi = _second_moments(x, groups, zeros)
     if groups == 1:
         limit = window
     else:
@@ -144,8 +146,10 @@ def _advance_forward_statistics(x: Tensor, running_mean: Tensor, running_var: Te
 
     target = chi_used if groups == 1 else chi_used.mean(dim=0)
     finite = target < math.inf  # one kernel; target >= 0 unless NaN
-    torch.where(finite, torch.lerp(running_var, target, 1.0 - momentum), running_var, out=running_var)
-    torch.where(finite, new_window, chi_window, out=chi_window)
+    # .to(): no-ops unless the buffers are in float16/bfloat16 (a model converted as a whole)
+    torch.where(finite, torch.lerp(running_var, target.to(running_var.dtype), 1.0 - momentum), running_var,
+                out=running_var)
+    torch.where(finite, new_window.to(chi_window.dtype), chi_window, out=chi_window)
     torch._foreach_add_([num_batches_tracked, groups_seen, skipped_updates], [1, groups, x.shape[1]])
     skipped_updates.sub_(finite.sum())
     return tuple(saved_for_backward(var, var.rsqrt(), chi_plus_eps, use_own))
@@ -156,64 +160,83 @@ class _MABNFunction(torch.autograd.Function):
 
     ``u = r / sqrt(chi + eps) = 1 / sqrt(var)`` and ``chi + eps`` are constants per channel
     (C,) for one group, or per group (G, C). With one group, the forward is BN's inference
-    kernel with variance ``var`` and mean 0, and the backward is BN's inference backward for
-    ``dy * weight * u`` plus BN's reductions for the weight and bias gradients. With several
-    groups the (N, C, S) view is scaled by per-sample coefficients. The backward averages
-    ``psi`` over the window in ``psi_window`` (updated in place).
+    kernel with variance ``var`` and mean 0, and the backward is one call of BN's inference
+    backward: ``dy * weight * u`` and the weight and bias gradients. With several groups the
+    (N, C, S) view is scaled by per-sample coefficients. The backward averages ``psi`` over the
+    window in ``psi_window`` (updated in place).
+
+    ``grad_scale`` (0-dim, or None for 1) is the factor the incoming gradient carries (a
+    GradScaler's loss scale): ``psi`` enters the window divided by it, and the averaged ``psi``
+    is multiplied by it again where it meets the scaled gradient.
+
+    Batch-norm kernels get arguments that both the CPU and the CUDA kernels accept: parameters
+    and statistics in the statistics dtype (float32 next to float16/bfloat16 input: the kernels'
+    mixed-precision mode), ``save_mean``/``save_invstd`` always given, and a weight wherever a
+    weight gradient is requested.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, zeros: Tensor, var: Tensor, u: Tensor,
-                chi_plus_eps: Tensor, use_own: Tensor, psi_window: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window)
+                chi_plus_eps: Tensor, use_own: Tensor, psi_window: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale)
+        compute_dtype = zeros.dtype
         if var.dim() == 1:
-            return torch.native_batch_norm(x, weight, bias, zeros, var, False, 0.0, 0.0)[0]
-        compute_dtype = statistics_dtype(x.dtype)
+            return torch.native_batch_norm(x, weight.to(compute_dtype), bias.to(compute_dtype), zeros, var,
+                                           False, 0.0, 0.0)[0]
         batch = x.shape[0]
         x3 = x.to(compute_dtype).reshape(batch, x.shape[1], -1)
-        y = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
+        y = torch.empty_like(x, dtype=compute_dtype)
         torch.addcmul(bias.to(compute_dtype).view(1, -1, 1), x3,
-                      _per_sample((weight * u).to(compute_dtype), batch), out=y.view(x3.shape))
+                      _per_sample(weight.to(compute_dtype) * u, batch), out=y.view(x3.shape))
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window = ctx.saved_tensors
+        x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale = ctx.saved_tensors
         batch, channels = x.shape[0], x.shape[1]
+        compute_dtype = zeros.dtype
         count = x.numel() // (channels * (1 if var.dim() == 1 else var.shape[0]))
+        weight_c = weight.to(compute_dtype)
+        weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
         if var.dim() == 1:
-            grad_x = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, zeros, var, None, None, False, 0.0, [True, False, False])[0]
-            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, None, None, None, zeros, u, True, 0.0, [False, True, True])
-            psi = torch.addcmul(zeros, grad_weight, weight, value=1.0 / count)
+            # BN's inference backward with mean 0 and variance var (eps 0): dy * weight * u, and
+            # the reductions sum(dy * x * u), sum(dy); save_mean/save_invstd equal what CPU
+            # derives from the running statistics.
+            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight_c, zeros, var, zeros, u, False, 0.0, [True, True, True])
+            psi = torch.addcmul(zeros, grad_weight, weight_unscaled, value=1.0 / count)
             finite = psi.abs() < math.inf
             psi_used, new_window = _windowed(psi_window, psi, use_own)
-            coefficient = (psi_used / chi_plus_eps).view((channels,) + (1,) * (x.dim() - 2))
-            grad_x.addcmul_(x, coefficient, value=-1.0)
+            coefficient = psi_used / chi_plus_eps
+            if grad_scale is not None:
+                coefficient = coefficient * grad_scale
+            grad_x.addcmul_(x, coefficient.view((channels,) + (1,) * (x.dim() - 2)), value=-1.0)
         else:
-            compute_dtype = statistics_dtype(x.dtype)
             x3 = x.to(compute_dtype).reshape(batch, channels, -1)
             grad = grad_out.to(compute_dtype).reshape(x3.shape)
             planes = (1, batch * channels, x3.shape[2])
+            per_sample_u = _per_sample(u, batch).view(-1)
+            # per (sample, channel) row: sum(dy * x * u) and sum(dy); the weight only sets the
+            # dtype of the sums (no input gradient is asked for)
             _, grad_x_sums, grad_sums = torch.ops.aten.native_batch_norm_backward(
-                grad.view(planes), x3.view(planes), None, None, None, zeros.new_zeros(planes[1]),
-                _per_sample(u, batch).view(-1), True, 0.0, [False, True, True])
+                grad.reshape(planes), x3.reshape(planes), per_sample_u, None, None, zeros.new_zeros(planes[1]),
+                per_sample_u, True, 0.0, [False, True, True])
             per_group = grad_x_sums.view(u.shape[0], -1, channels).sum(dim=1)
             grad_weight = per_group.sum(dim=0)
             grad_bias = grad_sums.view(batch, channels).sum(dim=0)
-            scale = weight * u
-            psi = per_group * weight * (1.0 / count)
+            psi = per_group * weight_unscaled * (1.0 / count)
             finite = psi.sum(dim=0).abs() < math.inf
             psi_used, new_window = _windowed(psi_window, psi, use_own)
-            grad_x = torch.empty(x.shape, dtype=compute_dtype, device=x.device)
-            torch.mul(grad, _per_sample(scale.to(compute_dtype), batch), out=grad_x.view(x3.shape))
-            grad_x.view(x3.shape).addcmul_(x3, _per_sample((psi_used / chi_plus_eps).to(compute_dtype), batch),
-                                           value=-1.0)
+            coefficient = psi_used / chi_plus_eps
+            if grad_scale is not None:
+                coefficient = coefficient * grad_scale
+            grad_x = torch.empty_like(x, dtype=compute_dtype)
+            torch.mul(grad, _per_sample(weight_c * u, batch), out=grad_x.view(x3.shape))
+            grad_x.view(x3.shape).addcmul_(x3, _per_sample(coefficient, batch), value=-1.0)
             grad_x = grad_x.to(x.dtype)
-        torch.where(finite, new_window, psi_window, out=psi_window)
+        torch.where(finite, new_window.to(psi_window.dtype), psi_window, out=psi_window)
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class _MovingAverageBatchNorm(_BatchNorm):
@@ -271,6 +294,8 @@ class _MovingAverageBatchNorm(_BatchNorm):
         self.register_buffer("buffer_x2", torch.zeros(self.window, num_features, **factory))
         self.register_buffer("buffer_gz", torch.zeros(self.window, num_features, **factory))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long, device=device))
+        # the loss scale the coming backward's gradients carry, None for 1 (mabn.set_grad_scale)
+        self.grad_scale: Optional[Tensor] = None
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -301,11 +326,12 @@ class _MovingAverageBatchNorm(_BatchNorm):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
+        zeros = self.running_mean.to(statistics_dtype(input.dtype))
         var, u, chi_plus_eps, use_own = _advance_forward_statistics(
-            input, self.running_mean, self.running_var, self.num_batches_tracked, self.groups_seen,
+            input, zeros, self.running_var, self.num_batches_tracked, self.groups_seen,
             self.skipped_updates, self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
-        return _MABNFunction.apply(input, self.weight, self.bias, self.running_mean, var, u, chi_plus_eps,
-                                   use_own, self.buffer_gz)
+        return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
+                                   use_own, self.buffer_gz, self.grad_scale)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -232,6 +232,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
         wrapped = wrap_data_parallel(network, env)
         restore_rank_state(checkpoint, resume_path or "", network, env)
         network.train()
+        precision.track(network)
         trainer = DetectionTrainer(wrapped, optimizer, train_loader, env, precision)
         saver = PeriodicCheckpoint(writer, trainer, cfg.SOLVER.CHECKPOINT_PERIOD)
 

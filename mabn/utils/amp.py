@@ -2,25 +2,43 @@
 
 Enabled: float16 autocast with a ``GradScaler`` on CUDA; bfloat16 autocast on the CPU (which has
 no fast float16 and needs no loss scaling). Disabled: plain float32, ``backward`` and ``step`` as
-usual.
+usual. With a scaler, the MABN layers of the model given to :meth:`Precision.track` learn the
+loss scale before every training forward and drop the window entries of steps the scaler skips
+(:mod:`mabn.loss_scale`).
 """
 from __future__ import annotations
 
 import contextlib
 
+from typing import Optional
+
 import torch
+from torch import nn
+
+from mabn.loss_scale import GradScaleSync
 
 __all__ = ["Precision"]
 
 
 class Precision:
-    """``autocast()`` around the forward, ``backward(loss)``, then ``step(optimizer)``."""
+    """Per training step: ``before_forward()``, ``autocast()`` around the forward,
+    ``backward(loss)``, then ``step(optimizer)``."""
 
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled = enabled
         self.device_type = device.type
         self.dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda") if enabled and device.type == "cuda" else None
+        self._sync: Optional[GradScaleSync] = None
+
+    def track(self, model: nn.Module) -> None:
+        """Keep the MABN layers of ``model`` in step with the loss scale (nothing without a scaler)."""
+        self._sync = GradScaleSync(model) if self.scaler is not None else None
+
+    def before_forward(self) -> None:
+        """Tell the tracked layers the scale of the coming backward (a device tensor, no sync)."""
+        if self._sync is not None:
+            self._sync.before_forward(self.scaler)
 
     def autocast(self):
         if not self.enabled:
@@ -42,3 +60,5 @@ class Precision:
             return
         self.scaler.step(optimizer)
         self.scaler.update()
+        if self._sync is not None:
+            self._sync.after_update(self.scaler)
