@@ -1,13 +1,14 @@
 """The detection training step and the hooks around it (log line, checkpoints, evaluation).
 
-One step (:meth:`DetectionTrainer.run_step`): the forward returns torchvision's loss dict; ONE
-small all-reduce of ``[each loss / world size, non-finite flag, stop flag]`` gives the logged
-averages over processes and lets every rank take the same decision before the backward: a NaN/Inf
-loss on any rank stops all of them (nothing is saved, the last good checkpoint stays), a
-SIGTERM/SIGINT on any rank makes all of them finish the step, save ``model_{iter:07d}.pth`` and
-exit. Then backward (DDP averages the gradients, or
-:class:`~mabn.utils.distributed.GradientAveraging` after it), optimizer step. The loop and the
-hook plumbing are :mod:`mabn.utils.train_loop`'s.
+One step (:meth:`DetectionTrainer.run_step`): the forward returns torchvision's loss dict, the
+backward follows at once (DDP averages the gradients, or
+:class:`~mabn.utils.distributed.GradientAveraging` after it), with no wait for the host in between.
+Then ONE small all-reduce of ``[each loss / world size, non-finite flag, stop flag]``, read back
+once, gives the logged averages over processes and lets every rank take the same decision before
+the optimizer step: a NaN/Inf loss on any rank stops all of them (no update, nothing is saved, the
+last good checkpoint stays), a SIGTERM/SIGINT on any rank makes all of them finish the step, save
+``model_{iter:07d}.pth`` and exit. The loop and the hook plumbing are
+:mod:`mabn.utils.train_loop`'s.
 """
 from __future__ import annotations
 
@@ -91,24 +92,26 @@ class DetectionTrainer(TrainerBase):
         images = [image.to(device, non_blocking=True) for image in images]
         targets = _to_device(targets, device)
         data_time = time.perf_counter() - start
+        self.precision.before_forward()
         with self.precision.autocast():
             loss_dict = self.model(images, targets)
         names = list(loss_dict)
         total = sum(loss_dict.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(total)
+        if hasattr(self.model, "average_gradients"):
+            self.model.average_gradients()
+        # Everything up to the all-reduce stays on the device: the first read on the host is the
+        # summary's tolist(), after the backward has been queued.
         local = torch.stack([loss_dict[name].detach().double() for name in names])
-        non_finite = float(not bool(torch.isfinite(total.detach())))
-        summary = torch.cat([local / self.env.world_size,
-                             torch.tensor([non_finite, float(self.stop_flag.requested)], dtype=torch.float64,
-                                          device=local.device)])
+        non_finite = (~torch.isfinite(total.detach())).double().reshape(1)
+        stop = local.new_full((1,), float(self.stop_flag.requested))
+        summary = torch.cat([local / self.env.world_size, non_finite, stop])
         values = self.env.all_reduce_sum(summary).tolist()
         if values[-2] > 0:
             shown = ", ".join(f"{name} {loss_dict[name].item():.4g}" for name in names)
             raise NonFiniteLossError(f"non-finite training loss at iteration {self.iter + 1} (on rank {self.env.rank}: "
                                      f"{shown}; non-finite on {int(values[-2])} of {self.env.world_size} processes)")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(total)
-        if hasattr(self.model, "average_gradients"):
-            self.model.average_gradients()
         self.precision.step(self.optimizer)
         self._stop_agreed = values[-1] > 0
         self.losses = dict(zip(names, values[:len(names)]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
@@ -77,16 +78,23 @@ def _env_int(name: str) -> Optional[int]:
 
 
 def _device(device: str, local_rank: int) -> torch.device:
+    """The device of this process, made current on CUDA: ``cuda:<local rank>``, or
+    ``cuda:<local rank % visible devices>`` when fewer devices are visible than the local rank
+    needs, as where the launcher gives each process its own GPU through ``CUDA_VISIBLE_DEVICES``
+    (SLURM, some Kubernetes setups); one ``warning:`` line on stderr says so."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available (use --device cpu or auto)")
-    if local_rank >= torch.cuda.device_count():
-        raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} CUDA devices")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    count = torch.cuda.device_count()
+    index = local_rank % count
+    if index != local_rank:
+        print(f"warning (local rank {local_rank}): {count} CUDA device(s) visible, using cuda:{index}",
+              file=sys.stderr, flush=True)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(device: str = "auto", local_rank_flag: Optional[int] = None,

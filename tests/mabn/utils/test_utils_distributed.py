@@ -2,8 +2,11 @@
 in subprocesses: tests/cls/test_cls_launch.py)."""
 from __future__ import annotations
 
+from typing import List
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mabn.utils.distributed import DistEnv, check_on_main_rank, init_distributed, wrap_data_parallel
@@ -43,6 +46,48 @@ def test_bad_environments_are_user_errors(plain_process):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda but CUDA is not available"):
             init_distributed("cuda")
+
+
+def _fake_cuda(monkeypatch, visible: int) -> List[int]:
+    """CUDA with ``visible`` devices; returns the indices passed to ``torch.cuda.set_device``."""
+    chosen: List[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+@pytest.mark.parametrize("visible, indices", [(1, [0, 0, 0, 0]), (2, [0, 1, 0, 1]), (4, [0, 1, 2, 3])])
+def test_local_ranks_beyond_the_visible_devices_wrap_around(plain_process, capsys, visible, indices):
+    chosen = _fake_cuda(plain_process, visible)
+    for local_rank, index in enumerate(indices):
+        plain_process.setenv("LOCAL_RANK", str(local_rank))
+        env = init_distributed("cuda")
+        assert (env.local_rank, env.device, env.backend) == (local_rank, torch.device("cuda", index), None)
+        assert chosen[-1] == index
+        lines = capsys.readouterr().err.splitlines()
+        if local_rank < visible:
+            assert lines == []
+        else:
+            assert lines == [f"warning (local rank {local_rank}): {visible} CUDA device(s) visible, "
+                             f"using cuda:{index}"]
+    assert chosen == indices
+    assert init_distributed("auto").device == torch.device("cuda", indices[-1])
+
+
+def test_the_collectives_use_the_chosen_device(plain_process):
+    _fake_cuda(plain_process, 2)
+    plain_process.setenv("LOCAL_RANK", "3")
+    env = init_distributed("cuda")
+    env.backend = "nccl"  # as after a launch; the collectives themselves are faked below
+    barriers: List[dict] = []
+    plain_process.setattr(dist, "barrier", lambda **kwargs: barriers.append(kwargs))
+    env.barrier()
+    assert barriers == [{"device_ids": [1]}]
+    wrapped: List[dict] = []
+    plain_process.setattr(nn.parallel, "DistributedDataParallel", lambda model, **kwargs: wrapped.append(kwargs))
+    wrap_data_parallel(nn.Linear(2, 2), env)
+    assert wrapped == [{"device_ids": [1], "broadcast_buffers": False}]
 
 
 def test_wrap_data_parallel_is_the_model_itself_in_one_process():
