@@ -9,10 +9,13 @@ The layers subclass ``nn.ConvNd``: same constructor, parameters, initialisation 
 so ``isinstance`` checks, weight loading, folding and export keep working. Only the weight that
 reaches the convolution differs (``centralized_weight``). The convolution saves the input and
 the raw weight, like ``nn.ConvNd``, and recomputes the centralized weight in its backward.
+Under autocast (CPU or CUDA) the convolution runs in the autocast dtype, as ``nn.ConvNd``'s does,
+and its backward runs in that same dtype.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import contextlib
+from typing import ContextManager, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,27 @@ class _Centralize(torch.autograd.Function):
         return _subtract_filter_means(grad)
 
 
+def _autocast_dtype(input: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs a convolution of ``input`` in, or None where it leaves it alone.
+
+    Follows autocast's lower-precision policy for convolutions (float64 and non-float inputs keep
+    their dtype) for the input's own device type, so one Function serves CPU and CUDA.
+    """
+    device_type = input.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return None
+    if not input.is_floating_point() or input.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_disabled(device_type: str) -> ContextManager:
+    """A context in which autocast casts no ``device_type`` op (a no-op where it has no autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _CentralizedConvolution(torch.autograd.Function):
     """``convolution(input, centralize(weight), bias)`` saving the input and the RAW weight.
 
@@ -48,6 +72,12 @@ class _CentralizedConvolution(torch.autograd.Function):
     cheap kernel) and projects the weight gradient, so a CenConv saves what an ``nn.ConvNd``
     saves. Each call keeps its own context, so a conv applied several times before one backward
     (shared heads, FPN) accumulates correct gradients.
+
+    Autocast is resolved here rather than inside ``torch.convolution``: the forward casts the
+    input, centralized weight and bias to the autocast dtype itself and runs the convolution with
+    autocast off, and the backward (which autocast never sees) casts ``grad_output``, input and
+    weight to the dtype the forward's convolution ran in, so ``convolution_backward`` gets one
+    dtype. Gradients come back in the dtypes of the input, weight and bias.
     """
 
     @staticmethod
@@ -56,22 +86,38 @@ class _CentralizedConvolution(torch.autograd.Function):
                 groups: int) -> torch.Tensor:
         ctx.save_for_backward(input, weight)
         ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.device_type = input.device.type
+        centralized = _subtract_filter_means(weight)
+        dtype = _autocast_dtype(input)
+        if dtype is not None:
+            input, centralized = input.to(dtype), centralized.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         output_padding = [0] * (weight.dim() - 2)
-        return torch.convolution(input, _subtract_filter_means(weight), bias, stride, padding, dilation,
-                                 False, output_padding, groups)
+        with _autocast_disabled(ctx.device_type):
+            output = torch.convolution(input, centralized, bias, stride, padding, dilation,
+                                       False, output_padding, groups)
+        ctx.compute_dtype = output.dtype
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         input, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
+        dtype = ctx.compute_dtype
+        has_bias = ctx.bias_dtype is not None
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_output, input, _subtract_filter_means(weight), [weight.shape[0]] if ctx.has_bias else None,
-            stride, padding, dilation, False, [0] * (weight.dim() - 2), groups,
-            [needs_input, needs_weight, needs_bias and ctx.has_bias])
-        if grad_weight is not None:
-            grad_weight = _subtract_filter_means(grad_weight)
+        with _autocast_disabled(ctx.device_type):
+            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_output.to(dtype), input.to(dtype), _subtract_filter_means(weight).to(dtype),
+                [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
+                [0] * (weight.dim() - 2), groups, [needs_input, needs_weight, needs_bias and has_bias])
+            if grad_input is not None:
+                grad_input = grad_input.to(input.dtype)
+            if grad_weight is not None:
+                grad_weight = _subtract_filter_means(grad_weight.to(weight.dtype))
+            if grad_bias is not None:
+                grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 

@@ -1,7 +1,10 @@
 """CenConv against nn.ConvNd with an explicitly centralized weight."""
+from typing import List, Tuple
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mabn import CenConv1d, CenConv2d, CenConv3d, centralize_weight
 
@@ -123,3 +126,74 @@ def test_saves_no_more_than_plain_conv(kwargs):
     plain = nn.Conv2d(8, 16, 3, **kwargs)
     cen = CenConv2d(8, 16, 3, **kwargs)
     assert _saved_activation_storages(cen, x) <= _saved_activation_storages(plain, x)
+
+
+class _HalfConvolutionRecorder(TorchDispatchMode):
+    """Runs ``aten.convolution`` in float16 below the Function, as CUDA autocast does, and records
+    (and checks they agree) the dtypes of (grad_output, input, weight) of every
+    ``aten.convolution_backward``.
+
+    The Function's own autocast handling cannot see this cast, so the test checks that the
+    backward follows the dtype the forward's convolution ran in, on CPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backward_dtypes: List[Tuple[torch.dtype, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            args = tuple(a.half() if isinstance(a, torch.Tensor) else a for a in args)
+        elif func is torch.ops.aten.convolution_backward.default:
+            dtypes = tuple(a.dtype for a in args[:3])
+            self.backward_dtypes.append(dtypes)
+            assert len(set(dtypes)) == 1, f"convolution_backward got mixed dtypes {dtypes}"
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_runs_in_the_dtype_of_the_forward_convolution():
+    torch.manual_seed(0)
+    cen = CenConv2d(4, 8, 3, padding=1, bias=True)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    recorder = _HalfConvolutionRecorder()
+    with recorder:
+        y = cen(x)
+        y.float().square().sum().backward()
+    assert y.dtype == torch.float16
+    assert recorder.backward_dtypes == [(torch.float16,) * 3]
+    assert x.grad.dtype == x.dtype and cen.weight.grad.dtype == cen.weight.dtype
+    assert cen.bias.grad.dtype == cen.bias.dtype
+
+
+def _check_autocast_matches_float32(device: str, dtype: torch.dtype, tol: float) -> None:
+    """CenConv2d under autocast: output dtype as ``nn.Conv2d``'s, gradients in the parameters'
+    (and input's) dtypes and close to a float32 run of the same module."""
+    torch.manual_seed(0)
+    cen = CenConv2d(8, 16, 3, padding=1, stride=2, bias=True).to(device)
+    plain = nn.Conv2d(8, 16, 3, padding=1, stride=2, bias=True).to(device)
+    x = torch.randn(4, 8, 12, 12, device=device, requires_grad=True)
+    target = torch.randn(4, 16, 6, 6, device=device)
+    grads = []
+    for enabled in (False, True):
+        cen.zero_grad()
+        x.grad = None
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            y = cen(x)
+            assert y.dtype == plain(x).dtype
+            loss = (y.float() * target).sum()
+        loss.backward()
+        grads.append([x.grad, cen.weight.grad, cen.bias.grad])
+    assert y.dtype == dtype
+    for actual, expected in zip(grads[1], grads[0]):
+        assert actual.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_cpu_autocast_bfloat16():
+    _check_autocast_matches_float32("cpu", torch.bfloat16, tol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_float16():
+    _check_autocast_matches_float32("cuda", torch.float16, tol=1e-2)
