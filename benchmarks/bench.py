@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python -m benchmarks.bench --quick                # about 3 min on 2 CPU cores
     python -m benchmarks.bench --json bench.json      # full run (ResNet-50 at 224 px)
+    python -m benchmarks.bench --quick --device cuda  # GPU: CUDA-event timing, kernel launches
     python -m benchmarks.bench --rounds 20 --threads 4 --device cuda
 
 Every timing is a median over interleaved rounds (:mod:`benchmarks.harness`) and every ratio
@@ -11,23 +12,36 @@ divides two medians measured in the same rounds. Sections, in order:
 
 1. ``ops``: operator calls dispatched by one training forward + backward of a single layer on a
    (2, 64, 7, 7) input (the split/grouped variants get a batch of 4, i.e. two groups of B=2),
-   counted with a ``TorchDispatchMode``; and the kernels inductor generates for one compiled
-   MABN forward + backward.
+   counted with a ``TorchDispatchMode``; on CUDA also the GPU kernels that forward + backward
+   launches, counted from the torch profiler (:func:`benchmarks.harness.count_kernel_launches`),
+   with ratios to BN and GN; and the kernels inductor generates for one compiled MABN forward +
+   backward.
 2. ``layers``: forward + backward of one layer with a fixed upstream gradient, as a ratio to
    BN, to GroupNorm (32 groups) and in *copies*: units of ``x.clone()`` timed in the same rounds.
    ``MABN`` is ``MABN2d(C, B=2, real_B=32, warmup_iters=0, r_warmup_iters=0)``, so the moving
    averages and ``r`` are live; ``MABN naive`` is :class:`benchmarks.naive_mabn.NaiveMABN2d`.
    The baseline shapes add ghost BN, Batch Renorm (``warmup_steps=0``) and split MABN at B=2.
 3. ``train``: torchvision ResNet training step (forward, cross-entropy, backward,
-   ``SGD(lr=0, momentum=0.9).step()``: every operation runs, weights stay finite). ``MABN+CenConv``
-   is ``convert_norm(model, "MABN", B=batch, real_B=32, warmup_iters=0)`` then
-   ``convert_conv(model, "CenConv")``. After the timed rounds one untimed step per variant
-   measures the activation bytes saved for backward (parameters and buffers excluded).
+   ``SGD(lr=0, momentum=0.9).step()``: every operation runs, weights stay finite), at batches 2
+   and 8, as a ratio to BN and to GN. ``MABN+CenConv`` is ``convert_norm(model, "MABN",
+   B=batch, real_B=32, warmup_iters=0)`` then ``convert_conv(model, "CenConv")``. After the
+   timed rounds one untimed step per variant measures the activation bytes saved for backward
+   (parameters and buffers excluded).
 4. ``infer``: eval-mode ``no_grad`` forward of ``fold_norms(MABN+CenConv model)`` against the
    same network with no norm at all.
 
 ``--quick`` runs the same sections and reports the same targets: the layer shapes are the real
 ones with fewer rounds; ResNet-50 runs at 112 px with fewer rounds, which the report says.
+
+On CUDA (``--device cuda``, or ``auto`` on a GPU machine) the timed samples are CUDA events
+(:func:`benchmarks.harness.select_timer`): a sample is ``k`` calls issued back to back between
+two events on the current stream, divided by ``k``, with ``k`` calibrated per variant and
+section so that a sample lasts at least 1 ms (``k`` is in the layer table, the section headings
+and the JSON as ``repeats``). CUDA runs the same rounds as the CPU: 1 ms samples make every
+round precise, and the rounds cost little next to startup, model building and the inductor
+(Triton) compile, so a ``--quick`` run is estimated at 1.5-2 min on one H100. The header names
+the GPU. On the CPU each sample is one call on ``time.perf_counter`` and the ``ops`` section
+reports dispatched operators only: kernel launches exist only on CUDA.
 """
 from __future__ import annotations
 
@@ -48,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.harness import (Case, compiled_kernel_count, count_ops, interleaved_times, log, saved_bytes,
-                                summarize)
+from benchmarks.harness import (CUDA_EVENT, Case, Times, compiled_kernel_count, count_kernel_launches, count_ops,
+                                interleaved_times, log, saved_bytes, select_timer, summarize)
 from benchmarks.targets import Target, check, format_target
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "TINY", "build_layer", "build_resnet", "bench_ops",
@@ -168,7 +182,11 @@ def _inputs(shape: Sequence[int], device: torch.device) -> Tuple[Tensor, Tensor]
 
 
 def bench_ops(config: BenchConfig, device: torch.device) -> List[dict]:
-    """Operator calls of one training forward + backward per variant (after one warm-up call)."""
+    """Operator calls of one training forward + backward per variant (after one warm-up call).
+
+    On CUDA each row also has ``kernels`` (GPU kernel launches), ``transfers`` (memcpy/memset),
+    ``by_kernel`` and ``kernels_vs_bn``/``kernels_vs_gn``; elsewhere these are ``None``.
+    """
     rows = []
     for variant in OP_COUNT_VARIANTS:
         shape = list(config.op_shape)
@@ -178,8 +196,16 @@ def bench_ops(config: BenchConfig, device: torch.device) -> List[dict]:
         case.prepare()
         case.run()
         counter = count_ops(case)
+        launches = count_kernel_launches(case, device)
         rows.append(dict(variant=variant, shape=shape, ops=counter.total, views=counter.views,
-                         by_op=dict(counter.by_op.most_common())))
+                         by_op=dict(counter.by_op.most_common()),
+                         kernels=None if launches is None else launches.kernels,
+                         transfers=None if launches is None else launches.transfers,
+                         by_kernel=None if launches is None else dict(launches.by_kernel.most_common())))
+    for key, reference in (("kernels_vs_bn", BN), ("kernels_vs_gn", GN)):
+        base = next((row["kernels"] for row in rows if row["variant"] == reference), None)
+        for row in rows:
+            row[key] = row["kernels"] / base if row["kernels"] is not None and base else None
     return rows
 
 
@@ -202,6 +228,11 @@ def _layer_shapes(config: BenchConfig) -> List[Tuple[Shape, List[str]]]:
     return list(plan.items())
 
 
+def _timing(times: Times, variant: str) -> Dict[str, object]:
+    """How a variant was timed, stored in its row: the clock and the calls per sample."""
+    return {"timer": times.timer, "repeats": times.repeats[variant]}
+
+
 def _add_ratio(rows: List[dict], key: str, reference: str) -> None:
     base = next((row["median_ms"] for row in rows if row["variant"] == reference), None)
     for row in rows:
@@ -216,7 +247,8 @@ def bench_layers(config: BenchConfig, device: torch.device) -> List[dict]:
         cases = {variant: _layer_case(variant, x, grad) for variant in variants}
         times = interleaved_times(cases, config.layer_rounds, config.layer_warmup, device,
                                   label=f"layers {_shape_str(shape)}")
-        shape_rows = [dict(shape=list(shape), variant=v, **summarize(times[v])) for v in variants]
+        shape_rows = [dict(shape=list(shape), variant=v, **summarize(times[v]), **_timing(times, v))
+                      for v in variants]
         _add_ratio(shape_rows, "ratio_to_bn", BN)
         _add_ratio(shape_rows, "ratio_to_gn", GN)
         _add_ratio(shape_rows, "copies", COPY)
@@ -270,7 +302,7 @@ def _train_case(model: nn.Module, images: Tensor, labels: Tensor) -> Case:
 
 
 def bench_train(config: BenchConfig, batch: int, device: torch.device) -> List[dict]:
-    """Training step per variant, then the activation bytes each saves for backward."""
+    """Training step per variant (ratios to BN and to GN), then the activation bytes each saves for backward."""
     torch.manual_seed(0)
     images = torch.randn(batch, 3, config.resolution, config.resolution, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
@@ -282,9 +314,10 @@ def bench_train(config: BenchConfig, batch: int, device: torch.device) -> List[d
     for variant, case in cases.items():
         saved = saved_bytes(case)
         rows.append(dict(arch=config.arch, batch=batch, resolution=config.resolution, variant=variant,
-                         **summarize(times[variant]), saved_mib=saved / MIB,
+                         **summarize(times[variant]), **_timing(times, variant), saved_mib=saved / MIB,
                          finite=bool(torch.isfinite(case.state["loss"]).item())))
     _add_ratio(rows, "ratio_to_bn", BN)
+    _add_ratio(rows, "ratio_to_gn", GN)
     bn_saved = next(row["saved_mib"] for row in rows if row["variant"] == BN)
     for row in rows:
         row["saved_ratio_to_bn"] = row["saved_mib"] / bn_saved
@@ -302,7 +335,7 @@ def bench_infer(config: BenchConfig, device: torch.device) -> List[dict]:
     times = interleaved_times(cases, config.infer_rounds, config.resnet_warmup, device,
                               label=f"{config.arch} infer b{config.infer_batch} {config.resolution}px")
     rows = [dict(arch=config.arch, batch=config.infer_batch, resolution=config.resolution, variant=v,
-                 **summarize(times[v])) for v in INFER_VARIANTS]
+                 **summarize(times[v]), **_timing(times, v)) for v in INFER_VARIANTS]
     _add_ratio(rows, "ratio_to_no_norm", NO_NORM)
     with torch.no_grad():
         folded, reference = models[MABN_FOLDED](images), unfolded(images)
@@ -369,7 +402,7 @@ def evaluate_targets(results: dict, config: BenchConfig) -> List[Target]:
 
 
 def machine_info(device: torch.device) -> dict:
-    """Versions, threads, device, CPU model and load (the context every number needs)."""
+    """Versions, threads, device (GPU name on CUDA), clock, CPU model and load (the context every number needs)."""
     import torchvision
 
     cpu_model = platform.processor() or None
@@ -378,11 +411,13 @@ def machine_info(device: torch.device) -> dict:
             cpu_model = next((line.split(":", 1)[1].strip() for line in handle
                               if line.lower().startswith("model name")), cpu_model)
     info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "device": str(device), "threads": torch.get_num_threads(), "cpu_model": cpu_model,
+            "device": str(device), "timer": select_timer(device).name, "threads": torch.get_num_threads(),
+            "cpu_model": cpu_model,
             "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
     return info
 
 
@@ -399,8 +434,10 @@ def run_benchmark(config: BenchConfig, device: torch.device) -> dict:
         results["notes"].append(f"--{config.name} run: ResNet at {config.resolution} px with "
                                 f"{config.train_rounds} train / {config.infer_rounds} inference rounds and "
                                 f"{config.layer_rounds} layer rounds; the ResNet targets are defined at 224 px")
-    log("op counts")
+    log("op counts" + (" and kernel launches" if device.type == "cuda" else ""))
     results["ops"] = bench_ops(config, device)
+    if device.type == "cuda" and any(row["kernels"] is None for row in results["ops"]):
+        results["notes"].append("kernel launches not counted: this torch profiler cannot trace CUDA (no CUPTI)")
     results["layers"] = bench_layers(config, device)
     results["train"] = []
     for batch in config.train_batches:
@@ -425,35 +462,70 @@ def _x(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.2f}x"
 
 
+def _on_cuda_events(rows: Sequence[dict]) -> bool:
+    return any(row.get("timer") == CUDA_EVENT for row in rows)
+
+
+def _calls(rows: Sequence[dict]) -> str:
+    """``", CUDA events, 1-200 calls per sample"`` for a CUDA-event section, else nothing."""
+    if not _on_cuda_events(rows):
+        return ""
+    low, high = min(row["repeats"] for row in rows), max(row["repeats"] for row in rows)
+    return f", CUDA events, {low if low == high else f'{low}-{high}'} calls per sample"
+
+
+def _ops_table(rows: Sequence[dict]) -> List[str]:
+    """Dispatched operators per variant, with kernel launches when the rows have them (CUDA)."""
+    if any(row.get("kernels") is not None for row in rows):
+        lines = ["| variant | input | ops | of which views | kernels | kernels vs BN | kernels vs GN "
+                 "| memcpy/memset |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        return lines + [f"| {r['variant']} | {_shape_str(r['shape'])} | {r['ops']} | {r['views']} | "
+                        f"{'—' if r['kernels'] is None else r['kernels']} | {_x(r['kernels_vs_bn'])} | "
+                        f"{_x(r['kernels_vs_gn'])} | {'—' if r['transfers'] is None else r['transfers']} |"
+                        for r in rows]
+    lines = ["| variant | input | ops | of which views |", "|---|---|---:|---:|"]
+    return lines + [f"| {r['variant']} | {_shape_str(r['shape'])} | {r['ops']} | {r['views']} |" for r in rows]
+
+
 def format_markdown(results: dict) -> str:
     """The report: markdown tables, notes, then one PASS/MISS line per target."""
     machine, config = results["machine"], results["config"]
     lines = [f"# MABN benchmark ({config['name']})", "",
              f"torch {machine['torch']}, {machine['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, "
              f"{machine['threads']} threads, CPU {machine['cpu_model']}. Medians of interleaved rounds; every ratio "
-             f"divides medians from the same rounds; copies = time / time of x.clone().", ""]
-    lines += ["## Operators per training forward + backward (one layer)", "",
-              "| variant | input | ops | of which views |", "|---|---|---:|---:|"]
-    lines += [f"| {r['variant']} | {_shape_str(r['shape'])} | {r['ops']} | {r['views']} |" for r in results["ops"]]
+             f"divides medians from the same rounds; copies = time / time of x.clone()."
+             + (" Timed with CUDA events around k back-to-back calls per sample (time per call = sample / k)."
+                if machine.get("timer") == CUDA_EVENT else ""), ""]
+    on_cuda = any(r.get("kernels") is not None for r in results["ops"])
+    lines += ["## Operators" + (" and GPU kernel launches" if on_cuda else "")
+              + " per training forward + backward (one layer)", ""]
+    lines += _ops_table(results["ops"])
+    if not on_cuda and not machine["device"].startswith("cuda"):
+        lines += ["", "Dispatched operators only: kernel launches exist only on CUDA (run with --device cuda)."]
     kernels = results.get("compiled_mabn_kernels")
     if kernels is not None:
         lines += ["", f"torch.compile (inductor) kernels for one MABN forward + backward: {kernels}"]
-    lines += ["", f"## Layer forward + backward ({config['layer_rounds']} rounds)", "",
-              "| shape | variant | median ms | vs BN | vs GN | copies | IQR |", "|---|---|---:|---:|---:|---:|---:|"]
+    layers = results["layers"]
+    k_column = _on_cuda_events(layers)
+    lines += ["", f"## Layer forward + backward ({config['layer_rounds']} rounds{_calls(layers)})", "",
+              "| shape | variant | median ms | vs BN | vs GN | copies | IQR |" + (" k |" if k_column else ""),
+              "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if k_column else "")]
     lines += [f"| {_shape_str(r['shape'])} | {r['variant']} | {r['median_ms']:.3f} | {_x(r['ratio_to_bn'])} | "
-              f"{_x(r['ratio_to_gn'])} | {r['copies']:.1f} | {r['iqr_pct']:.0f}% |" for r in results["layers"]]
+              f"{_x(r['ratio_to_gn'])} | {r['copies']:.1f} | {r['iqr_pct']:.0f}% |"
+              + (f" {r['repeats']} |" if k_column else "") for r in layers]
     train = results["train"]
     if train:
-        lines += ["", f"## {train[0]['arch']} training step, {train[0]['resolution']} px ({config['train_rounds']} rounds)",
-                  "", "| batch | variant | median ms | vs BN | IQR | saved for backward MiB | saved vs BN |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## {train[0]['arch']} training step, {train[0]['resolution']} px "
+                      f"({config['train_rounds']} rounds{_calls(train)})",
+                  "", "| batch | variant | median ms | vs BN | vs GN | IQR | saved for backward MiB | saved vs BN |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['batch']} | {r['variant']}{'' if r['finite'] else ' (non-finite loss!)'} | "
-                  f"{r['median_ms']:.1f} | {_x(r['ratio_to_bn'])} | {r['iqr_pct']:.0f}% | {r['saved_mib']:.1f} | "
-                  f"{_x(r['saved_ratio_to_bn'])} |" for r in train]
+                  f"{r['median_ms']:.1f} | {_x(r['ratio_to_bn'])} | {_x(r.get('ratio_to_gn'))} | "
+                  f"{r['iqr_pct']:.0f}% | {r['saved_mib']:.1f} | {_x(r['saved_ratio_to_bn'])} |" for r in train]
     infer = results["infer"]
     if infer:
         lines += ["", f"## {infer[0]['arch']} inference (eval, no_grad), batch {infer[0]['batch']}, "
-                      f"{infer[0]['resolution']} px ({config['infer_rounds']} rounds)", "",
+                      f"{infer[0]['resolution']} px ({config['infer_rounds']} rounds{_calls(infer)})", "",
                   "| variant | median ms | vs no norm | IQR |", "|---|---:|---:|---:|"]
         for r in infer:
             diff = f" (max rel diff to unfolded {r['max_rel_diff_to_unfolded']:.1e})" if "max_rel_diff_to_unfolded" in r else ""
@@ -468,7 +540,9 @@ def format_markdown(results: dict) -> str:
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, ResNet-50 at 112 px (about 3 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds, ResNet-50 at 112 px (about 3 min on 2 CPU cores; "
+                             "estimated 1.5-2 min on one H100)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long smoke run for tests
     parser.add_argument("--json", metavar="PATH", help="write every number, the targets and machine info to PATH")
     parser.add_argument("--rounds", type=int, metavar="N", help="timed rounds of every section")

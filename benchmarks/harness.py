@@ -1,28 +1,47 @@
-"""Measuring tools shared by every benchmark section: interleaved timing, op counting, saved bytes.
+"""Measuring tools shared by every benchmark section: interleaved timing, op and kernel counting, saved bytes.
 
 Timing method. A *round* runs every variant once, in an order rotated by one position per
 round, so slow drifts of a shared machine hit all variants alike. After untimed warm-up rounds,
 a variant's time is the median over the timed rounds, and ratios divide medians measured in the
-same rounds. On CUDA each timed call is bracketed by ``torch.cuda.synchronize``. The garbage
-collector runs between rounds and is off during them (memory is freed by reference counting),
-so no collection lands inside a timed call; ``Case.prepare`` (zeroing gradients) is untimed.
+same rounds. The garbage collector runs between rounds and is off during them (memory is freed
+by reference counting), so no collection lands inside a timed sample; ``Case.prepare`` (zeroing
+gradients) runs untimed before each sample.
+
+The clock depends on the device (:func:`select_timer`). On the CPU a sample is one call timed
+with ``time.perf_counter``. On CUDA a sample is ``k`` calls issued back to back between two
+``torch.cuda.Event`` records on the current stream, divided by ``k``: the events time the GPU
+timeline, so a sample covers kernel time plus any gap in which the GPU waits for the host to
+launch (what a training loop of small layers sees), not the host's synchronize latency. ``k``
+is calibrated per case once per :func:`interleaved_times` call, after the warm-up, so that each
+sample lasts at least ``CUDA_SAMPLE_S`` (1 ms, far above the events' resolution of about a
+microsecond, and long enough to amortize the few microseconds before the first kernel starts);
+a per-case ``k`` keeps a slow variant from running hundreds of times per sample just because a
+fast one needs that. Between the ``k`` calls of one sample ``prepare`` runs inside the window:
+it is host-only work here (gradients set to ``None``).
 """
 from __future__ import annotations
 
 import collections
 import gc
+import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Counter, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Counter, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Case", "interleaved_times", "summarize", "OpCounter", "count_ops", "SavedTensorBytes",
-           "saved_bytes", "compiled_kernel_count", "log"]
+__all__ = ["Case", "Timer", "Times", "PERF_COUNTER", "CUDA_EVENT", "CUDA_SAMPLE_S", "MAX_REPEATS",
+           "perf_counter_seconds", "cuda_event_seconds", "select_timer", "repeats_for", "calibrate_repeats",
+           "interleaved_times", "summarize", "OpCounter", "count_ops", "KernelLaunches", "kernel_launches",
+           "count_kernel_launches", "SavedTensorBytes", "saved_bytes", "compiled_kernel_count", "log"]
+
+PERF_COUNTER, CUDA_EVENT = "perf_counter", "cuda_event"
+CUDA_SAMPLE_S = 1e-3     # shortest CUDA-event sample the calibration aims for
+MAX_REPEATS = 256        # most calls in one sample (a 4 us layer reaches 1 ms)
 
 
 def log(message: str) -> None:
@@ -37,7 +56,10 @@ def _sync(device: torch.device) -> None:
 
 @dataclass
 class Case:
-    """One variant: ``run`` is what gets timed; ``prepare`` runs untimed right before each ``run``.
+    """One variant: ``run`` is what gets timed; ``prepare`` runs right before each ``run``.
+
+    ``prepare`` is untimed, except between the back-to-back calls of a CUDA sample with ``k > 1``
+    (see the module docstring).
 
     ``params`` are the tensors that exist before a step and are not activations (parameters and
     buffers); ``state`` keeps whatever ``run`` wants to expose (the last loss, output).
@@ -49,11 +71,119 @@ class Case:
     state: dict = field(default_factory=dict)
 
 
+def perf_counter_seconds(case: Case, repeats: int, device: torch.device) -> float:
+    """Seconds per call of ``repeats`` back-to-back calls, on the host clock.
+
+    With ``repeats == 1`` this is one ``prepare`` then one timed ``run`` (the CPU sample).
+    """
+    if case.prepare is not None:
+        case.prepare()
+    _sync(device)
+    start = time.perf_counter()
+    case.run()
+    for _ in range(repeats - 1):
+        if case.prepare is not None:
+            case.prepare()
+        case.run()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def cuda_event_seconds(case: Case, repeats: int, device: torch.device) -> float:
+    """Seconds per call of ``repeats`` back-to-back calls, between two CUDA events.
+
+    The device is synchronized first, so the window opens on an idle GPU when the host starts
+    issuing the case; ``elapsed_time`` (ms) is read once the end event has completed.
+    """
+    if case.prepare is not None:
+        case.prepare()
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    case.run()
+    for _ in range(repeats - 1):
+        if case.prepare is not None:
+            case.prepare()
+        case.run()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+class Timer(NamedTuple):
+    """A clock for samples: ``name`` as reported, ``seconds_per_call(case, repeats, device)``."""
+
+    name: str
+    seconds_per_call: Callable[[Case, int, torch.device], float]
+
+
+def select_timer(device: torch.device) -> Timer:
+    """CUDA events on a CUDA device, ``time.perf_counter`` on any other.
+
+    CUDA kernels run asynchronously: a host clock around ``synchronize`` adds the host's
+    synchronization latency to every call, which swamps a layer of a few microseconds. Events
+    on the stream time the GPU timeline itself. On the CPU the host clock is the right one.
+    """
+    if device.type == "cuda":
+        return Timer(CUDA_EVENT, cuda_event_seconds)
+    return Timer(PERF_COUNTER, perf_counter_seconds)
+
+
+def repeats_for(seconds_per_call: float, target_s: float = CUDA_SAMPLE_S, max_repeats: int = MAX_REPEATS) -> int:
+    """Fewest calls ``k`` with ``k * seconds_per_call >= target_s``, clamped to ``[1, max_repeats]``.
+
+    A non-positive ``seconds_per_call`` (below the clock's resolution) gives ``max_repeats``.
+    """
+    if seconds_per_call <= 0:
+        return max_repeats
+    return max(1, min(max_repeats, math.ceil(target_s / seconds_per_call * (1 - 1e-9))))
+
+
+def calibrate_repeats(cases: Mapping[str, Case], device: torch.device, timer: Timer, probes: int = 3,
+                      target_s: float = CUDA_SAMPLE_S, max_repeats: int = MAX_REPEATS) -> Dict[str, int]:
+    """Calls per sample of every case, so that a sample lasts at least ``target_s``.
+
+    First ``k`` = :func:`repeats_for` the case's fastest of ``probes`` single calls (the probes
+    run in rounds over the cases, like the timed rounds). A single call also pays the start-up
+    before its first kernel, so a case with ``k > 1`` then times one sample of ``k`` calls and
+    raises ``k`` to :func:`repeats_for` that back-to-back time per call when it is shorter.
+    """
+    fastest = {name: math.inf for name in cases}
+    for _ in range(probes):
+        for name, case in cases.items():
+            fastest[name] = min(fastest[name], timer.seconds_per_call(case, 1, device))
+    repeats = {name: repeats_for(seconds, target_s, max_repeats) for name, seconds in fastest.items()}
+    for name, k in repeats.items():
+        if k > 1:
+            back_to_back = timer.seconds_per_call(cases[name], k, device)
+            repeats[name] = max(k, repeats_for(back_to_back, target_s, max_repeats))
+    return repeats
+
+
+class Times(Dict[str, List[float]]):
+    """Seconds per call of every case, one entry per timed round, with how they were measured.
+
+    ``timer`` is the clock's name (``perf_counter`` or ``cuda_event``); ``repeats[name]`` the
+    calls per timed sample of that case.
+    """
+
+    def __init__(self, names: Iterable[str], timer: str) -> None:
+        super().__init__((name, []) for name in names)
+        self.timer = timer
+        self.repeats: Dict[str, int] = {name: 1 for name in self}
+
+
 def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, device: torch.device,
-                      label: str = "") -> Dict[str, List[float]]:
-    """Seconds per call of every case: ``warmup`` untimed rounds, then ``rounds`` timed rounds."""
+                      label: str = "", repeats: Optional[int] = None) -> Times:
+    """Seconds per call of every case: ``warmup`` untimed rounds, then ``rounds`` timed rounds.
+
+    ``repeats`` is the calls per timed sample of every case; ``None`` means one on the CPU and
+    :func:`calibrate_repeats` on CUDA (after the warm-up). Warm-up samples are single calls.
+    """
     names = list(cases)
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    timer = select_timer(device)
+    times = Times(names, timer.name)
     gc_was_enabled = gc.isenabled()
     try:
         for index in range(warmup + rounds):
@@ -63,17 +193,18 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
             shift = index % len(names) if names else 0
             gc.collect()
             gc.disable()
+            if index == warmup and names:
+                if repeats is not None:
+                    times.repeats = {name: repeats for name in names}
+                elif timer.name == CUDA_EVENT:
+                    times.repeats = calibrate_repeats(cases, device, timer)
+                if label and max(times.repeats.values()) > 1:
+                    log(f"{label}: calls per {timer.name} sample " + ", ".join(
+                        f"{name} {k}" for name, k in times.repeats.items()))
             for name in names[shift:] + names[:shift]:
-                case = cases[name]
-                if case.prepare is not None:
-                    case.prepare()
-                _sync(device)
-                start = time.perf_counter()
-                case.run()
-                _sync(device)
-                elapsed = time.perf_counter() - start
+                seconds = timer.seconds_per_call(cases[name], times.repeats[name] if timed else 1, device)
                 if timed:
-                    times[name].append(elapsed)
+                    times[name].append(seconds)
             gc.enable()
     finally:
         if gc_was_enabled:
@@ -122,6 +253,63 @@ def count_ops(case: Case) -> OpCounter:
     with OpCounter() as counter:
         case.run()
     return counter
+
+
+KERNEL_ACTIVITY = "kernel"
+TRANSFER_ACTIVITIES = ("gpu_memcpy", "gpu_memset")
+
+
+@dataclass
+class KernelLaunches:
+    """Device work of one profiled call: kernel launches (also by kernel name) and memcpy/memset operations."""
+
+    kernels: int = 0
+    transfers: int = 0
+    by_kernel: Counter[str] = field(default_factory=collections.Counter)
+
+
+def kernel_launches(events: Iterable[object]) -> KernelLaunches:
+    """Counts the CUDA kernels among torch profiler events (``prof.events()``).
+
+    An event counts when its ``device_type`` is ``DeviceType.CUDA`` and its kineto
+    ``activity_type`` is ``"kernel"``; ``"gpu_memcpy"``/``"gpu_memset"`` count as transfers;
+    anything else (CPU ops, CUDA runtime calls, annotations, syncs) is ignored. A profile
+    without CUDA events gives zero kernels and zero transfers.
+    """
+    from torch.autograd import DeviceType
+
+    result = KernelLaunches()
+    for event in events:
+        if getattr(event, "device_type", None) != DeviceType.CUDA:
+            continue
+        activity = getattr(event, "activity_type", None)
+        if activity == KERNEL_ACTIVITY:
+            result.kernels += 1
+            result.by_kernel[event.name] += 1
+        elif activity in TRANSFER_ACTIVITIES:
+            result.transfers += 1
+    return result
+
+
+def count_kernel_launches(case: Case, device: torch.device) -> Optional[KernelLaunches]:
+    """Kernels one (untimed) ``case.run()`` launches on the GPU, after ``case.prepare()``.
+
+    Runs under ``torch.profiler.profile`` with CPU and CUDA activities and counts with
+    :func:`kernel_launches`. Returns ``None`` off CUDA, where kernel launches do not exist
+    (:func:`count_ops` gives the dispatched operators), and when this build's profiler cannot
+    trace CUDA (no CUPTI), so a missing measurement never reads as zero kernels.
+    """
+    from torch.profiler import ProfilerActivity, profile, supported_activities
+
+    if device.type != "cuda" or ProfilerActivity.CUDA not in supported_activities():
+        return None
+    if case.prepare is not None:
+        case.prepare()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        case.run()
+        torch.cuda.synchronize(device)
+    return kernel_launches(prof.events())
 
 
 def _storage_key(tensor: Tensor) -> Optional[int]:

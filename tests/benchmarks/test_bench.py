@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from benchmarks import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +30,11 @@ def test_tiny_run_writes_well_formed_json(tmp_path):
 
     assert [row["variant"] for row in results["ops"]] == list(bench.OP_COUNT_VARIANTS)
     assert all(row["ops"] == sum(row["by_op"].values()) > 0 for row in results["ops"])
+    assert all(row["kernels"] is None and row["kernels_vs_bn"] is None for row in results["ops"])   # CPU
+    assert "Dispatched operators only" in done.stdout
+    assert results["machine"]["timer"] == "perf_counter"
+    for row in results["layers"] + results["train"] + results["infer"]:
+        assert row["timer"] == "perf_counter" and row["repeats"] == 1
     for row in results["layers"]:
         assert len(row["times_ms"]) == 2 and row["median_ms"] > 0
         assert row["ratio_to_bn"] > 0 and row["ratio_to_gn"] > 0 and row["copies"] > 0
@@ -36,6 +43,7 @@ def test_tiny_run_writes_well_formed_json(tmp_path):
     assert ((2, 8, 4, 4), bench.SPLIT) not in layer_variants   # one group of B=2: nothing to split
     assert [row["variant"] for row in results["train"]] == list(bench.TRAIN_VARIANTS)
     assert all(row["finite"] and row["saved_mib"] > 0 for row in results["train"])
+    assert all(row["ratio_to_bn"] > 0 and row["ratio_to_gn"] > 0 for row in results["train"])
     folded = next(row for row in results["infer"] if row["variant"] == bench.MABN_FOLDED)
     assert folded["max_rel_diff_to_unfolded"] < 1e-3
 
@@ -57,3 +65,62 @@ def test_targets_cover_every_configured_shape_and_batch():
         assert any(bench._shape_str(shape) in name for name in names)
     assert sum("train step b8" in name for name in names) == 1
     assert sum("train step b2" in name for name in names) == 2   # the target and the goal
+
+
+def test_full_and_quick_configs_time_the_resnet50_batch_2_step():
+    for config, resolution in ((bench.FULL, 224), (bench.QUICK, 112)):
+        assert config.arch == "resnet50" and 2 in config.train_batches and config.resolution == resolution
+
+
+def test_ops_rows_carry_kernel_launches_and_their_ratios(monkeypatch):
+    from benchmarks.harness import KernelLaunches
+
+    counts = dict(zip(bench.OP_COUNT_VARIANTS, (12, 30, 40, 40, 20, 4, 6)))
+    variants = iter(bench.OP_COUNT_VARIANTS)
+    monkeypatch.setattr(bench, "count_kernel_launches",
+                        lambda case, device: KernelLaunches(kernels=counts[next(variants)], transfers=1))
+    rows = {row["variant"]: row for row in bench.bench_ops(bench.TINY, torch.device("cpu"))}
+    assert rows[bench.MABN]["kernels"] == 12 and rows[bench.MABN]["transfers"] == 1
+    assert rows[bench.MABN]["kernels_vs_bn"] == 3.0 and rows[bench.MABN]["kernels_vs_gn"] == 2.0
+    assert rows[bench.BN]["kernels_vs_bn"] == 1.0
+
+
+def _results(device: str) -> dict:
+    """A minimal results dict as ``run_benchmark`` returns it, on ``device`` ("cpu" or "cuda")."""
+    cuda = device == "cuda"
+    timing = dict(timer="cuda_event" if cuda else "perf_counter", repeats=40 if cuda else 1, iqr_pct=1.0)
+    machine = dict(torch="2", device=device, threads=1, cpu_model="cpu", timer=timing["timer"])
+    if cuda:
+        machine["gpu"] = "NVIDIA H100 80GB HBM3"
+    kernels = {bench.MABN: 9, bench.BN: 3, bench.GN: 6}
+    ops = [dict(variant=v, shape=[2, 8, 4, 4], ops=10, views=2, by_op={}, kernels=kernels[v] if cuda else None,
+                transfers=0 if cuda else None, by_kernel={} if cuda else None,
+                kernels_vs_bn=kernels[v] / 3 if cuda else None, kernels_vs_gn=kernels[v] / 6 if cuda else None)
+           for v in kernels]
+    layers = [dict(shape=[2, 8, 4, 4], variant=v, median_ms=0.02, ratio_to_bn=1.5, ratio_to_gn=0.75, copies=4.0,
+                   **timing) for v in (bench.BN, bench.MABN, bench.GN)]
+    train = [dict(arch="resnet50", batch=2, resolution=224, variant=v, median_ms=30.0, ratio_to_bn=1.04,
+                  ratio_to_gn=0.61, saved_mib=100.0, saved_ratio_to_bn=1.0, finite=True, **dict(timing, repeats=1))
+             for v in bench.TRAIN_VARIANTS]
+    return dict(machine=machine, config=dict(name="full", layer_rounds=30, train_rounds=10, infer_rounds=15),
+                notes=[], ops=ops, layers=layers, train=train, infer=[], targets=[], elapsed_s=1.0)
+
+
+def test_markdown_on_cuda_shows_gpu_kernel_launches_and_event_timing():
+    text = bench.format_markdown(_results("cuda"))
+    assert "cuda (NVIDIA H100 80GB HBM3)" in text and "Timed with CUDA events" in text
+    assert "| ops | of which views | kernels | kernels vs BN | kernels vs GN | memcpy/memset |" in text
+    assert "| MABN | 2x8x4x4 | 10 | 2 | 9 | 3.00x | 1.50x | 0 |" in text
+    assert "(30 rounds, CUDA events, 40 calls per sample)" in text
+    assert "| 2x8x4x4 | MABN | 0.020 | 1.50x | 0.75x | 4.0 | 1% | 40 |" in text
+    assert "| batch | variant | median ms | vs BN | vs GN |" in text
+    assert "| 2 | MABN+CenConv | 30.0 | 1.04x | 0.61x |" in text
+    assert "Dispatched operators only" not in text
+
+
+def test_markdown_on_cpu_reports_dispatched_operators_only():
+    text = bench.format_markdown(_results("cpu"))
+    assert "Dispatched operators only: kernel launches exist only on CUDA" in text
+    assert "kernels vs BN" not in text and "CUDA events" not in text
+    assert "| shape | variant | median ms | vs BN | vs GN | copies | IQR |\n" in text   # no k column
+    assert "| 2 | MABN+CenConv | 30.0 | 1.04x | 0.61x |" in text

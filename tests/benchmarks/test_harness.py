@@ -1,9 +1,15 @@
 """The measuring tools count and time what they claim to."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 
-from benchmarks.harness import Case, OpCounter, compiled_kernel_count, count_ops, interleaved_times, saved_bytes, summarize
+from benchmarks.harness import (CUDA_EVENT, MAX_REPEATS, PERF_COUNTER, Case, OpCounter, Timer, calibrate_repeats,
+                                compiled_kernel_count, count_kernel_launches, count_ops, cuda_event_seconds,
+                                interleaved_times, kernel_launches, perf_counter_seconds, repeats_for, saved_bytes,
+                                select_timer, summarize)
 
 
 def test_interleaved_rounds_rotate_and_skip_warmup():
@@ -19,6 +25,66 @@ def test_prepare_runs_before_every_call():
     case = Case(run=lambda: order.append("run"), prepare=lambda: order.append("prepare"))
     interleaved_times({"only": case}, rounds=2, warmup=1, device=torch.device("cpu"))
     assert order == ["prepare", "run"] * 3
+
+
+def test_cpu_times_one_call_per_sample_on_perf_counter():
+    times = interleaved_times({"a": Case(run=lambda: None)}, rounds=2, warmup=0, device=torch.device("cpu"))
+    assert times.timer == PERF_COUNTER and times.repeats == {"a": 1} and len(times["a"]) == 2
+
+
+def test_explicit_repeats_run_back_to_back_with_prepare_before_each_call():
+    calls = []
+    cases = {name: Case(run=lambda name=name: calls.append(name), prepare=lambda name=name: calls.append(name.upper()))
+             for name in "ab"}
+    times = interleaved_times(cases, rounds=1, warmup=1, device=torch.device("cpu"), repeats=3)
+    # warm-up: one call each; the timed round (rotated by one) runs each case 3 times back to back
+    assert "".join(calls) == "AaBb" + "BbBbBb" + "AaAaAa"
+    assert times.repeats == {"a": 3, "b": 3}
+    assert {name: len(seconds) for name, seconds in times.items()} == {"a": 1, "b": 1}
+
+
+def test_select_timer_by_device_type():
+    assert select_timer(torch.device("cpu")) == Timer(PERF_COUNTER, perf_counter_seconds)
+    assert select_timer(torch.device("cuda")) == Timer(CUDA_EVENT, cuda_event_seconds)
+    assert select_timer(torch.device("cuda", 1)).name == CUDA_EVENT
+
+
+def test_perf_counter_divides_a_sample_by_its_calls(monkeypatch):
+    from benchmarks import harness
+
+    ticks = iter([10.0, 10.8])
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(ticks))
+    calls = []
+    assert perf_counter_seconds(Case(run=lambda: calls.append(1)), 4, torch.device("cpu")) == pytest.approx(0.2)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("seconds_per_call, target_s, max_repeats, expected", [
+    (1e-5, 1e-3, 256, 100),     # exactly 1 ms: no extra call from rounding
+    (3e-4, 1e-3, 256, 4),       # 3 calls are 0.9 ms: one more
+    (2e-3, 1e-3, 256, 1),       # one call already lasts 1 ms
+    (1e-7, 1e-3, 256, 256),     # capped
+    (0.0, 1e-3, 64, 64),        # below the clock's resolution: the cap
+])
+def test_repeats_for_reaches_the_target_sample_length(seconds_per_call, target_s, max_repeats, expected):
+    assert repeats_for(seconds_per_call, target_s, max_repeats) == expected
+
+
+def test_calibrate_repeats_sizes_each_case_from_its_fastest_probe_then_back_to_back():
+    seen = []
+    # seconds per call: three single-call probes, then (k > 1 only) one sample of k calls
+    per_call = {"fast": [3e-5, 2e-5, 2.5e-5, 1e-5], "slow": [6e-4, 4e-4, 5e-4, 4.5e-4], "long": [3e-3] * 3}
+
+    def fake(case, repeats, device):
+        seen.append((case.state["name"], repeats))
+        return per_call[case.state["name"]].pop(0)
+
+    cases = {name: Case(run=lambda: None, state={"name": name}) for name in per_call}
+    repeats = calibrate_repeats(cases, torch.device("cpu"), Timer("fake", fake), probes=3, target_s=1e-3)
+    # fast: 50 calls from its 20 us probe, then 100 from 10 us back to back; slow keeps 3 (never lowered)
+    assert repeats == {"fast": 100, "slow": 3, "long": 1}
+    assert seen == [(name, 1) for name in per_call] * 3 + [("fast", 50), ("slow", 3)]
+    assert repeats_for(1e-9) == MAX_REPEATS
 
 
 def test_summarize_median_and_spread():
@@ -43,6 +109,36 @@ def test_op_counter_sees_the_backward():
         (w * 2).sum().backward()
     assert forward_only.total == 2
     assert both.by_op["aten.mul"] >= 2   # the forward product and its gradient
+
+
+def test_kernel_launches_of_a_profile_without_cuda_events_is_zero():
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(8, 8, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (x * 2).sum().backward()
+    assert len(prof.events()) > 0
+    launches = kernel_launches(prof.events())
+    assert launches.kernels == 0 and launches.transfers == 0 and not launches.by_kernel
+
+
+def test_kernel_launches_counts_cuda_kernels_and_transfers_only():
+    def event(device_type, activity, name):
+        return SimpleNamespace(device_type=device_type, activity_type=activity, name=name)
+
+    events = [event(DeviceType.CUDA, "kernel", "k1"), event(DeviceType.CUDA, "kernel", "k1"),
+              event(DeviceType.CUDA, "kernel", "k2"), event(DeviceType.CUDA, "gpu_memcpy", "Memcpy DtoH"),
+              event(DeviceType.CUDA, "gpu_memset", "Memset (Device)"),
+              event(DeviceType.CUDA, "gpu_user_annotation", "region"),
+              event(DeviceType.CPU, "cuda_runtime", "cudaLaunchKernel"), event(DeviceType.CPU, "cpu_op", "aten::mul")]
+    launches = kernel_launches(events)
+    assert launches.kernels == 3 and launches.transfers == 2 and dict(launches.by_kernel) == {"k1": 2, "k2": 1}
+
+
+def test_count_kernel_launches_is_none_off_cuda():
+    calls = []
+    assert count_kernel_launches(Case(run=lambda: calls.append(1)), torch.device("cpu")) is None
+    assert calls == []   # nothing runs: kernel launches exist only on CUDA
 
 
 def test_saved_bytes_excludes_parameters():
