@@ -33,8 +33,15 @@ autograd gradient of the forward.
 
 The schedule is tensor logic on buffers (no ``.item()``): a training step never synchronizes
 with the device, and ``torch.compile`` traces it once. With one group the step runs BN's own
-inference kernels (forward and input gradient, with per-channel variance ``(chi + eps) / r**2``
-and mean 0) and BN's backward reductions; about 43 dispatched ops per forward + backward.
+inference kernels (forward, and one backward call for the input gradient and the reductions,
+with per-channel variance ``(chi + eps) / r**2`` and mean 0); 44 dispatched ops per forward +
+backward. The kernels get arguments that both their CPU and CUDA implementations accept
+(``save_mean``/``save_invstd`` given, a weight wherever a weight gradient is requested, float32
+parameters next to float16/bfloat16 input).
+
+Loss scaling: ``grad_scale`` (set by :func:`mabn.set_grad_scale` before the forward; None for 1)
+is the factor the incoming gradients carry. ``psi`` enters the window divided by it, so the
+window stays valid when a GradScaler changes its scale (:mod:`mabn.loss_scale`).
 
 Non-finite statistics are dropped per channel: where the forward's ``chi`` (averaged over the
 forward's groups) is NaN or infinite (a NaN pixel, an input whose square overflows), that
