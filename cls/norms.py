@@ -8,7 +8,8 @@ bn          ``get_norm("BN", C)`` when ``b == n``, else ``get_norm("BN", C, B=b)
 brn         the same with ``"BRN"`` (Batch Renormalization per group), with the schedule
             ``warmup_steps, r_ramp_end, d_ramp_end, r_max, d_max`` from ``--brn_*``
 mabn        ``get_norm("MABN", C, B=b, real_B=ma_batch, warmup_iters=..., split_batch=True)``
-            (and ``r_warmup_iters=--mabn_r_warmup`` when given) after ``CenConv2d``
+            (and ``r_warmup_iters=--mabn_r_warmup`` when given, ``first_batch_running_var`` from
+            ``--mabn_first_batch_var``) after ``CenConv2d``
             convolutions (weight centralization)
 syncbn      ``get_norm("SyncBN", C)``: statistics of the global batch over all ranks
 gn          ``get_norm("GN", C, num_groups=gcd(C, gn_groups))``
@@ -60,6 +61,7 @@ def norm_choice(norm: str, per_gpu_batch: int, norm_batch: Optional[int] = None,
                 ma_batch: int = layer_default(mabn.MABN2d, "real_B"),
                 warmup_iters: int = layer_default(mabn.MABN2d, "warmup_iters"), gn_groups: int = 32, *,
                 mabn_r_warmup: Optional[int] = None,
+                mabn_first_batch_var: bool = False,
                 brn_warmup: int = layer_default(_BRN, "warmup_steps"),
                 brn_r_ramp_end: int = layer_default(_BRN, "r_ramp_end"),
                 brn_d_ramp_end: int = layer_default(_BRN, "d_ramp_end"),
@@ -82,6 +84,8 @@ def norm_choice(norm: str, per_gpu_batch: int, norm_batch: Optional[int] = None,
         kwargs = {"B": b, "real_B": ma_batch, "warmup_iters": warmup_iters, "split_batch": True}
         if mabn_r_warmup is not None:
             kwargs["r_warmup_iters"] = mabn_r_warmup
+        if mabn_first_batch_var:
+            kwargs["first_batch_running_var"] = True
         return NormChoice(key, name, kwargs, conv=mabn.CenConv2d)
     return NormChoice(key, name, {}, gn_groups=gn_groups)
 
@@ -89,6 +93,7 @@ def norm_choice(norm: str, per_gpu_batch: int, norm_batch: Optional[int] = None,
 def norm_choice_from_args(args: argparse.Namespace) -> NormChoice:
     """:func:`norm_choice` for resolved trainer flags (``cls.config.resolve``)."""
     return norm_choice(args.norm, args.per_gpu_batch, args.norm_batch, args.ma_batch, args.warmup_iters,
-                       args.gn_groups, mabn_r_warmup=args.mabn_r_warmup, brn_warmup=args.brn_warmup,
+                       args.gn_groups, mabn_r_warmup=args.mabn_r_warmup,
+                       mabn_first_batch_var=args.mabn_first_batch_var, brn_warmup=args.brn_warmup,
                        brn_r_ramp_end=args.brn_r_ramp_end, brn_d_ramp_end=args.brn_d_ramp_end,
                        brn_r_max=args.brn_r_max, brn_d_max=args.brn_d_max)

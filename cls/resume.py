@@ -41,9 +41,9 @@ APPLIED_FLAGS = frozenset({
     "data_cache", "gpu_num",
 })
 REFUSED_FLAGS = frozenset({
-    "batch_size", "seed", "arch", "norm", "norm_batch", "ma_batch", "warmup_iters", "mabn_r_warmup", "brn_warmup",
-    "brn_r_ramp_end", "brn_d_ramp_end", "brn_r_max", "brn_d_max", "gn_groups", "num_classes",
-    "image_size", "dataset", "data_seed", "synthetic_classes", "synthetic_train_per_class",
+    "batch_size", "seed", "arch", "norm", "norm_batch", "ma_batch", "warmup_iters", "mabn_r_warmup",
+    "mabn_first_batch_var", "brn_warmup", "brn_r_ramp_end", "brn_d_ramp_end", "brn_r_max", "brn_d_max", "gn_groups",
+    "num_classes", "image_size", "dataset", "data_seed", "synthetic_classes", "synthetic_train_per_class",
     "synthetic_val_per_class", "synthetic_image_size",
 })
 MODEL_FLAGS = frozenset({"arch", "norm", "norm_batch", "ma_batch", "gn_groups", "num_classes"})
@@ -56,7 +56,7 @@ _OPTIMIZER_FLAGS = ("learning_rate", "lr_milestones", "momentum", "weight_decay"
 def _relevant(name: str, flags: Mapping[str, Any], test_only: bool) -> bool:
     """Whether a difference in ``name`` matters for a model/run with these ``flags``."""
     norm = flags.get("norm")
-    if name in ("ma_batch", "warmup_iters", "mabn_r_warmup"):
+    if name in ("ma_batch", "warmup_iters", "mabn_r_warmup", "mabn_first_batch_var"):
         return norm == "mabn" and (name == "ma_batch" or not test_only)
     if name.startswith("brn_"):
         return norm == "brn" and not test_only

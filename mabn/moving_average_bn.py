@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -128,9 +128,10 @@ def _per_sample(per_group: Tensor, batch: int) -> Tensor:
 def _advance_forward_statistics(x: Tensor, zeros: Tensor, running_var: Tensor,
                                 num_batches_tracked: Tensor, groups_seen: Tensor, skipped_updates: Tensor,
                                 chi_window: Tensor, groups: int, warmup_iters: int, r_warmup_iters: int, eps: float,
-                                momentum: float, r_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                ema_weight: Union[float, Tensor], r_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One training forward's statistics; advances the buffers in place, except for channels
-    whose statistic is not finite (counted in ``skipped_updates``).
+    whose statistic is not finite (counted in ``skipped_updates``). ``ema_weight`` is the weight of
+    the new value in the ``running_var`` EMA (``1 - momentum``, or a 0-dim tensor).
 
     Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
     denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``,
@@ -154,7 +155,7 @@ def _advance_forward_statistics(x: Tensor, zeros: Tensor, running_var: Tensor,
     target = chi_used if groups == 1 else chi_used.mean(dim=0)
     finite = target < math.inf  # one kernel; target >= 0 unless NaN
     # .to(): no-ops unless the buffers are in float16/bfloat16 (a model converted as a whole)
-    torch.where(finite, torch.lerp(running_var, target.to(running_var.dtype), 1.0 - momentum), running_var,
+    torch.where(finite, torch.lerp(running_var, target.to(running_var.dtype), ema_weight), running_var,
                 out=running_var)
     torch.where(finite, new_window.to(chi_window.dtype), chi_window, out=chi_window)
     torch._foreach_add_([num_batches_tracked, groups_seen, skipped_updates], [1, groups, x.shape[1]])
@@ -260,6 +261,8 @@ class _MovingAverageBatchNorm(_BatchNorm):
             of normalizing the whole batch as one group (detection protocol).
         r_max: bound of the renormalization factor ``r`` once it is enabled.
         r_warmup_iters: ``r = 1`` for ``t <= r_warmup_iters``; default ``max(1000, warmup_iters)``.
+        first_batch_running_var: ``running_var`` starts from the first training forward's
+            statistic instead of 1 (the published ImageNet layer's rule).
     """
 
     _expected_dims: Tuple[int, ...] = ()
@@ -276,6 +279,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
         split_batch: bool = False,
         r_max: float = 5.0,
         r_warmup_iters: Optional[int] = None,
+        first_batch_running_var: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -296,6 +300,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
         self.split_batch = split_batch
         self.r_max = float(r_max)
         self.r_warmup_iters = max(1000, warmup_iters) if r_warmup_iters is None else r_warmup_iters
+        self.first_batch_running_var = first_batch_running_var
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("groups_seen", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("buffer_x2", torch.zeros(self.window, num_features, **factory))
@@ -316,7 +321,8 @@ class _MovingAverageBatchNorm(_BatchNorm):
         return (f"{self.num_features}, B={self.B}, real_B={self.real_B}, eps={self.eps}, "
                 f"momentum={self.momentum}, warmup_iters={self.warmup_iters}, "
                 f"split_batch={self.split_batch}, r_max={self.r_max}, "
-                f"r_warmup_iters={self.r_warmup_iters}")
+                f"r_warmup_iters={self.r_warmup_iters}"
+                + (", first_batch_running_var=True" if self.first_batch_running_var else ""))
 
     def _check_input_dim(self, input: Tensor) -> None:
         name = type(self).__name__
@@ -336,9 +342,18 @@ class _MovingAverageBatchNorm(_BatchNorm):
         zeros = self.running_mean.to(statistics_dtype(input.dtype))
         var, u, chi_plus_eps, use_own = _advance_forward_statistics(
             input, zeros, self.running_var, self.num_batches_tracked, self.groups_seen,
-            self.skipped_updates, self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps, self.momentum, self.r_max)
+            self.skipped_updates, self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps,
+            self._ema_weight(), self.r_max)
         return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
                                    use_own, self.buffer_gz, self.grad_scale)
+
+    def _ema_weight(self) -> Union[float, Tensor]:
+        """Weight of the new statistic in the ``running_var`` EMA: ``1 - momentum``, and 1 at the
+        first training forward when ``first_batch_running_var`` (on the device: no host sync)."""
+        if not self.first_batch_running_var:
+            return 1.0 - self.momentum
+        first = self.num_batches_tracked == 0
+        return torch.where(first, self.running_var.new_ones(()), 1.0 - self.momentum)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

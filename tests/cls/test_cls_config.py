@@ -383,3 +383,14 @@ def test_warning_goes_to_stderr_on_rank_0_only(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     resolve(parse_args(argv), 1)
     assert capsys.readouterr().err == ""
+
+
+def test_the_paper_config_builds_the_published_imagenet_layer():
+    """configs/cls/mabn_b2.yaml: own statistics at iteration 1 only, r from iteration 100 and
+    running_var from the first batch, on 8 processes of 32 images."""
+    from cls.norms import norm_choice_from_args
+
+    args = resolve(parse_args(["--config", "configs/cls/mabn_b2.yaml", "--save", "unused"]), world_size=8)
+    layer = norm_choice_from_args(args)(16)
+    assert (layer.B, layer.real_B, layer.split_batch) == (2, 32, True)
+    assert (layer.warmup_iters, layer.r_warmup_iters, layer.first_batch_running_var) == (1, 99, True)
