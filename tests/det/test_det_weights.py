@@ -137,11 +137,12 @@ def test_detection_checkpoint_round_trip_and_other_num_classes(tmp_path):
 
 
 @pytest.mark.parametrize("weight, message", [
-    ("catalog://ImageNetPretrained/MSRA/R-50", "only local files"),
+    ("catalog://ImageNetPretrained/MSRA/R-50", "expected the file .*R-50.pkl .*MABN_WEIGHTS_DIR"),
     ("https://example.com/R-50.pth", "only local files"),
     ("/no/such/file.pth", "no such file"),
 ])
-def test_remote_or_missing_weights_are_one_line_errors(weight, message):
+def test_remote_or_missing_weights_are_one_line_errors(weight, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("MABN_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(UserError, match=message) as info:
         load_weights(build_detection_model(tiny_config("bn")), weight)
     assert "\n" not in str(info.value)
@@ -149,9 +150,9 @@ def test_remote_or_missing_weights_are_one_line_errors(weight, message):
 
 def test_unreadable_or_foreign_files_are_errors(tmp_path):
     model = build_detection_model(tiny_config("bn"))
-    (tmp_path / "R-50.pkl").write_bytes(b"\x80\x02}q\x00.garbage")
+    (tmp_path / "R-50.pth").write_bytes(b"\x80\x02}q\x00.garbage")
     with pytest.raises(UserError, match="weights_only=True"):
-        load_weights(model, str(tmp_path / "R-50.pkl"))
+        load_weights(model, str(tmp_path / "R-50.pth"))
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="neither a detection checkpoint nor a ResNet"):
         load_weights(model, str(tmp_path / "other.pth"))
