@@ -3,7 +3,7 @@ with, plus the tools to put them into models and fold them away for inference.""
 from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mabn.cen_conv import CenConv1d, CenConv2d, CenConv3d, centralize_weight
 from mabn.convert import (NormAct, NotConvertibleError, convert_conv, convert_norm, convert_sync_batchnorm,
-                          is_batch_norm, revert_sync_batchnorm, skipped_updates)
+                          is_batch_norm, is_mabn, mabn_running_var, revert_sync_batchnorm, skipped_updates)
 from mabn.fold import fold_conv_norm, fold_norms
 from mabn.factory import NORM_NAMES, get_norm, norm_class, resolve_norm_name
 from mabn.loss_scale import GradScaleSync, set_grad_scale
@@ -21,6 +21,6 @@ __all__ = [
     "MABN1d", "MABN2d", "MABN3d",
     "NORM_NAMES", "NormAct", "NotConvertibleError", "SyncBatchNorm",
     "convert_conv", "convert_norm", "convert_sync_batchnorm", "fold_conv_norm", "fold_norms",
-    "GradScaleSync", "get_norm", "is_batch_norm",
+    "GradScaleSync", "get_norm", "is_batch_norm", "is_mabn", "mabn_running_var",
     "norm_class", "resolve_norm_name", "revert_sync_batchnorm", "set_grad_scale", "skipped_updates",
 ]

@@ -32,7 +32,7 @@ from mabn.moving_average_bn import _MovingAverageBatchNorm
 from mabn.sync_batchnorm import SyncBatchNorm
 
 __all__ = ["NormAct", "NotConvertibleError", "convert_conv", "convert_norm", "convert_sync_batchnorm", "is_batch_norm",
-           "revert_sync_batchnorm", "skipped_updates"]
+           "is_mabn", "mabn_running_var", "revert_sync_batchnorm", "skipped_updates"]
 
 _SPATIAL_DIM = {cls: dim for table in NORM_CLASSES_BY_DIM.values() for dim, cls in table.items()}
 
@@ -167,11 +167,23 @@ def _modules_after_each_norm(module: nn.Module, match: Callable[[nn.Module], boo
     return after
 
 
+def is_mabn(module: nn.Module) -> bool:
+    """Whether ``module`` is a MABN layer (``MABN1d``, ``MABN2d``, ``MABN3d`` or a subclass)."""
+    return isinstance(module, _MovingAverageBatchNorm)
+
+
+def mabn_running_var(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """The MABN ``running_var`` that BN statistics imply: the second moment ``E[x^2] = var +
+    mean^2`` per channel, as a (C,) tensor (published (1, C, 1, 1) shapes are flattened). MABN
+    keeps ``running_mean`` at zero and normalizes by this value."""
+    return running_var.reshape(-1) + running_mean.reshape(-1).square()
+
+
 def _second_moment(norm: nn.Module) -> torch.Tensor:
     """E[x^2] per channel implied by a BN-like layer's statistics (MABN stores it directly)."""
-    if isinstance(norm, _MovingAverageBatchNorm):
+    if is_mabn(norm):
         return norm.running_var
-    return norm.running_var + norm.running_mean.square()
+    return mabn_running_var(norm.running_mean, norm.running_var)
 
 
 def _spatial_dim(norm: nn.Module) -> int:
@@ -220,7 +232,7 @@ def convert_norm(module: nn.Module, norm: NormSpec, *, source: SourceSpec = is_b
             options.setdefault("eps", old.eps)
         if target_name in ("BN", "BRN", "MABN", "IN"):
             options.setdefault("dim", _spatial_dim(old))
-        carries_counters = target_name in ("BN", "SyncBN") and not isinstance(old, _MovingAverageBatchNorm)
+        carries_counters = target_name in ("BN", "SyncBN") and not is_mabn(old)
         if carries_counters and isinstance(old, _BatchNorm):
             options.setdefault("momentum", old.momentum)
         if target_name in ("BN", "SyncBN", "BRN", "IN") and old.weight is None:
@@ -239,7 +251,7 @@ def convert_norm(module: nn.Module, norm: NormSpec, *, source: SourceSpec = is_b
                 if old.bias is not None:
                     new.bias.copy_(old.bias)
             if getattr(new, "running_var", None) is not None and getattr(old, "running_var", None) is not None:
-                if isinstance(new, _MovingAverageBatchNorm):
+                if is_mabn(new):
                     new.running_var.copy_(_second_moment(old))
                 else:
                     new.running_mean.copy_(old.running_mean)

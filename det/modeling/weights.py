@@ -42,7 +42,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from mabn.moving_average_bn import _MovingAverageBatchNorm
+from mabn.convert import is_mabn, mabn_running_var
 from mabn.utils.data import default_cache_dir
 from mabn.utils.errors import UserError
 
@@ -424,13 +424,13 @@ def _classify(container: str, state: Mapping[str, torch.Tensor], path: str) -> s
 def _bn_to_mabn(state: "OrderedDict[str, torch.Tensor]", model: nn.Module) -> None:
     """BN statistics (mean, variance, step counter) into MABN ones (mean 0, second moment)."""
     for name, module in model.named_modules():
-        if not isinstance(module, _MovingAverageBatchNorm):
+        if not is_mabn(module):
             continue
         prefix = name + "."
         mean, var = state.get(prefix + "running_mean"), state.get(prefix + "running_var")
         if mean is None or var is None or prefix + "buffer_x2" in state or prefix + "iters" in state:
             continue
-        state[prefix + "running_var"] = var.reshape(-1) + mean.reshape(-1).square()
+        state[prefix + "running_var"] = mabn_running_var(mean, var)
         state[prefix + "running_mean"] = torch.zeros_like(mean.reshape(-1))
         state.pop(prefix + "num_batches_tracked", None)
 

@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mabn import (BatchRenorm2d, CenConv2d, GhostBatchNorm2d, MABN1d, MABN2d, NormAct, NotConvertibleError,
-                  SyncBatchNorm, convert_conv, convert_norm, convert_sync_batchnorm)
+                  SyncBatchNorm, convert_conv, convert_norm, convert_sync_batchnorm, is_mabn, mabn_running_var)
 
 
 def _randomize_bn(model, seed=0):
@@ -266,3 +266,16 @@ def test_skipped_updates_sums_every_counter():
     assert total.shape == () and total.dtype == torch.long and total.item() == 5
     total += 1  # a new tensor, not a view of a buffer
     assert net[1].skipped_updates.item() == 2
+
+
+def test_bn_statistics_into_mabn_through_the_public_helper():
+    """mabn_running_var is the second moment that convert_norm gives MABN; is_mabn finds MABN."""
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 0.25, 4.0]))
+    model = convert_norm(torch.nn.Sequential(bn), "MABN")
+    assert is_mabn(model[0]) and not is_mabn(bn)
+    expected = torch.tensor([1.25, 1.25, 8.0])
+    assert torch.equal(model[0].running_var, expected)
+    assert torch.equal(mabn_running_var(bn.running_mean.view(1, 3, 1, 1), bn.running_var), expected)

@@ -12,7 +12,6 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import mabn
 from mabn.fold import fold_conv_norm, fold_norms
-from mabn.moving_average_bn import _MovingAverageBatchNorm
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -35,7 +34,7 @@ def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
             if m.running_var is not None:
                 m.running_var.copy_(rand(0.5, 2.0))
-                if not isinstance(m, _MovingAverageBatchNorm):  # MABN keeps running_mean at zero
+                if not mabn.is_mabn(m):  # MABN keeps running_mean at zero
                     m.running_mean.copy_(rand(-0.3, 0.3))
             if m.weight is not None:
                 m.weight.copy_(rand(0.5, 1.5))
