@@ -18,6 +18,7 @@ it; nothing is silently simplified.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
@@ -91,16 +92,20 @@ class NotConvertibleError(ValueError):
     """A BN-like layer does more than normalize, in a way no new norm layer can take over."""
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_module_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has its own forward, forward-pre or backward hooks (with or without
+    kwargs): hooks that a layer replacing or absorbing it would not run."""
     return bool(module._forward_hooks or module._forward_pre_hooks
-                or module._backward_hooks or module._backward_pre_hooks)
+                or module._backward_hooks or module._backward_pre_hooks
+                or getattr(module, "_forward_hooks_with_kwargs", None)
+                or getattr(module, "_forward_pre_hooks_with_kwargs", None))
 
 
 def _modules_after_norm(layer: nn.Module) -> Dict[str, nn.Module]:
     """What a BN-like ``layer`` applies after normalizing: ``{}`` for a plain norm, its ``drop``
     and ``act`` children for a norm-activation layer. Raises :class:`NotConvertibleError`
     saying why for anything else."""
-    if _has_hooks(layer):
+    if has_module_hooks(layer):
         raise NotConvertibleError("it has hooks, which a new layer would not run")
     children = dict(layer.named_children())
     if not children:
@@ -227,41 +232,74 @@ def convert_norm(module: nn.Module, norm: NormSpec, *, source: SourceSpec = is_b
     def build_norm(old: nn.Module) -> nn.Module:
         if target_name == "":
             return nn.Identity()
-        options = dict(kwargs)
-        if target_name is not None:
-            options.setdefault("eps", old.eps)
-        if target_name in ("BN", "BRN", "MABN", "IN"):
-            options.setdefault("dim", _spatial_dim(old))
-        carries_counters = target_name in ("BN", "SyncBN") and not is_mabn(old)
-        if carries_counters and isinstance(old, _BatchNorm):
-            options.setdefault("momentum", old.momentum)
-        if target_name in ("BN", "SyncBN", "BRN", "IN") and old.weight is None:
-            options.setdefault("affine", False)
-        if target_name in ("BN", "SyncBN") and old.weight is not None and old.bias is None:
-            options.setdefault("bias", False)
+        rules = _TARGET_RULES.get(target_name, _TargetRules())
         num_features = getattr(old, "num_features", None) or old.weight.shape[0]
-        new = get_norm(norm, num_features, **options)
+        new = get_norm(norm, num_features, **_constructor_options(old, target_name, rules, kwargs))
         reference = old.weight if old.weight is not None else old.running_mean
         new = new.to(device=reference.device, dtype=reference.dtype)
-        with torch.no_grad():
-            if isinstance(old.weight, nn.Parameter) and isinstance(getattr(new, "weight", None), nn.Parameter):
-                new.weight, new.bias = old.weight, old.bias
-            elif old.weight is not None and getattr(new, "weight", None) is not None:
-                new.weight.copy_(old.weight)
-                if old.bias is not None:
-                    new.bias.copy_(old.bias)
-            if getattr(new, "running_var", None) is not None and getattr(old, "running_var", None) is not None:
-                if is_mabn(new):
-                    new.running_var.copy_(_second_moment(old))
-                else:
-                    new.running_mean.copy_(old.running_mean)
-                    new.running_var.copy_(old.running_var)
-            if carries_counters and getattr(old, "num_batches_tracked", None) is not None:
-                new.num_batches_tracked.copy_(old.num_batches_tracked)
+        _carry_state(old, new, rules.carries_counters and not is_mabn(old))
         new.train(old.training)
         return new
 
     return _replace(module, match, build)
+
+
+@dataclass(frozen=True)
+class _TargetRules:
+    """What a conversion target takes over from the layer it replaces, besides eps and the affine
+    parameters: its 1d/2d/3d ``dim``, ``momentum`` and ``num_batches_tracked`` (BN's conventions),
+    ``affine=False``, ``bias=False``."""
+
+    dim: bool = False
+    carries_counters: bool = False
+    affine_flag: bool = False
+    bias_flag: bool = False
+
+
+_TARGET_RULES: Dict[str, _TargetRules] = {
+    "BN": _TargetRules(dim=True, carries_counters=True, affine_flag=True, bias_flag=True),
+    "SyncBN": _TargetRules(carries_counters=True, affine_flag=True, bias_flag=True),
+    "BRN": _TargetRules(dim=True, affine_flag=True),
+    "MABN": _TargetRules(dim=True),
+    "IN": _TargetRules(dim=True, affine_flag=True),
+}
+
+
+def _constructor_options(old: nn.Module, target_name: Optional[str], rules: _TargetRules,
+                         kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The new layer's keyword arguments: the caller's, then what ``rules`` take from ``old``."""
+    options = dict(kwargs)
+    if target_name is not None:
+        options.setdefault("eps", old.eps)
+    if rules.dim:
+        options.setdefault("dim", _spatial_dim(old))
+    if rules.carries_counters and not is_mabn(old) and isinstance(old, _BatchNorm):
+        options.setdefault("momentum", old.momentum)
+    if rules.affine_flag and old.weight is None:
+        options.setdefault("affine", False)
+    if rules.bias_flag and old.weight is not None and old.bias is None:
+        options.setdefault("bias", False)
+    return options
+
+
+@torch.no_grad()
+def _carry_state(old: nn.Module, new: nn.Module, carries_counters: bool) -> None:
+    """The affine Parameters (the same objects where both are Parameters) and the statistics
+    (the second moment into MABN), and ``num_batches_tracked`` when ``carries_counters``."""
+    if isinstance(old.weight, nn.Parameter) and isinstance(getattr(new, "weight", None), nn.Parameter):
+        new.weight, new.bias = old.weight, old.bias
+    elif old.weight is not None and getattr(new, "weight", None) is not None:
+        new.weight.copy_(old.weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    if getattr(new, "running_var", None) is not None and getattr(old, "running_var", None) is not None:
+        if is_mabn(new):
+            new.running_var.copy_(_second_moment(old))
+        else:
+            new.running_mean.copy_(old.running_mean)
+            new.running_var.copy_(old.running_var)
+    if carries_counters and getattr(old, "num_batches_tracked", None) is not None:
+        new.num_batches_tracked.copy_(old.num_batches_tracked)
 
 
 def _is_torch_batch_norm(module: nn.Module) -> bool:

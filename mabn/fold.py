@@ -48,7 +48,7 @@ from torch.nn.parameter import is_lazy
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mabn.cen_conv import CONV_TYPES, _CenConvMixin, centralize_weight, plain_conv_class
-from mabn.convert import NormAct, NotConvertibleError, _modules_after_norm
+from mabn.convert import NormAct, NotConvertibleError, _modules_after_norm, has_module_hooks
 
 __all__ = ["fold_norms", "fold_conv_norm"]
 
@@ -73,14 +73,8 @@ def _effective_conv_weight(conv: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or getattr(module, "_forward_hooks_with_kwargs", None)
-                or getattr(module, "_forward_pre_hooks_with_kwargs", None))
-
-
 def _is_foldable_conv(module: nn.Module) -> bool:
-    if not isinstance(module, CONV_TYPES) or _has_hooks(module):
+    if not isinstance(module, CONV_TYPES) or has_module_hooks(module):
         return False
     if any(is_lazy(p) for p in module.parameters(recurse=False)):
         return False
@@ -91,7 +85,7 @@ def _modules_after_foldable_norm(module: nn.Module) -> Optional[Dict[str, nn.Mod
     """For a BN-like layer that, in eval mode, is an affine map given by its running statistics
     (then, for a norm-activation layer, its ``drop`` and ``act``): those modules after it
     (``{}`` for a plain norm). None for anything else."""
-    if not isinstance(module, _NORM_TYPES) or _has_hooks(module):
+    if not isinstance(module, _NORM_TYPES) or has_module_hooks(module):
         return None
     if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:
         return None  # track_running_stats=False: batch statistics even in eval mode
@@ -230,7 +224,7 @@ def _sequential_pairs(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
             continue
         children = list(module.children())
         for first, second in zip(children, children[1:]):
-            if isinstance(second, NormAct) and not _has_hooks(second):
+            if isinstance(second, NormAct) and not has_module_hooks(second):
                 second = second.norm
             if (_is_foldable_conv(first) and _modules_after_foldable_norm(second) is not None
                     and _pair_compatible(first, second)):
