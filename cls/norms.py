@@ -30,7 +30,7 @@ import mabn
 from cls.config import NORMS, layer_default
 from mabn.utils.errors import UserError
 
-__all__ = ["NormChoice", "norm_choice", "norm_choice_from_args"]
+__all__ = ["NormChoice", "NormSettings", "norm_choice", "norm_choice_from_args"]
 
 _BRN = mabn.BatchRenorm2d
 
@@ -57,16 +57,25 @@ class NormChoice:
         return f"{self.name}({options}) after {conv}" if options else f"{self.name} after {conv}"
 
 
+@dataclass(frozen=True)
+class NormSettings:
+    """The flags that only some norms read: MABN's moving-average batch and schedule, Batch
+    Renorm's schedule, GroupNorm's group count (defaults: the layers' own)."""
+
+    ma_batch: int = layer_default(mabn.MABN2d, "real_B")
+    warmup_iters: int = layer_default(mabn.MABN2d, "warmup_iters")
+    mabn_r_warmup: Optional[int] = None
+    mabn_first_batch_var: bool = False
+    gn_groups: int = 32
+    brn_warmup: int = layer_default(_BRN, "warmup_steps")
+    brn_r_ramp_end: int = layer_default(_BRN, "r_ramp_end")
+    brn_d_ramp_end: int = layer_default(_BRN, "d_ramp_end")
+    brn_r_max: float = layer_default(_BRN, "r_max")
+    brn_d_max: float = layer_default(_BRN, "d_max")
+
+
 def norm_choice(norm: str, per_gpu_batch: int, norm_batch: Optional[int] = None,
-                ma_batch: int = layer_default(mabn.MABN2d, "real_B"),
-                warmup_iters: int = layer_default(mabn.MABN2d, "warmup_iters"), gn_groups: int = 32, *,
-                mabn_r_warmup: Optional[int] = None,
-                mabn_first_batch_var: bool = False,
-                brn_warmup: int = layer_default(_BRN, "warmup_steps"),
-                brn_r_ramp_end: int = layer_default(_BRN, "r_ramp_end"),
-                brn_d_ramp_end: int = layer_default(_BRN, "d_ramp_end"),
-                brn_r_max: float = layer_default(_BRN, "r_max"),
-                brn_d_max: float = layer_default(_BRN, "d_max")) -> NormChoice:
+                settings: NormSettings = NormSettings()) -> NormChoice:
     """The layers for ``--norm norm`` with a per-process batch ``per_gpu_batch``."""
     key = norm.lower()
     if key not in NORMS:
@@ -77,23 +86,20 @@ def norm_choice(norm: str, per_gpu_batch: int, norm_batch: Optional[int] = None,
     if key == "bn":
         return NormChoice(key, name, group)
     if key == "brn":
-        schedule = {"warmup_steps": brn_warmup, "r_ramp_end": brn_r_ramp_end, "d_ramp_end": brn_d_ramp_end,
-                    "r_max": brn_r_max, "d_max": brn_d_max}
+        schedule = {"warmup_steps": settings.brn_warmup, "r_ramp_end": settings.brn_r_ramp_end,
+                    "d_ramp_end": settings.brn_d_ramp_end, "r_max": settings.brn_r_max, "d_max": settings.brn_d_max}
         return NormChoice(key, name, {**group, **schedule})
     if key == "mabn":
-        kwargs = {"B": b, "real_B": ma_batch, "warmup_iters": warmup_iters, "split_batch": True}
-        if mabn_r_warmup is not None:
-            kwargs["r_warmup_iters"] = mabn_r_warmup
-        if mabn_first_batch_var:
+        kwargs = {"B": b, "real_B": settings.ma_batch, "warmup_iters": settings.warmup_iters, "split_batch": True}
+        if settings.mabn_r_warmup is not None:
+            kwargs["r_warmup_iters"] = settings.mabn_r_warmup
+        if settings.mabn_first_batch_var:
             kwargs["first_batch_running_var"] = True
         return NormChoice(key, name, kwargs, conv=mabn.CenConv2d)
-    return NormChoice(key, name, {}, gn_groups=gn_groups)
+    return NormChoice(key, name, {}, gn_groups=settings.gn_groups)
 
 
 def norm_choice_from_args(args: argparse.Namespace) -> NormChoice:
     """:func:`norm_choice` for resolved trainer flags (``cls.config.resolve``)."""
-    return norm_choice(args.norm, args.per_gpu_batch, args.norm_batch, args.ma_batch, args.warmup_iters,
-                       args.gn_groups, mabn_r_warmup=args.mabn_r_warmup,
-                       mabn_first_batch_var=args.mabn_first_batch_var, brn_warmup=args.brn_warmup,
-                       brn_r_ramp_end=args.brn_r_ramp_end, brn_d_ramp_end=args.brn_d_ramp_end,
-                       brn_r_max=args.brn_r_max, brn_d_max=args.brn_d_max)
+    settings = NormSettings(**{name: getattr(args, name) for name in NormSettings.__dataclass_fields__})
+    return norm_choice(args.norm, args.per_gpu_batch, args.norm_batch, settings)
