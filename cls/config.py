@@ -89,8 +89,18 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             kwargs["default"] = default
         parser.add_argument(*names, **kwargs)
 
-    flag = argparse.BooleanOptionalAction
-    # The published flags (same names and defaults).
+    _add_published_flags(add)
+    _add_norm_flags(add)
+    _add_run_flags(add)
+    return parser
+
+
+_Add = Callable[..., None]
+_FLAG = argparse.BooleanOptionalAction
+
+
+def _add_published_flags(add: _Add) -> None:
+    """The published trainer's flags, with its names and defaults."""
     add("--batch_size", type=_positive_int, default=256, help="global SGD batch over all processes")
     add("--total_epoch", type=_positive_int, default=120, help="epochs of --iters_per_epoch iterations")
     add("--learning_rate", type=_finite_float, default=0.1, help="initial learning rate")
@@ -102,13 +112,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--val_dir", type=str, default=None, help="ImageFolder validation set")
     add("--checkpoint_dir", type=str, default=None,
         help="checkpoint file (or a directory holding checkpoint.pth) to resume from or test")
-    add("--test_only", action=flag, default=False, help="only evaluate the checkpoint")
+    add("--test_only", action=_FLAG, default=False, help="only evaluate the checkpoint")
     add("--local_rank", "--local-rank", type=int, default=None, dest="local_rank",
         help="set by torch.distributed.launch; LOCAL_RANK is used when present")
     add("--gpu_num", type=_positive_int, default=None, help="number of processes; must equal the world size")
-    add("--record_statistics", action=flag, default=False,
+    add("--record_statistics", action=_FLAG, default=False,
         help="log mu_B, sigma^2_B, g_B and Psi_B of every batch-norm layer to TensorBoard")
-    # Additions.
+
+
+def _add_norm_flags(add: _Add) -> None:
+    """``--config`` and the normalization layer with its per-norm settings."""
     add("--config", type=str, default=None, help="yaml file of flag values (command-line flags override it)")
     add("--norm", type=_lower, choices=NORMS, default="mabn", help="normalization layer")
     add("--norm_batch", type=_positive_int, default=None,
@@ -119,7 +132,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="MABN iterations with the group's own statistics")
     add("--mabn_r_warmup", type=_non_negative_int, default=None,
         help="MABN iterations with r = 1 before r is clamped to [1/r_max, r_max] (default: max(1000, --warmup_iters))")
-    add("--mabn_first_batch_var", action=flag, default=False,
+    add("--mabn_first_batch_var", action=_FLAG, default=False,
         help="MABN running_var starts from the first batch's statistic instead of 1 (the published ImageNet layer)")
     add("--brn_warmup", type=_non_negative_int, default=layer_default(mabn.BatchRenorm2d, "warmup_steps"),
         help="Batch Renorm iterations of plain batch norm (r = 1, d = 0) before the ramps start")
@@ -132,6 +145,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--brn_d_max", type=_finite_float, default=layer_default(mabn.BatchRenorm2d, "d_max"),
         help="Batch Renorm final clamp of d to [-d_max, d_max] (>= 0)")
     add("--gn_groups", type=_positive_int, default=32, help="GroupNorm groups (reduced to gcd(C, groups) per layer)")
+
+
+def _add_run_flags(add: _Add) -> None:
+    """Network, schedule, data, device and output flags added to the published ones."""
     add("--arch", type=_lower, choices=ARCHS, default="resnet50", help="network")
     add("--image_size", type=_positive_int, default=224, help="training crop; validation resizes to size*256/224")
     add("--num_classes", type=_positive_int, default=None, help="classifier outputs (default: the dataset's classes)")
@@ -145,7 +162,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="data loading processes per training process (default: min(8, CPUs per process))")
     add("--seed", type=_non_negative_int, default=0, help="seed of initialization, data order and augmentation")
     add("--device", type=_lower, choices=DEVICES, default="auto", help="auto: cuda when available")
-    add("--amp", action=flag, default=False, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    add("--amp", action=_FLAG, default=False, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     add("--dataset", type=_lower, choices=DATASETS, default=None,
         help="imagefolder (--train_dir/--val_dir) or synthetic (default when no --train_dir)")
     add("--data_cache", type=str, default=None,
@@ -159,12 +176,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--stat_channel", type=_non_negative_int, default=0, help="channel logged by --record_statistics")
     add("--stat_interval", type=_positive_int, default=1, help="--record_statistics every N iterations")
     add("--log_interval", type=_positive_int, default=20, help="TensorBoard training scalars every N iterations")
-    add("--progress", action=flag, default=True, help="tqdm progress bar on rank 0")
-    add("--overwrite", action=flag, default=False,
+    add("--progress", action=_FLAG, default=True, help="tqdm progress bar on rank 0")
+    add("--overwrite", action=_FLAG, default=False,
         help="start over in a --save folder that already holds a checkpoint")
-    add("--trust_checkpoint", action=flag, default=False,
+    add("--trust_checkpoint", action=_FLAG, default=False,
         help="load a trusted legacy checkpoint with pickle (weights_only=False); never use it on files from others")
-    return parser
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
