@@ -3,22 +3,21 @@
 Training sampling (differs from the published code, which drew every batch with replacement
 from a generator seeded by the local rank): each rank reads a stream of distinct images. For
 epoch ``e`` the stream is built from permutations of the whole dataset drawn from
-``(seed, e, pass)``; every permutation (its length rounded down to a multiple of the world
-size) is dealt round-robin to the ranks, so within a pass no image goes to two ranks or twice
-to one. An epoch of ``--iters_per_epoch`` batches takes as many passes as it needs. Every
-sample also carries its augmentation seed ``(seed, e, rank, position)``, so data order and
-augmentation are fixed by ``--seed`` alone, whatever the number of workers, and a resumed run
-continues the stream exactly.
+``(seed, e, pass)`` (:class:`mabn.utils.data.RankPermutations`, stream ``(seed, e)``); every
+permutation (its length rounded down to a multiple of the world size) is dealt round-robin to
+the ranks, so within a pass no image goes to two ranks or twice to one. An epoch of
+``--iters_per_epoch`` batches takes as many passes as it needs. Every sample also carries its
+augmentation seed ``(seed, e, rank, position)``, so data order and augmentation are fixed by
+``--seed`` alone, whatever the number of workers, and a resumed run continues the stream exactly.
 
 Evaluation reads the WHOLE validation set once: rank ``r`` takes images ``r, r + W, r + 2W, ...``
 (uneven shards, nothing duplicated or dropped) and the caller sums the results over ranks.
 
-Loader workers start from a ``forkserver`` (a clean single-threaded process that has imported
-this module once) instead of being forked from the trainer, which by then runs threads (CUDA,
-OpenMP, NCCL, the pin-memory thread): forking a process with threads can leave a lock held
-forever in the child. The dataset and transforms are pickled to each worker once (training
-workers are persistent); the data stay the same for any number of workers because every
-sample's augmentation seed comes from the sampler, not from the worker.
+Loader workers start from a ``forkserver`` that has imported this module once and follow the
+shared SIGTERM policy (:func:`mabn.utils.data.worker_options`). The dataset and transforms are
+pickled to each worker once (training workers are persistent); the data stay the same for any
+number of workers because every sample's augmentation seed comes from the sampler, not from the
+worker.
 
 Unreadable images are found before training: :func:`open_image_folder` reads the header of
 every image (PIL's ``Image.open``, which parses the header without decoding the pixels) and
@@ -28,24 +27,20 @@ too large; a file whose pixel data alone is damaged is still found only when it 
 """
 from __future__ import annotations
 
-import atexit
-import multiprocessing
 import os
-import signal
 from typing import Iterator, List, Tuple
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mabn.utils.data import ShardSampler, declared_size, load_bgr, opencv_max_pixels
+from mabn.utils.data import RankPermutations, ShardSampler, declared_size, load_bgr, opencv_max_pixels, worker_options
 from mabn.utils.errors import UserError
 
 __all__ = ["load_bgr", "check_image_file", "opencv_max_pixels", "AugmentedImageFolder", "TrainBatchSampler",
-           "ShardSampler", "open_image_folder", "worker_context", "build_train_loader", "build_val_loader"]
+           "ShardSampler", "open_image_folder", "build_train_loader", "build_val_loader"]
 
 def check_image_file(path: str) -> None:
     """Raise :class:`CorruptImageError` if ``path`` will not decode, cheaply: a header that PIL
@@ -115,8 +110,7 @@ class TrainBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, batch_size: int, iters_per_epoch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
-        if num_samples < world_size:
-            raise UserError(f"the training set has {num_samples} images, fewer than the {world_size} processes")
+        self.permutations = RankPermutations(num_samples, rank, world_size)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.iters_per_epoch = iters_per_epoch
@@ -132,13 +126,7 @@ class TrainBatchSampler(Sampler):
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's image indices for the whole of ``epoch``, in order."""
-        needed = self.iters_per_epoch * self.batch_size
-        per_pass = self.num_samples // self.world_size
-        shards = []
-        for pass_index in range(-(-needed // per_pass)):
-            order = np.random.default_rng([self.seed, epoch, pass_index]).permutation(self.num_samples)
-            shards.append(order[:per_pass * self.world_size][self.rank::self.world_size])
-        return np.concatenate(shards)[:needed]
+        return self.permutations.head((self.seed, epoch), self.iters_per_epoch * self.batch_size)
 
     def __iter__(self) -> Iterator[List[Tuple[int, Tuple[int, ...]]]]:
         indices = self.epoch_indices(self.epoch)
@@ -151,42 +139,13 @@ class TrainBatchSampler(Sampler):
         return self.iters_per_epoch - self.start_step
 
 
-def _worker_init(_worker_id: int) -> None:
-    """One thread per worker, and SIGTERM ignored: a scheduler may send it to every process of the
-    job, and the trainer (which stops cleanly on it) must keep its loader until it has saved. A
-    worker still ends with its loader, at the trainer's exit (:func:`_kill_loader_workers`) or when
-    the trainer is gone (DataLoader's watchdog)."""
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@atexit.register
-def _kill_loader_workers() -> None:
-    """At exit, end the daemonic children (loader workers) with SIGKILL: ``multiprocessing``'s own
-    exit handler, which runs after this one, would send them SIGTERM, which they ignore, and then
-    wait for them forever."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join()
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The ``forkserver`` context of the loader workers; the server imports this module (torch,
-    OpenCV, torchvision) once, so that each worker starts without importing them again. As with
-    ``spawn``, a script run as ``__main__`` is imported again by the server: guard its entry point
-    with ``if __name__ == "__main__":`` (``cls/train.py`` does)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
 def _loader_options(workers: int, device: torch.device) -> dict:
-    options = {"num_workers": workers, "pin_memory": device.type == "cuda",
+    options = {"pin_memory": device.type == "cuda",
                "generator": torch.Generator()}  # keep the global RNG out of the loader
+    # The forkserver imports this module (torch, torchvision) and OpenCV once.
+    options.update(worker_options(workers, [__name__, "cv2"]))
     if workers > 0:
-        options.update(worker_init_fn=_worker_init, persistent_workers=True, multiprocessing_context=worker_context())
+        options["persistent_workers"] = True
     return options
 
 

@@ -11,8 +11,10 @@ evaluation, learning-rate schedule, statistics) come from :mod:`mabn.utils.train
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,13 +24,16 @@ import mabn
 from cls.metrics import Meter, label_smoothing_loss, topk_correct
 from cls.run_log import test_line, train_line
 from mabn.utils.amp import Precision
+from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import NonFiniteLossError
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import StopFlag
 from mabn.utils.train_loop import HookBase, TrainerBase
 
-__all__ = ["TrainState", "Trainer", "Evaluator", "EpochLogHook"]
+__all__ = ["TrainState", "Trainer", "Evaluator", "EpochLogHook", "MetricsWriter", "METRICS_NAME"]
+
+METRICS_NAME = "metrics.json"
 
 
 @dataclass
@@ -155,19 +160,51 @@ class EpochLogHook(HookBase):
             self.log.scalar("epoch/skipped_updates", skipped, epoch)
 
 
+class MetricsWriter:
+    """``<save>/metrics.json``: a list of ``{"epoch": e, "loss": ..., "top1_err": ...,
+    "top5_err": ...}`` (completed epochs; errors in percent, as in the TEST line), one entry per
+    epoch evaluated, rewritten atomically after each evaluation by rank 0 (the others write
+    nothing). An evaluation of an epoch already listed replaces its entry; entries after
+    ``start_epoch`` (the resume point) from an earlier run in the folder are dropped."""
+
+    def __init__(self, save: str, start_epoch: int, is_main: bool):
+        self.path = os.path.join(save, METRICS_NAME)
+        self.is_main = is_main
+        self.entries: List[dict] = []
+        if is_main and os.path.isfile(self.path):
+            try:
+                with open(self.path, encoding="utf-8") as stream:
+                    entries = json.load(stream)
+                self.entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                                and e["epoch"] <= start_epoch]
+            except (OSError, ValueError, TypeError):
+                self.entries = []
+
+    def __call__(self, epoch: int, meter: Meter) -> None:
+        if not self.is_main:
+            return
+        self.entries = [e for e in self.entries if e.get("epoch") != epoch]
+        self.entries.append({"epoch": epoch, "loss": meter.loss, "top1_err": meter.top1_err,
+                             "top5_err": meter.top5_err})
+        write_text_atomic(self.path, json.dumps(self.entries, indent=1))
+
+
 class Evaluator:
     """Loss and top-1/top-5 error over the whole validation set (sharded, summed over ranks).
 
     Every rank evaluates with rank 0's normalization statistics (the ones a checkpoint's
-    ``model`` holds), so the result equals a ``--test_only`` run on that checkpoint.
+    ``model`` holds), so the result equals a ``--test_only`` run on that checkpoint. With
+    ``metrics`` (a :class:`MetricsWriter`), an evaluation at an epoch (``step``) is recorded there.
     """
 
-    def __init__(self, network: nn.Module, loader: DataLoader, env: DistEnv, precision: Precision, log: RunLog):
+    def __init__(self, network: nn.Module, loader: DataLoader, env: DistEnv, precision: Precision, log: RunLog,
+                 metrics: Optional[MetricsWriter] = None):
         self.network = network
         self.loader = loader
         self.env = env
         self.precision = precision
         self.log = log
+        self.metrics = metrics
 
     @contextlib.contextmanager
     def _rank0_buffers(self):
@@ -188,7 +225,8 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, step: Optional[int] = None) -> Meter:
-        """Evaluate, log the TEST line (and TensorBoard scalars at ``step``) and return the sums."""
+        """Evaluate, log the TEST line (and TensorBoard scalars and the ``metrics`` entry at epoch
+        ``step``) and return the sums."""
         model, device = self.network, self.env.device
         was_training = model.training
         sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -210,4 +248,6 @@ class Evaluator:
         if step is not None:
             self.log.scalars({"test/loss": meter.loss, "test/top1_err": meter.top1_err,
                               "test/top5_err": meter.top5_err}, step)
+            if self.metrics is not None:
+                self.metrics(step, meter)
         return meter

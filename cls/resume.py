@@ -4,8 +4,9 @@ restoring of the training state.
 A checkpoint stores the flags it was trained with. On resume every difference is logged, and:
 
 * :data:`APPLIED_FLAGS` change the rest of the run safely and are applied, also where the
-  restored optimizer/scheduler state would otherwise override them (the learning rate, its
-  milestones, momentum and weight decay are written into the restored state);
+  restored optimizer state would otherwise override them (momentum and weight decay are written
+  into it; the learning rate is always the schedule of this run's ``--learning_rate`` and
+  ``--lr_milestones`` at the restored epoch, ``mabn.utils.lr_schedule``);
 * :data:`REFUSED_FLAGS` change the model's shapes or break the exact resume (data order,
   normalization groups, dataset): a run that changes any of them stops with exit 2 naming each
   flag with its old and new value. ``--iters_per_epoch`` is refused only inside an epoch, the
@@ -16,18 +17,18 @@ Flags of neither list (added after the checkpoint was written) are logged as not
 """
 from __future__ import annotations
 
-import bisect
-import collections
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from cls.engine import TrainState
 from cls.metrics import Meter
 from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import load_rank_buffers, restore_rng_state
+from mabn.utils.lr_schedule import position_scheduler
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError
 
@@ -126,23 +127,16 @@ def compare_flags(checkpoint: Mapping[str, Any], path: str, flags: Mapping[str, 
     return changes
 
 
-def apply_optimizer_flags(optimizer: torch.optim.Optimizer, scheduler, flags: Mapping[str, Any],
-                          changed: List[str]) -> None:
-    """Write the changed optimizer flags into the restored optimizer and MultiStepLR scheduler:
-    the rate becomes ``learning_rate * gamma ** (milestones passed)`` under the new milestones."""
+def apply_optimizer_flags(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, flags: Mapping[str, Any],
+                          changed: List[str], epoch: int) -> None:
+    """Write the changed momentum and weight decay into the restored optimizer, and put the
+    schedule (built from this run's flags) at ``epoch``: the rate is ``learning_rate * 0.1 **
+    (milestones passed)``, whatever the checkpoint's rate was."""
     if "momentum" in changed or "weight_decay" in changed:
         for group in optimizer.param_groups:
             group["momentum"] = flags["momentum"]
             group["weight_decay"] = flags["weight_decay"]
-    if "learning_rate" in changed or "lr_milestones" in changed:
-        milestones = sorted(flags["lr_milestones"])
-        scheduler.milestones = collections.Counter(milestones)
-        scheduler.base_lrs = [flags["learning_rate"]] * len(optimizer.param_groups)
-        lr = flags["learning_rate"] * scheduler.gamma ** bisect.bisect_right(milestones, scheduler.last_epoch)
-        for group in optimizer.param_groups:
-            group["initial_lr"] = flags["learning_rate"]
-            group["lr"] = lr
-        scheduler._last_lr = [lr] * len(optimizer.param_groups)
+    position_scheduler(scheduler, epoch, [flags["learning_rate"]] * len(optimizer.param_groups))
 
 
 _MALFORMED = (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
@@ -153,17 +147,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def restore_training_state(checkpoint: Mapping[str, Any], path: str, optimizer: torch.optim.Optimizer, scheduler,
+def restore_training_state(checkpoint: Mapping[str, Any], path: str, optimizer: torch.optim.Optimizer,
                            precision: Precision, iters_per_epoch: int) -> TrainState:
-    """Optimizer, scheduler, scaler, position and meter from ``checkpoint`` (the published keys
+    """Optimizer, scaler, position and meter from ``checkpoint`` (the published keys
     suffice); a field that does not fit is a one-line :class:`UserError`."""
     field_name = "optimizer"
     try:
         if "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
-        field_name = "scheduler"
-        if "scheduler" in checkpoint:
-            scheduler.load_state_dict(checkpoint["scheduler"])
         field_name = "scaler"
         if precision.scaler is not None and checkpoint.get("scaler"):
             precision.scaler.load_state_dict(checkpoint["scaler"])

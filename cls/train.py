@@ -23,7 +23,7 @@ from cls.checkpoint import CHECKPOINT_NAME, CheckpointWriter, flags_of, read_tra
 from cls.config import parse_args, resolve
 from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loader, build_val_loader,
                       open_image_folder)
-from cls.engine import EpochLogHook, Evaluator, Trainer, TrainState
+from cls.engine import EpochLogHook, Evaluator, MetricsWriter, Trainer, TrainState
 from cls.models import build_model
 from cls.norms import norm_choice_from_args
 from cls.resume import apply_optimizer_flags, compare_flags, restore_rank_state, restore_training_state
@@ -35,6 +35,7 @@ from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distrib
                                     wrap_data_parallel)
 from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
 from mabn.utils.lock import FolderLock
+from mabn.utils.lr_schedule import WarmupMultiStep, build_scheduler
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import stop_on_signals
 from mabn.utils.train_loop import CheckpointHook, EvalHook, HookBase, LRSchedulerHook, StatisticsHook
@@ -48,7 +49,7 @@ class Learner:
 
     network: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     precision: Precision
 
 
@@ -114,7 +115,7 @@ def _build_learner(args: argparse.Namespace, env: DistEnv):
     network = build_model(args.arch, args.num_classes, norm, norm.conv).to(env.device)
     optimizer = torch.optim.SGD(network.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 dampening=0.0, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args.lr_milestones), 0.1)
+    scheduler = build_scheduler(optimizer, WarmupMultiStep(tuple(sorted(args.lr_milestones)), 0.1))
     precision = Precision(args.amp, env.device)
     precision.track(network)
     return Learner(network, optimizer, scheduler, precision), norm
@@ -131,9 +132,8 @@ def _resume(args: argparse.Namespace, env: DistEnv,
     load_model_state(learner.network, checkpoint["model"], path, hint="another --arch, --norm or --num_classes?")
     if args.test_only:
         return path, checkpoint, TrainState(), changes.lines
-    state = restore_training_state(checkpoint, path, learner.optimizer, learner.scheduler, learner.precision,
-                                   args.iters_per_epoch)
-    apply_optimizer_flags(learner.optimizer, learner.scheduler, flags, changes.applied)
+    state = restore_training_state(checkpoint, path, learner.optimizer, learner.precision, args.iters_per_epoch)
+    apply_optimizer_flags(learner.optimizer, learner.scheduler, flags, changes.applied, state.epoch)
     return path, checkpoint, state, changes.lines
 
 
@@ -249,7 +249,8 @@ def _run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) ->
     _log_header(log, args, env, norm, resume_lines)
     val_loader = build_val_loader(AugmentedImageFolder(val_folder, ValTransform(args.image_size)),
                                   args.val_batch_size, env.rank, env.world_size, args.workers, env.device)
-    evaluator = Evaluator(learner.network, val_loader, env, learner.precision, log)
+    metrics = None if args.test_only else MetricsWriter(args.save, state.epoch, env.is_main)
+    evaluator = Evaluator(learner.network, val_loader, env, learner.precision, log, metrics)
     if not args.test_only and not _train(args, env, learner, state, (checkpoint_path, checkpoint), train_folder,
                                          evaluator, log, stack):
         return 0

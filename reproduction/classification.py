@@ -1,4 +1,5 @@
-"""The classification rows: ``python -m cls.train`` commands and the numbers of their logs.
+"""The classification rows: ``python -m cls.train`` commands and the numbers of their runs (the last
+evaluation in each run's ``metrics.json``).
 
 Every row trains ResNet-20 at 32 px on the embedded dataset with SGD batch 32 in one process, the
 same iterations, learning-rate schedule and seed; only the norm and its normalization batch
@@ -7,9 +8,8 @@ of ``configs/cls/demo_resnet20_*.yaml``).
 """
 from __future__ import annotations
 
-import glob
+import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 from reproduction.schedules import BRN_SCHEDULE, MABN_CLS_SCHEDULE, scale_schedule
 
 __all__ = ["Row", "TABLE_ROWS", "SWEEP_NORMS", "SWEEP_BATCHES", "EPOCHS", "PAPER_TOP1", "cls_schedule_flags",
-           "cls_command", "read_test_line", "sweep_rows"]
+           "cls_command", "read_final_metrics", "sweep_rows"]
 
 SGD_BATCH = 32
 EPOCHS = 10
@@ -28,8 +28,6 @@ SWEEP_NORMS = ("bn", "brn", "mabn")
 SWEEP_BATCHES = (2, 4, 8, 16, 32)
 # The paper's ImageNet table (ResNet-50, top-1 error), for reference only.
 PAPER_TOP1 = {"BN@32": 23.41, "BN@2": 35.22, "BRN@2": 30.29, "MABN@2": 23.67}
-
-_TEST_LINE = re.compile(r"TEST: loss = (\S+),\s*Top-1 err = (\S+),\s*Top-5 err = (\S+),")
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,14 @@ def cls_command(row: Row, iterations: int, seed: int, save: str, data_flags: Lis
     return command
 
 
-def read_test_line(save: str) -> Optional[Dict[str, float]]:
-    """Loss, top-1 and top-5 error of the last TEST line in the run's log files (None: no such line)."""
-    found = None
-    for path in sorted(glob.glob(os.path.join(save, "log.train-*"))):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                match = _TEST_LINE.search(line)
-                if match:
-                    found = {"loss": float(match.group(1)), "top1_err": float(match.group(2)),
-                             "top5_err": float(match.group(3))}
-    return found
+def read_final_metrics(save: str) -> Optional[Dict[str, float]]:
+    """Loss, top-1 and top-5 error of the last evaluation in the run's ``metrics.json`` (written by
+    ``cls.train``, one entry per evaluated epoch); None when there is no such file or entry, or
+    the file is not what ``cls.train`` writes."""
+    try:
+        with open(os.path.join(save, "metrics.json"), encoding="utf-8") as stream:
+            entries = json.load(stream)
+        last = max((e for e in entries if isinstance(e, dict) and "epoch" in e), key=lambda e: e["epoch"])
+        return {key: float(last[key]) for key in ("loss", "top1_err", "top5_err")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

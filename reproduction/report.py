@@ -48,13 +48,13 @@ def _mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
 
 
 def _classification(plan, results, budget) -> dict:
-    from reproduction.classification import PAPER_TOP1, cls_schedule_flags, read_test_line
+    from reproduction.classification import PAPER_TOP1, cls_schedule_flags, read_final_metrics
 
     runs, failures = [], []
     for run in plan.cls_runs:
         name = f"cls {run['key']} seed {run['seed']}"
         status = results.get(name)
-        numbers = read_test_line(run["folder"])
+        numbers = read_final_metrics(run["folder"])
         entry = dict(run, returncode=None if status is None else status.returncode,
                      seconds=None if status is None else status.seconds, **(numbers or {}))
         runs.append(entry)

@@ -4,23 +4,17 @@ A batch is ``(images, targets, indices)``: lists of the model's image tensors (R
 the original size: :mod:`det.data.transforms` says why), target dicts (boxes, labels, masks) and
 dataset indices (:meth:`COCODataset.image_id` maps them to COCO ids).
 ``SOLVER.IMS_PER_BATCH`` and ``TEST.IMS_PER_BATCH`` are global: each process loads its share.
-Workers (``num_workers`` > 0) start from a ``forkserver`` that has imported this module once,
-never by forking the trainer, which by then runs threads (OpenMP, CUDA, NCCL, pin memory) whose
-locks a forked child can inherit held. A script that builds loaders is imported again by the
-server, so its entry point needs ``if __name__ == "__main__":``. Every sample's augmentation seed
-comes from the sampler, so the batches are the same for any number of workers.
+Workers (``num_workers`` > 0) start from a ``forkserver`` that has imported this module once and
+follow the shared SIGTERM policy (:func:`mabn.utils.data.worker_options`); a script that builds
+loaders is imported again by the server, so its entry point needs ``if __name__ == "__main__":``.
+Every sample's augmentation seed comes from the sampler, so the batches are the same for any
+number of workers.
 """
 from __future__ import annotations
 
 import bisect
-import functools
-import multiprocessing
-import os
-import signal
-import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader
@@ -30,11 +24,11 @@ from det.data.catalog import Catalog, resolve_dataset
 from det.data.coco import COCODataset
 from det.data.samplers import IterationBatchSampler, aspect_ratio_groups
 from det.data.transforms import InferenceTransform, TrainTransform
-from mabn.utils.data import ShardSampler
+from mabn.utils.data import ShardSampler, worker_options
 from mabn.utils.errors import UserError
 
 __all__ = ["ConcatCOCODataset", "batch_size_per_process", "build_test_loaders", "build_train_loader",
-           "collate", "worker_context"]
+           "collate"]
 
 
 def batch_size_per_process(ims_per_batch: int, world_size: int, key: str) -> int:
@@ -80,45 +74,11 @@ def collate(batch: List[tuple]) -> Tuple[list, list, list]:
     return list(images), list(targets), list(indices)
 
 
-def _worker_init(owner_pid: int, _worker_id: int) -> None:
-    """One compute thread per worker. A SIGTERM sent to the whole job is ignored: the process that
-    owns the loader (``owner_pid``) gets it too, finishes its step, saves and then shuts its workers
-    down, which a dead worker would break. A SIGTERM from the owner itself (DataLoader's terminate()
-    of a stuck worker, multiprocessing's at exit with a loader still open) ends the worker, so the
-    owner's exit cannot wait on it forever. A worker whose owner is gone exits by itself
-    (DataLoader's watchdog). Without ``sigwaitinfo`` (macOS) every SIGTERM is ignored."""
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    if not hasattr(signal, "sigwaitinfo"):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return
-    # Blocked in this thread and in every thread started after it; the watcher takes it instead.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_exit_on_sigterm_from, args=(owner_pid,), name="sigterm-watch", daemon=True).start()
-
-
-def _exit_on_sigterm_from(owner_pid: int) -> None:
-    """Wait for a SIGTERM sent by ``owner_pid`` (sender pids from ``sigwaitinfo``), then exit with
-    status 0 (the owner's SIGCHLD check reports only failures)."""
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != owner_pid:
-        pass
-    os._exit(0)
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The ``forkserver`` context of the loader workers, preloading this module (torch, OpenCV,
-    pycocotools' mask code) so that each worker starts without importing them again."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
 def _loader_options(num_workers: int, pin_memory: bool) -> dict:
-    options = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory,
+    options = {"collate_fn": collate, "pin_memory": pin_memory,
                "generator": torch.Generator()}  # keeps the global RNG out of the loader
-    if num_workers > 0:
-        options.update(worker_init_fn=functools.partial(_worker_init, os.getpid()),
-                       multiprocessing_context=worker_context())
+    # The forkserver imports this module (torch, pycocotools' mask code) and OpenCV once.
+    options.update(worker_options(num_workers, [__name__, "cv2"]))
     return options
 
 

@@ -2,10 +2,11 @@
 
 Training (:class:`IterationBatchSampler`): the dataset is visited in passes; pass ``p`` is the
 permutation drawn from ``(seed, p)``, cut to a multiple of the world size and dealt round-robin
-to the ranks, so within a pass no image goes to two ranks or twice to one. Each rank groups its
-stream by aspect ratio (landscape vs portrait, as maskrcnn-benchmark's grouping with bins [1]):
-an image waits in its group's buffer and a batch is emitted when a buffer is full, so a batch
-never mixes groups and padding stays small; leftovers carry over into the next pass. Batch ``i``
+to the ranks, so within a pass no image goes to two ranks or twice to one
+(:class:`mabn.utils.data.RankPermutations`, stream ``(seed,)``, shared with ``cls``). Each rank
+groups its stream by aspect ratio (landscape vs portrait, as maskrcnn-benchmark's grouping with
+bins [1]): an image waits in its group's buffer and a batch is emitted when a buffer is full, so
+a batch never mixes groups and padding stays small; leftovers carry over into the next pass. Batch ``i``
 of a rank is a function of ``(seed, rank, world size, i)`` only: resuming at ``start_iter``
 replays the integer stream (cheap) and yields from batch ``start_iter`` on. Every sample carries
 its augmentation seed ``(seed, rank, i, position)``.
@@ -20,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Sampler
 
-from mabn.utils.errors import UserError
+from mabn.utils.data import RankPermutations
 
 __all__ = ["IterationBatchSampler", "aspect_ratio_groups"]
 
@@ -38,8 +39,7 @@ class IterationBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, batch_size: int, max_iter: int, start_iter: int = 0,
                  group_ids: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1, seed: int = 0):
-        if num_samples < world_size:
-            raise UserError(f"the training set has {num_samples} images, fewer than the {world_size} processes")
+        self.permutations = RankPermutations(num_samples, rank, world_size)
         if group_ids is not None and len(group_ids) != num_samples:
             raise ValueError(f"{len(group_ids)} group ids for {num_samples} samples")
         if not 0 <= start_iter <= max_iter:
@@ -53,19 +53,10 @@ class IterationBatchSampler(Sampler):
         self.world_size = world_size
         self.seed = seed
 
-    def _stream(self) -> Iterator[int]:
-        """This rank's endless sequence of image indices."""
-        per_rank = self.num_samples // self.world_size
-        pass_index = 0
-        while True:
-            order = np.random.default_rng([self.seed, pass_index]).permutation(self.num_samples)
-            yield from order[:per_rank * self.world_size][self.rank::self.world_size].tolist()
-            pass_index += 1
-
     def __iter__(self) -> Iterator[List[Sample]]:
         buffers: Dict[int, List[int]] = defaultdict(list)
         iteration = 0
-        for index in self._stream():
+        for index in self.permutations.stream((self.seed,)):
             if iteration >= self.max_iter:
                 return
             buffer = buffers[int(self.group_ids[index])]

@@ -28,14 +28,16 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import yaml
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from yacs.config import CfgNode
 
-from det.solver import WarmupMultiStepLR, set_optimizer_hyperparameters
+from det.solver import set_optimizer_hyperparameters
 from mabn.utils.checkpoint import (capture_rng_state, check_fields, check_finite, kept_message, load_checkpoint,
                                    load_model_state, load_rank_buffers, rank_buffers, restore_rng_state, save_atomic,
                                    write_text_atomic)
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError
+from mabn.utils.lr_schedule import position_scheduler
 
 __all__ = ["APPLIED_KEYS", "APPLIED_PREFIXES", "FIELDS", "LAST_CHECKPOINT", "CheckpointWriter", "compare_configs",
            "find_last_checkpoint", "read_checkpoint", "restore_training_state", "restore_rank_state"]
@@ -128,7 +130,7 @@ _MALFORMED = (ValueError, KeyError, TypeError, RuntimeError, AttributeError, Ind
 
 
 def restore_training_state(checkpoint: Mapping[str, Any], path: str, cfg: CfgNode, network: nn.Module,
-                           optimizer: torch.optim.Optimizer, scheduler: WarmupMultiStepLR, scaler) -> int:
+                           optimizer: torch.optim.Optimizer, scheduler: LambdaLR, scaler) -> int:
     """Model, optimizer (with this config's hyperparameters written back), schedule position and
     scaler from ``checkpoint``; returns the iteration to start from."""
     load_model_state(network, checkpoint["model"], path, hint="another MODEL config?")
@@ -143,11 +145,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], path: str, cfg: CfgNod
     except _MALFORMED as exc:
         raise UserError(f"checkpoint {path}: the {field} state does not fit this run ({_describe(exc)})") from None
     set_optimizer_hyperparameters(cfg, optimizer)
-    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    scheduler.last_epoch = iteration
-    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
-        group["lr"] = lr
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    position_scheduler(scheduler, iteration, [group["initial_lr"] for group in optimizer.param_groups])
     return iteration
 
 
@@ -171,7 +169,7 @@ class CheckpointWriter:
     write ``<output_dir>/<name>.pth`` atomically, then ``last_checkpoint``."""
 
     def __init__(self, output_dir: str, network: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: WarmupMultiStepLR, scaler, env: DistEnv, config_text: str, log):
+                 scheduler: LambdaLR, scaler, env: DistEnv, config_text: str, log):
         self.output_dir = output_dir
         self.network = network
         self.optimizer = optimizer

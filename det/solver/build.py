@@ -12,10 +12,12 @@ from typing import List
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from yacs.config import CfgNode
 
-from det.solver.lr_scheduler import WarmupMultiStepLR
+from det.solver.lr_scheduler import solver_schedule
 from mabn.utils.errors import UserError
+from mabn.utils.lr_schedule import build_scheduler, position_scheduler
 
 __all__ = ["make_optimizer", "make_lr_scheduler", "set_optimizer_hyperparameters"]
 
@@ -60,12 +62,13 @@ def set_optimizer_hyperparameters(cfg: CfgNode, optimizer: torch.optim.Optimizer
         group["lr"] = group["initial_lr"] = solver.BASE_LR * group["lr_factor"]
 
 
-def make_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer, start_iter: int = 0) -> WarmupMultiStepLR:
+def make_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer, start_iter: int = 0) -> LambdaLR:
     """The schedule of ``SOLVER.{STEPS, GAMMA, WARMUP_*}``, positioned at ``start_iter`` (the
     rate of ``optimizer``'s groups is set for that iteration)."""
-    solver = cfg.SOLVER
-    for group in optimizer.param_groups:
-        group["initial_lr"] = solver.BASE_LR * group.get("lr_factor", 1.0)
-    scheduler = WarmupMultiStepLR(optimizer, solver.STEPS, solver.GAMMA, solver.WARMUP_FACTOR, solver.WARMUP_ITERS,
-                                  solver.WARMUP_METHOD, last_epoch=start_iter - 1)
+    base_lrs = [cfg.SOLVER.BASE_LR * group.get("lr_factor", 1.0) for group in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = group["initial_lr"] = base
+    scheduler = build_scheduler(optimizer, solver_schedule(cfg.SOLVER))
+    if start_iter:
+        position_scheduler(scheduler, start_iter, base_lrs)
     return scheduler

@@ -125,53 +125,76 @@ def test_small_black_png_writer_is_valid(tmp_path):
 
 
 _LOADER_SCRIPT = r"""
-import multiprocessing, os, signal, sys, threading
-import torch
-from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loader, build_val_loader,
-                      open_image_folder)
-from cls.embedded_dataset import ensure_embedded_dataset
-from cls.transforms import TrainTransform, ValTransform
+import os, signal, sys, time
 
 
-root = ensure_embedded_dataset(sys.argv[1], 0, 2, 6, 3, 16, log=lambda *_: None)
-stop = threading.Event()
-busy = threading.Thread(target=stop.wait, daemon=True)
-busy.start()  # the trainer forks its loaders while other threads run
-train = AugmentedImageFolder(open_image_folder(str(root / "train"), "train"), TrainTransform(16))
-val = AugmentedImageFolder(open_image_folder(str(root / "val"), "val"), ValTransform(16))
+def bystander(path):  # a daemonic child that is not a loader worker: ends on SIGTERM, leaving a note
+    def note(*_):
+        with open(path, "w") as stream:
+            stream.write("SIGTERM")
+        os._exit(0)
 
-def batches(workers):
-    sampler = TrainBatchSampler(len(train), 4, 3, seed=7)
-    loader = build_train_loader(train, sampler, workers, torch.device("cpu"))
-    out = []
-    for epoch in (1, 2):
-        sampler.set_epoch(epoch)
-        out += [b for b in loader]
-        for worker in multiprocessing.active_children():  # SIGTERM to the job: the workers keep serving
-            if worker.daemon:
-                os.kill(worker.pid, signal.SIGTERM)
-    val_loader = build_val_loader(val, 4, 0, 1, workers, torch.device("cpu"))
-    out += [b for b in val_loader]
-    method = loader.multiprocessing_context.get_start_method() if workers else None
-    return out, method
+    signal.signal(signal.SIGTERM, note)
+    while True:
+        time.sleep(0.05)
 
-plain, _ = batches(0)
-parallel, method = batches(2)
-assert method == "forkserver", method
-assert len(plain) == len(parallel) == 6 + 2
-for (x0, y0), (x1, y1) in zip(plain, parallel):
-    assert torch.equal(x0, x1) and torch.equal(y0, y1)
-stop.set()
-print("same batches with 0 and 2 workers;", method)
-# Exiting ends the persistent workers (which ignore SIGTERM) instead of waiting for them forever.
+
+if __name__ == "__main__":
+    import multiprocessing, threading
+    import torch
+    import mabn.utils.data
+    from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loader, build_val_loader,
+                          open_image_folder)
+    from cls.embedded_dataset import ensure_embedded_dataset
+    from cls.transforms import TrainTransform, ValTransform
+
+    root = ensure_embedded_dataset(sys.argv[1], 0, 2, 6, 3, 16, log=lambda *_: None)
+    other = multiprocessing.get_context("spawn").Process(target=bystander, args=(sys.argv[2],), daemon=True)
+    other.start()
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, daemon=True)
+    busy.start()  # the trainer starts its loaders while other threads run
+    train = AugmentedImageFolder(open_image_folder(str(root / "train"), "train"), TrainTransform(16))
+    val = AugmentedImageFolder(open_image_folder(str(root / "val"), "val"), ValTransform(16))
+
+    def batches(workers):
+        sampler = TrainBatchSampler(len(train), 4, 3, seed=7)
+        loader = build_train_loader(train, sampler, workers, torch.device("cpu"))
+        out = []
+        for epoch in (1, 2):
+            sampler.set_epoch(epoch)
+            out += [b for b in loader]
+        val_loader = build_val_loader(val, 4, 0, 1, workers, torch.device("cpu"))
+        out += [b for b in val_loader]
+        if workers:  # the shared start method and SIGTERM policy (tests/mabn/utils/test_utils_data.py)
+            for built in (loader, val_loader):
+                assert built.multiprocessing_context.get_start_method() == "forkserver"
+                assert built.worker_init_fn.func is mabn.utils.data._worker_init
+            assert loader.persistent_workers and not val_loader.persistent_workers
+        return out
+
+    plain = batches(0)
+    parallel = batches(2)
+    assert len(plain) == len(parallel) == 6 + 2
+    for (x0, y0), (x1, y1) in zip(plain, parallel):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    stop.set()
+    print("same batches with 0 and 2 workers; forkserver")
+    # Exiting ends the persistent workers, and only the way multiprocessing ends daemonic children.
 """
 
 
 def test_loader_workers_come_from_a_forkserver_and_give_the_same_data(tmp_path):
-    """In a subprocess (it starts DataLoader workers): 0 and 2 workers give identical batches, also
-    after the workers got SIGTERM, and the process exits although its persistent workers ignore it."""
+    """In a subprocess (it starts DataLoader workers): 0 and 2 workers give identical batches through
+    the shared worker policy (mabn.utils.data.worker_options; its SIGTERM behaviour is tested there),
+    the process exits with its persistent workers open, and cls.data leaves other daemonic children
+    alone (no exit handler of its own: the bystander gets multiprocessing's SIGTERM, not a SIGKILL)."""
     from cls_helpers import describe, run_python
 
-    result = run_python(["-c", _LOADER_SCRIPT, str(tmp_path / "cache")], timeout=280)
+    script = tmp_path / "loaders.py"
+    script.write_text(_LOADER_SCRIPT)
+    note = tmp_path / "bystander.txt"
+    result = run_python([str(script), str(tmp_path / "cache"), str(note)], timeout=280)
     assert result.returncode == 0 and "same batches with 0 and 2 workers; forkserver" in result.stdout, \
         describe(result)
+    assert note.read_text() == "SIGTERM"

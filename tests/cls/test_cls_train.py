@@ -1,8 +1,9 @@
 """cls.train.main in this process (no loader workers, no process group: those run in a subprocess):
-exact resume, stops, bad inputs, outputs, statistics, export."""
+exact resume, stops, bad inputs, outputs (metrics.json among them), statistics, export."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ import torch
 from cls_helpers import REPO, TINY, run_python
 
 import cls.engine
+from cls.engine import MetricsWriter
+from cls.metrics import Meter
 from cls.train import main
 
 MABN = ["--batch_size", "16", "--norm", "mabn", "--norm_batch", "2", "--ma_batch", "4", "--warmup_iters", "2",
@@ -35,7 +38,10 @@ def _assert_same_training_state(a, b):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])
-    assert a["scheduler"] == b["scheduler"] and (a["epoch"], a["step_in_epoch"]) == (b["epoch"], b["step_in_epoch"])
+    # _step_count only feeds torch's step-order warning; a resume positions the schedule afresh
+    schedule_a, schedule_b = ({k: v for k, v in state["scheduler"].items() if k != "_step_count"} for state in (a, b))
+    assert schedule_a == schedule_b and (a["epoch"], a["step_in_epoch"]) == (b["epoch"], b["step_in_epoch"])
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
 
 
 def _log_lines(save, prefix):
@@ -203,6 +209,51 @@ def test_outputs_log_format_and_test_only(trained, tmp_path):
     save = tmp_path / "test"
     assert main([*TINY, *MABN, "--test_only", "--checkpoint_dir", str(trained / "checkpoint.pth"), "--save", str(save)]) == 0
     assert _log_lines(save, "TEST:")[0].split("] ", 1)[1] == test_after_training
+    assert not (save / "metrics.json").exists()  # written by training runs only
+
+
+def _metrics(save):
+    return json.loads((Path(save) / "metrics.json").read_text())
+
+
+def _test_line_numbers(entry):
+    return f"TEST: loss = {entry['loss']:.6f},\tTop-1 err = {entry['top1_err']:.6f},\tTop-5 err = {entry['top5_err']:.6f},\t"
+
+
+def test_metrics_json_holds_the_final_evaluation(trained):
+    (entry,) = _metrics(trained)  # --eval_interval 0: the evaluation after training only
+    assert set(entry) == {"epoch", "loss", "top1_err", "top5_err"} and entry["epoch"] == 2
+    assert _test_line_numbers(entry) == _log_lines(trained, "TEST:")[-1].split("] ", 1)[1]
+    assert not glob.glob(str(trained / "*.tmp*"))
+
+
+def test_metrics_json_one_entry_per_evaluation_and_resume_drops_later_ones(tmp_path):
+    straight = tmp_path / "straight"
+    assert _train(straight, "--total_epoch", "2", "--eval_interval", "1") == 0
+    entries = _metrics(straight)
+    assert [e["epoch"] for e in entries] == [1, 2]
+    logged = [line.split("] ", 1)[1] for line in _log_lines(straight, "TEST:")]
+    assert [_test_line_numbers(e) for e in entries] == logged
+    save = tmp_path / "resumed"
+    assert _train(save, "--total_epoch", "1", "--save_interval", "1", "--eval_interval", "1") == 0
+    assert _metrics(save) == entries[:1]
+    # An earlier, longer run in the folder left entries after the checkpoint being resumed: dropped.
+    stale = [{"epoch": e, "loss": 9.0, "top1_err": 99.0, "top5_err": 99.0} for e in (2, 3)]
+    (save / "metrics.json").write_text(json.dumps(entries[:1] + stale))
+    assert _train(save, "--total_epoch", "2", "--eval_interval", "1", "--checkpoint_dir", str(save)) == 0
+    assert _metrics(save) == entries  # bit-exact resume: the same numbers as the straight run
+
+
+def test_metrics_writer_rank_0_only_and_unreadable_files(tmp_path):
+    meter = Meter()
+    meter.add(6.0, 2.0, 3.0, 4.0)
+    MetricsWriter(str(tmp_path), 0, is_main=False)(1, meter)
+    assert not (tmp_path / "metrics.json").exists()
+    (tmp_path / "metrics.json").write_text("not json")
+    writer = MetricsWriter(str(tmp_path), 5, is_main=True)
+    writer(1, meter)
+    assert _metrics(tmp_path) == [{"epoch": 1, "loss": 1.5, "top1_err": 50.0, "top5_err": 25.0}]
+    assert MetricsWriter(str(tmp_path), 0, is_main=True).entries == []  # resumed at 0: nothing kept
 
 
 def test_checkpoint_with_only_the_published_keys(trained, tmp_path):

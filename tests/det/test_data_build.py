@@ -8,6 +8,7 @@ import torch
 
 from det_helpers import run_script
 
+import mabn.utils.data
 from det.data.build import batch_size_per_process, build_test_loaders, build_train_loader
 from det.data.shapes import ensure_shapes_dataset
 from mabn.utils.errors import UserError
@@ -122,8 +123,12 @@ def test_published_shapes_names_generate_the_cache(tmp_path, monkeypatch):
 def test_workers_use_forkserver_and_match_the_main_process(tiny, tmp_path):
     loader = _train_loader(tiny, num_workers=1)
     assert loader.multiprocessing_context.get_start_method() == "forkserver"
-    assert len(pickle.loads(pickle.dumps(loader.dataset))) == len(loader.dataset)
+    # The shared worker policy (its SIGTERM behaviour: tests/mabn/utils/test_utils_data.py).
+    assert loader.worker_init_fn.func is mabn.utils.data._worker_init
     root, catalog = tiny
+    [(_, _, test_loader)] = build_test_loaders(["tiny_val"], root, 2, 1, 0, 1, catalog=catalog, log=_quiet)
+    assert test_loader.worker_init_fn.func is mabn.utils.data._worker_init and not test_loader.persistent_workers
+    assert len(pickle.loads(pickle.dumps(loader.dataset))) == len(loader.dataset)
     script = f"""
         from det.data.build import build_train_loader
 

@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from det.config import load_config
-from det.solver import WarmupMultiStepLR, make_lr_scheduler, make_optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from det.solver import make_lr_scheduler, make_optimizer
 from mabn.utils.errors import UserError
+from mabn.utils.lr_schedule import position_scheduler
 
 
 def _config(*opts: str):
@@ -22,7 +25,7 @@ def _model() -> nn.Module:
     return model
 
 
-def _rates(scheduler: WarmupMultiStepLR, steps: int):
+def _rates(scheduler: LambdaLR, steps: int):
     rates = []
     for _ in range(steps):
         rates.append([group["lr"] for group in scheduler.optimizer.param_groups])
@@ -55,12 +58,15 @@ def test_a_resumed_schedule_continues_where_it_stopped():
     assert torch.tensor(resumed).allclose(torch.tensor(full[3:]))
 
 
-def test_the_schedule_state_round_trips():
+def test_positioning_needs_only_the_iteration_and_takes_new_base_rates():
+    """What a resume does: the rates are exact, and a changed BASE_LR applies at once."""
     scheduler = make_lr_scheduler(_config(), make_optimizer(_config(), _model()))
     _rates(scheduler, 5)
     other = make_lr_scheduler(_config(), make_optimizer(_config(), _model()))
-    other.load_state_dict(scheduler.state_dict())
-    assert other.last_epoch == 5 and other.get_lr() == pytest.approx(scheduler.get_lr())
+    position_scheduler(other, 5, [0.1, 0.2])
+    assert other.last_epoch == 5 and _rates(other, 3) == _rates(scheduler, 3)
+    position_scheduler(other, 5, [1.0, 2.0])
+    assert [group["lr"] for group in other.optimizer.param_groups] == pytest.approx([0.1, 0.2])  # one step passed
 
 
 @pytest.mark.parametrize("opts, message", [

@@ -18,8 +18,8 @@ TOP1 = {"BN@32": 30.0, "BN@2": 50.0, "BRN@2": 40.0, "GN@2": 35.0, "MABN@2": 31.0
 
 def _fake_cls_run(folder, top1: float) -> None:
     folder.mkdir(parents=True)
-    (folder / "log.train-2026-1-1-0-0-0").write_text(
-        f"[01 00:00:00] TEST: loss = 1.500000,\tTop-1 err = {top1:.6f},\tTop-5 err = {top1 / 4:.6f},\t\n")
+    (folder / "metrics.json").write_text(json.dumps([{"epoch": 10, "loss": 1.5, "top1_err": top1,
+                                                      "top5_err": top1 / 4}]))
 
 
 def test_full_report_from_made_up_runs(tmp_path):

@@ -1,6 +1,8 @@
-"""Pieces of the reproduction: schedule scaling, the commands it runs, log parsing, claims, the task runner."""
+"""Pieces of the reproduction: schedule scaling, the commands it runs, reading cls's metrics.json, claims, the
+task runner."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -8,7 +10,7 @@ import pytest
 
 from reproduction.claims import MIN_MARGIN, check_claims, margin
 from mabn.utils.errors import UserError
-from reproduction.classification import TABLE_ROWS, Row, cls_command, cls_schedule_flags, read_test_line
+from reproduction.classification import TABLE_ROWS, Row, cls_command, cls_schedule_flags, read_final_metrics
 from reproduction.detection import tiny_schedule
 from reproduction.runner import Task, run_tasks, single_thread_env
 from reproduction.schedules import BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE, scale_schedule
@@ -75,12 +77,22 @@ def test_det_overrides_are_valid_config_keys(norm, tmp_path):
     assert ("--nproc_per_node=2" in train) == (norm == "syncbn")
 
 
-def test_read_test_line_takes_the_last_evaluation(tmp_path):
-    assert read_test_line(str(tmp_path)) is None
+def test_read_final_metrics_takes_the_last_evaluation(tmp_path):
+    assert read_final_metrics(str(tmp_path)) is None
+    (tmp_path / "metrics.json").write_text(json.dumps([
+        {"epoch": 5, "loss": 2.5, "top1_err": 80.0, "top5_err": 30.0},
+        {"epoch": 10, "loss": 2.012345, "top1_err": 50.125, "top5_err": 15.5}]))
+    assert read_final_metrics(str(tmp_path)) == {"loss": 2.012345, "top1_err": 50.125, "top5_err": 15.5}
+    # The TEST lines of the log are not read any more.
     (tmp_path / "log.train-2026-1-1-0-0-0").write_text(
-        "[28 01:02:03] TEST: loss = 2.500000,\tTop-1 err = 80.000000,\tTop-5 err = 30.000000,\t\n"
-        "[28 01:02:09] TEST: loss = 2.012345,\tTop-1 err = 50.125000,\tTop-5 err = 15.500000,\t\n")
-    assert read_test_line(str(tmp_path)) == {"loss": 2.012345, "top1_err": 50.125, "top5_err": 15.5}
+        "[28 01:02:09] TEST: loss = 9.000000,\tTop-1 err = 90.000000,\tTop-5 err = 90.000000,\t\n")
+    assert read_final_metrics(str(tmp_path))["top1_err"] == 50.125
+
+
+@pytest.mark.parametrize("content", ["", "[]", "{\"epoch\": 1}", "[{\"epoch\": 1, \"loss\": 1.0}]", "not json"])
+def test_read_final_metrics_of_a_missing_or_unusable_file_is_none(tmp_path, content):
+    (tmp_path / "metrics.json").write_text(content)
+    assert read_final_metrics(str(tmp_path)) is None
 
 
 def test_claims_follow_the_numbers():

@@ -1,8 +1,14 @@
-"""mabn.utils.data: exact evaluation shards, one-line image decoding errors, generated datasets
-written once into the cache."""
+"""mabn.utils.data: exact evaluation shards, the per-rank permutation stream of the training
+samplers, the loader workers' start method and SIGTERM policy, one-line image decoding errors,
+generated datasets written once into the cache."""
 from __future__ import annotations
 
+import functools
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -10,8 +16,10 @@ import cv2
 import numpy as np
 import pytest
 
-from mabn.utils.data import ShardSampler, build_once, default_cache_dir, load_bgr
-from mabn.utils.errors import CorruptImageError
+import mabn.utils.data
+from mabn.utils.data import (RankPermutations, ShardSampler, build_once, default_cache_dir, load_bgr,
+                             worker_options)
+from mabn.utils.errors import CorruptImageError, UserError
 
 
 @pytest.mark.parametrize("num_samples, world_size", [(11, 4), (3, 4), (0, 2), (8, 1)])
@@ -20,6 +28,121 @@ def test_shards_cover_every_sample_exactly_once(num_samples, world_size):
     assert sorted(i for shard in shards for i in shard) == list(range(num_samples))
     assert [len(ShardSampler(num_samples, rank, world_size)) for rank in range(world_size)] == [len(s) for s in shards]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_rank_permutations_follow_their_definition():
+    """Pass ``p`` of stream ``key``: the permutation from ``default_rng([*key, p])``, cut to a
+    multiple of the world size, dealt round-robin (the orders cls and det resume on)."""
+    n, world = 11, 3
+    for rank in range(world):
+        permutations = RankPermutations(n, rank, world)
+        for key in ((4,), (4, 2)):
+            for pass_index in range(3):
+                order = np.random.default_rng([*key, pass_index]).permutation(n)
+                assert permutations.share(key, pass_index).tolist() == order[:9][rank::3].tolist()
+
+
+def test_rank_permutations_are_disjoint_within_a_pass_and_cover_it():
+    shares = [RankPermutations(11, rank, 3).share((7, 1), 0).tolist() for rank in range(3)]
+    everything = sum(shares, [])
+    assert [len(s) for s in shares] == [3, 3, 3] and len(set(everything)) == 9 and set(everything) <= set(range(11))
+
+
+def test_rank_permutations_stream_and_head_agree_across_passes():
+    permutations = RankPermutations(10, 1, 2)
+    stream = permutations.stream((3,))
+    prefix = [next(stream) for _ in range(17)]  # 4 passes of 5
+    assert all(type(i) is int for i in prefix)
+    assert permutations.head((3,), 17).tolist() == prefix and permutations.head((3,), 0).tolist() == []
+    assert sorted(prefix[:5] + RankPermutations(10, 0, 2).head((3,), 5).tolist()) == list(range(10))
+    assert prefix[:5] != prefix[5:10]  # a new permutation each pass
+    assert permutations.head((3, 1), 5).tolist() != permutations.head((3, 2), 5).tolist()  # keys name streams
+
+
+def test_rank_permutations_need_a_sample_per_rank():
+    with pytest.raises(UserError, match="the training set has 3 images, fewer than the 4 processes"):
+        RankPermutations(3, 0, 4)
+
+
+def test_worker_options_forkserver_and_the_owner_bound():
+    assert worker_options(0) == {"num_workers": 0}
+    options = worker_options(2, ["mabn.utils.data"])
+    assert options["num_workers"] == 2
+    assert options["multiprocessing_context"].get_start_method() == "forkserver"
+    init = options["worker_init_fn"]
+    assert isinstance(init, functools.partial) and init.func is mabn.utils.data._worker_init
+    assert init.args == (os.getpid(),)
+
+
+_WORKERS_SCRIPT = """
+    import multiprocessing
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from torch.utils.data import DataLoader, Dataset
+
+    from mabn.utils.data import worker_options
+
+
+    class Pids(Dataset):
+        def __len__(self):
+            return 100000
+
+        def __getitem__(self, index):
+            return os.getpid()
+
+
+    def bystander(path):
+        \"\"\"A daemonic child that is not a loader worker: ends on SIGTERM, leaving a note.\"\"\"
+        def note(*_):
+            with open(path, "w") as stream:
+                stream.write("SIGTERM")
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, note)
+        while True:
+            time.sleep(0.05)
+
+
+    if __name__ == "__main__":
+        threading.Thread(target=threading.Event().wait, daemon=True).start()  # the trainer runs threads
+        other = multiprocessing.get_context("spawn").Process(target=bystander, args=(sys.argv[1],), daemon=True)
+        other.start()
+        loader = DataLoader(Pids(), batch_size=1, persistent_workers=True, **worker_options(2))
+        batches = iter(loader)
+        workers = {int(next(batches)) for _ in range(8)}
+        assert len(workers) == 2, workers
+        for pid in workers:  # the job's SIGTERM, sent by another process: the workers keep serving
+            subprocess.run(["kill", "-TERM", str(pid)], check=True)
+        time.sleep(0.5)
+        assert {int(next(batches)) for _ in range(20)} == workers
+        print("workers alive after an outside SIGTERM", flush=True)
+        victim = min(workers)  # the owner's SIGTERM (DataLoader's terminate()) ends a worker, status 0
+        os.kill(victim, signal.SIGTERM)
+        (process,) = [p for p in multiprocessing.active_children() if p.pid == victim]
+        process.join(60)
+        assert process.exitcode == 0, process.exitcode
+        print("worker ended by its owner's SIGTERM", flush=True)
+        # Exiting with the loader still open ends the other worker instead of waiting for it forever.
+"""
+
+
+def test_loader_workers_outlive_a_job_sigterm_end_on_the_owners_and_never_hold_up_the_exit(tmp_path):
+    """In a fresh interpreter (it starts forkserver workers): a SIGTERM from another process leaves
+    the workers serving, one from the owner ends a worker, the interpreter exits with its loader
+    still open, and an unrelated daemonic child ends the ordinary way (SIGTERM, not SIGKILL)."""
+    script = tmp_path / "workers.py"
+    script.write_text(textwrap.dedent(_WORKERS_SCRIPT))
+    note = tmp_path / "bystander.txt"
+    done = subprocess.run([sys.executable, str(script), str(note)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["workers alive after an outside SIGTERM", "worker ended by its owner's SIGTERM"]
+    assert note.read_text() == "SIGTERM"
 
 
 def test_load_bgr_reads_a_colour_image(tmp_path):
