@@ -12,8 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from det_helpers import run_script
-
 from det.config import load_config
 from det.engine.checkpoint import (LAST_CHECKPOINT, CheckpointWriter, compare_configs, find_last_checkpoint,
                                    read_checkpoint, restore_training_state)
@@ -242,33 +240,3 @@ def test_bad_dtype_is_one_line():
     with pytest.raises(UserError, match="DTYPE 'float64'"):
         precision_from_dtype("float64", torch.device("cpu"))
 
-
-def test_loader_workers_outlive_a_job_sigterm_and_never_hold_up_the_exit(tmp_path):
-    """A SIGTERM from another process leaves a worker running (the trainer still needs it); the
-    interpreter exits although the loader is still open (its terminate() ends the workers)."""
-    script = """
-        import os
-        import subprocess
-
-        import torch
-        from torch.utils.data import DataLoader
-
-        from det.data.build import _loader_options
-
-
-        class Pids(torch.utils.data.Dataset):
-            def __len__(self):
-                return 100
-
-            def __getitem__(self, index):
-                return os.getpid(), {}, index
-
-
-        if __name__ == "__main__":
-            batches = iter(DataLoader(Pids(), batch_size=1, **_loader_options(1, False)))
-            worker = next(batches)[0][0]
-            subprocess.run(["kill", "-TERM", str(worker)], check=True)
-            assert [next(batches)[0][0] for _ in range(20)] == [worker] * 20
-            print("worker alive after an outside SIGTERM")
-    """
-    assert "worker alive after an outside SIGTERM" in run_script(tmp_path, "open_loader.py", script, timeout=120)
