@@ -239,9 +239,14 @@ def _mean_pm(stat: Mapping[str, Optional[float]]) -> str:
 
 
 def _markdown(report: dict) -> str:
-    from reproduction.classification import EPOCHS, LEARNING_RATE, LR_MILESTONES, SGD_BATCH
+    """results.md: the run's header, the claims, then one section per part that ran."""
+    sections = (_header_section, _claims_section, _classification_section, _speed_section, _statistics_section,
+                _detection_section, _schedules_and_runs_section)
+    return "\n".join(line for section in sections for line in section(report)) + "\n"
 
-    budget = report["budget"]
+
+def _header_section(report: dict) -> List[str]:
+    """Title, machine, versions, timing, notes and failures."""
     machine, versions_ = report["machine"], report["versions"]
     lines: List[str] = [f"# MABN miniature reproduction ({report['mode']})", ""]
     start_load = report.get("load_at_start")
@@ -258,11 +263,24 @@ def _markdown(report: dict) -> str:
     if report["failures"]:
         lines += ["**Failures:**", ""] + [f"- {failure}" for failure in report["failures"]] + [""]
 
+    return lines
+
+
+def _claims_section(report: dict) -> List[str]:
+    lines: List[str] = []
     lines += ["## Paper claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['verdict']} | {c['evidence']} |" for c in report["claims"]]
     lines += ["", "A difference counts when it exceeds the margin: the larger of 2 points and twice the pooled "
                   "seed-to-seed standard deviation (when several seeds ran).", ""]
 
+    return lines
+
+
+def _classification_section(report: dict) -> List[str]:
+    from reproduction.classification import EPOCHS, LEARNING_RATE, LR_MILESTONES, SGD_BATCH
+
+    budget = report["budget"]
+    lines: List[str] = []
     cls = report["classification"]
     if cls:
         lines += ["## Classification (embedded data, ResNet-20)", "",
@@ -297,6 +315,11 @@ def _markdown(report: dict) -> str:
                 lines.append(f"| {norm.upper()} | " + " | ".join(cells.get(b, "—") for b in (2, 4, 8, 16, 32)) + " |")
             lines += ["", f"![error vs normalization batch]({cls['sweep_figure']})", ""]
 
+    return lines
+
+
+def _speed_section(report: dict) -> List[str]:
+    lines: List[str] = []
     speed = report["speed"]
     if speed and "rows" in speed:
         lines += ["## Inference speed (ResNet-50)", "",
@@ -312,6 +335,12 @@ def _markdown(report: dict) -> str:
         lines += ["", "MABN folded: MABN + CenConv converted and folded into the convs with `mabn.fold_norms`. "
                       "The paper's column is the published GPU measurement, not comparable in absolute terms.", ""]
 
+    return lines
+
+
+def _statistics_section(report: dict) -> List[str]:
+    budget = report["budget"]
+    lines: List[str] = []
     stats = report["statistics"]
     if stats and "summary" in stats:
         lines += ["## Batch statistics (BN, batch 2 vs 32)", "",
@@ -324,6 +353,11 @@ def _markdown(report: dict) -> str:
                              f"{values['min']:.4g} | {values['max']:.4g} |")
         lines += ["", f"![batch statistics]({stats['figure']})", ""]
 
+    return lines
+
+
+def _detection_section(report: dict) -> List[str]:
+    lines: List[str] = []
     det = report["detection"]
     if det:
         lines += ["## Detection (embedded COCO-format shapes, tiny Mask R-CNN)", "",
@@ -357,6 +391,12 @@ def _markdown(report: dict) -> str:
                              f"predictions:")
             lines += ["", f"![detections]({drawing['figure']})", ""]
 
+    return lines
+
+
+def _schedules_and_runs_section(report: dict) -> List[str]:
+    """The published schedules with their fractions, and every run's exit status."""
+    lines: List[str] = []
     lines += ["## Published schedules and their fractions", "", "| method | source | run length | iterations | fraction |",
               "|---|---|---|---|---|"]
     for item in report["published_schedules"]:
@@ -369,7 +409,7 @@ def _markdown(report: dict) -> str:
     for name, task in report["tasks"].items():
         lines.append(f"| {name} | {task['returncode']} | {task['seconds']:.0f} | {task['log']} |")
     lines += ["", "Every number is in `results.json`."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _finite(value):
