@@ -54,8 +54,8 @@ def flags_of(args: argparse.Namespace) -> Dict[str, Any]:
 def read_training_checkpoint(path: str, trusted: bool) -> Tuple[str, Dict[str, Any]]:
     """The file and contents of the checkpoint at ``path`` (a file or a folder holding
     ``checkpoint.pth``), with every field of :data:`FIELDS` checked for its type."""
-    path = resolve_checkpoint_path(path)
-    checkpoint = load_checkpoint(path, trusted=trusted)
+    path = resolve_checkpoint_path(path, "--checkpoint_dir")
+    checkpoint = load_checkpoint(path, trusted=trusted, trust_hint="--trust_checkpoint")
     check_fields(checkpoint, FIELDS, path)
     return path, checkpoint
 

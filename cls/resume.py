@@ -18,22 +18,20 @@ Flags of neither list (added after the checkpoint was written) are logged as not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from cls.engine import TrainState
 from cls.metrics import Meter
 from mabn.utils.amp import Precision
-from mabn.utils.checkpoint import load_rank_buffers, restore_rng_state
+from mabn.utils.checkpoint import MALFORMED_ERRORS, describe_error
 from mabn.utils.lr_schedule import position_scheduler
-from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError
 
 __all__ = ["APPLIED_FLAGS", "REFUSED_FLAGS", "MODEL_FLAGS", "FlagChanges", "compare_flags", "apply_optimizer_flags",
-           "restore_training_state", "restore_rank_state"]
+           "restore_training_state"]
 
 APPLIED_FLAGS = frozenset({
     "learning_rate", "lr_milestones", "momentum", "weight_decay", "total_epoch", "iters_per_epoch",
@@ -139,14 +137,6 @@ def apply_optimizer_flags(optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
     position_scheduler(scheduler, epoch, [flags["learning_rate"]] * len(optimizer.param_groups))
 
 
-_MALFORMED = (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def restore_training_state(checkpoint: Mapping[str, Any], path: str, optimizer: torch.optim.Optimizer,
                            precision: Precision, iters_per_epoch: int) -> TrainState:
     """Optimizer, scaler, position and meter from ``checkpoint`` (the published keys
@@ -162,22 +152,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], path: str, optimizer: 
         state = TrainState(epoch=int(checkpoint.get("epoch", checkpoint.get("iteration", 0))),
                            step_in_epoch=int(checkpoint.get("step_in_epoch", 0)), meter=Meter())
         state.meter.load_state_dict(checkpoint.get("meter", {}))
-    except _MALFORMED as exc:
-        raise UserError(f"checkpoint {path}: the {field_name} state does not fit this run ({_describe(exc)})") from None
+    except MALFORMED_ERRORS as exc:
+        raise UserError(f"checkpoint {path}: the {field_name} state does not fit this run ({describe_error(exc)})") from None
     state.global_step = int(checkpoint.get("global_step", state.epoch * iters_per_epoch + state.step_in_epoch))
     return state
-
-
-def restore_rank_state(checkpoint: Optional[Mapping[str, Any]], path: str, network: nn.Module, env: DistEnv) -> None:
-    """This rank's buffers and RNG states (after the data-parallel wrapper, which may broadcast
-    rank 0's). Nothing for a checkpoint without them or from another world size (--test_only)."""
-    rank_states = checkpoint.get("rank_states") if checkpoint is not None else None
-    if not rank_states or len(rank_states) != env.world_size:
-        return
-    try:
-        own = rank_states[env.rank]
-        load_rank_buffers(network, own["buffers"])
-        restore_rng_state(own["rng"], env.device)
-    except _MALFORMED as exc:
-        raise UserError(f"checkpoint {path}: rank_states[{env.rank}] does not fit this run "
-                        f"({_describe(exc)})") from None

@@ -6,9 +6,10 @@
 """
 from __future__ import annotations
 
-__all__ = ["LOGGER_NAME", "train_line", "test_line"]
+__all__ = ["LOGGER_NAME", "LOG_PREFIX", "train_line", "test_line"]
 
 LOGGER_NAME = "cls"
+LOG_PREFIX = "log.train"  # each run writes log.train-<date>, as published
 
 
 def train_line(epoch: int, lr: float, loss: float, top1_err: float, top5_err: float) -> str:

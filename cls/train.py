@@ -26,11 +26,11 @@ from cls.data import (AugmentedImageFolder, TrainBatchSampler, build_train_loade
 from cls.engine import EpochLogHook, Evaluator, MetricsWriter, Trainer, TrainState
 from cls.models import build_model
 from cls.norms import norm_choice_from_args
-from cls.resume import apply_optimizer_flags, compare_flags, restore_rank_state, restore_training_state
-from cls.run_log import LOGGER_NAME
+from cls.resume import apply_optimizer_flags, compare_flags, restore_training_state
+from cls.run_log import LOG_PREFIX, LOGGER_NAME
 from cls.transforms import TrainTransform, ValTransform
 from mabn.utils.amp import Precision
-from mabn.utils.checkpoint import kept_message, load_model_state, resolve_checkpoint_path
+from mabn.utils.checkpoint import kept_message, load_model_state, resolve_checkpoint_path, restore_rank_state
 from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
                                     wrap_data_parallel)
 from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
@@ -65,7 +65,8 @@ def _check_output_folder(args: argparse.Namespace) -> None:
     existing = os.path.join(args.save, CHECKPOINT_NAME)
     if args.test_only or args.overwrite or not os.path.isfile(existing):
         return
-    if args.checkpoint_dir is not None and os.path.samefile(resolve_checkpoint_path(args.checkpoint_dir), existing):
+    resumed = None if args.checkpoint_dir is None else resolve_checkpoint_path(args.checkpoint_dir, "--checkpoint_dir")
+    if resumed is not None and os.path.samefile(resumed, existing):
         return
     raise UserError(f"--save {args.save} already holds a checkpoint ({existing}); resume it with --checkpoint_dir "
                     f"{args.save}, or pass --overwrite to start over")
@@ -244,7 +245,7 @@ def _run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) ->
     checkpoint_path, checkpoint, state, resume_lines = _resume(args, env, learner)
 
     _lock_output_folder(stack, args, env)
-    log = stack.enter_context(RunLog(args.save, env.is_main, env.rank, logger_name=LOGGER_NAME,
+    log = stack.enter_context(RunLog(args.save, env.is_main, env.rank, logger_name=LOGGER_NAME, file_prefix=LOG_PREFIX,
                                      tensorboard_dir=None if args.test_only else "tb", progress=args.progress))
     _log_header(log, args, env, norm, resume_lines)
     val_loader = build_val_loader(AugmentedImageFolder(val_folder, ValTransform(args.image_size)),

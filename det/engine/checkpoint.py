@@ -32,9 +32,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from yacs.config import CfgNode
 
 from det.solver import set_optimizer_hyperparameters
-from mabn.utils.checkpoint import (capture_rng_state, check_fields, check_finite, kept_message, load_checkpoint,
-                                   load_model_state, load_rank_buffers, rank_buffers, restore_rng_state, save_atomic,
-                                   write_text_atomic)
+from mabn.utils.checkpoint import (MALFORMED_ERRORS, capture_rng_state, check_fields, check_finite, describe_error,
+                                   kept_message, load_checkpoint, load_model_state, rank_buffers, restore_rank_state,
+                                   save_atomic, write_text_atomic)
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError
 from mabn.utils.lr_schedule import position_scheduler
@@ -121,12 +121,6 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-_MALFORMED = (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
 
 
 def restore_training_state(checkpoint: Mapping[str, Any], path: str, cfg: CfgNode, network: nn.Module,
@@ -142,25 +136,11 @@ def restore_training_state(checkpoint: Mapping[str, Any], path: str, cfg: CfgNod
         field = "scaler"
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-    except _MALFORMED as exc:
-        raise UserError(f"checkpoint {path}: the {field} state does not fit this run ({_describe(exc)})") from None
+    except MALFORMED_ERRORS as exc:
+        raise UserError(f"checkpoint {path}: the {field} state does not fit this run ({describe_error(exc)})") from None
     set_optimizer_hyperparameters(cfg, optimizer)
     position_scheduler(scheduler, iteration, [group["initial_lr"] for group in optimizer.param_groups])
     return iteration
-
-
-def restore_rank_state(checkpoint: Optional[Mapping[str, Any]], path: str, network: nn.Module, env: DistEnv) -> None:
-    """This rank's buffers and RNG states, after the data-parallel wrapper (which broadcasts rank
-    0's); nothing for a checkpoint without them."""
-    rank_states = checkpoint.get("rank_states") if checkpoint is not None else None
-    if not rank_states or len(rank_states) != env.world_size:
-        return
-    try:
-        load_rank_buffers(network, rank_states[env.rank]["buffers"])
-        restore_rng_state(rank_states[env.rank]["rng"], env.device)
-    except _MALFORMED as exc:
-        raise UserError(f"checkpoint {path}: rank_states[{env.rank}] does not fit this run "
-                        f"({_describe(exc)})") from None
 
 
 class CheckpointWriter:

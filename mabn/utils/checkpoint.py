@@ -17,19 +17,24 @@ import os
 import random
 import tempfile
 from collections import OrderedDict
-from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from mabn.utils.errors import NonFiniteStateError, UserError
 
-__all__ = ["CHECKPOINT_NAME", "save_atomic", "write_text_atomic", "save_checkpoint", "check_finite", "first_non_finite", "kept_message",
-           "resolve_checkpoint_path", "load_checkpoint", "check_fields", "strip_module_prefix",
-           "load_model_state", "rank_buffers", "load_rank_buffers", "capture_rng_state", "restore_rng_state"]
+if TYPE_CHECKING:
+    from mabn.utils.distributed import DistEnv
+
+__all__ = ["CHECKPOINT_NAME", "MALFORMED_ERRORS", "save_atomic", "write_text_atomic", "save_checkpoint", "check_finite",
+           "first_non_finite", "kept_message", "resolve_checkpoint_path", "load_checkpoint", "check_fields",
+           "strip_module_prefix", "describe_error", "load_model_state", "rank_buffers", "load_rank_buffers",
+           "capture_rng_state", "restore_rng_state", "restore_rank_state"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
-TRUST_HINT = "--trust_checkpoint"
+# What loading a hand-edited or foreign state into torch objects raises.
+MALFORMED_ERRORS = (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
 # Lines of torch.load's weights-only errors that say nothing about the file itself.
 _TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
@@ -110,8 +115,9 @@ def save_checkpoint(obj: Mapping[str, Any], path: str) -> None:
     save_atomic(obj, path)
 
 
-def resolve_checkpoint_path(path: str, flag: str = "--checkpoint_dir") -> str:
-    """``path`` itself, or ``path/checkpoint.pth`` for a directory; :class:`UserError` if missing."""
+def resolve_checkpoint_path(path: str, flag: str) -> str:
+    """``path`` itself, or ``path/checkpoint.pth`` for a directory; :class:`UserError` naming the
+    app's ``flag`` if missing."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
     if not os.path.isfile(path):
@@ -119,10 +125,11 @@ def resolve_checkpoint_path(path: str, flag: str = "--checkpoint_dir") -> str:
     return path
 
 
-def load_checkpoint(path: str, trusted: bool = False) -> Dict[str, Any]:
+def load_checkpoint(path: str, trusted: bool = False, trust_hint: Optional[str] = None) -> Dict[str, Any]:
     """Load a checkpoint on the CPU with ``weights_only=True`` (``trusted``: a full unpickle).
 
-    A bare state dict is returned as ``{"model": state_dict}``.
+    A bare state dict is returned as ``{"model": state_dict}``. ``trust_hint`` is how the app
+    lets a user opt into ``trusted`` (a flag), named when weights-only loading refuses the file.
     """
     try:
         data = torch.load(path, map_location="cpu", weights_only=not trusted)
@@ -131,9 +138,10 @@ def load_checkpoint(path: str, trusted: bool = False) -> Dict[str, Any]:
         specific = [line for line in lines if not line.startswith(_TORCH_LOAD_BOILERPLATE)] or lines or [""]
         code = next((line for line in specific if "GLOBAL" in line), None)
         if code is not None and not trusted:
+            remedy = (f"if the file comes from a source you trust, pass {trust_hint}" if trust_hint else
+                      "save its tensors as a state dict (torch.save(model.state_dict(), path)) and load that")
             raise UserError(f"checkpoint {path} holds Python objects that weights-only loading refuses to run "
-                            f"({code.rstrip('.')}); if the file comes from a source you trust, pass "
-                            f"{TRUST_HINT}") from None
+                            f"({code.rstrip('.')}); {remedy}") from None
         detail = f"{type(exc).__name__}: {specific[0]}" if specific[0] else type(exc).__name__
         raise UserError(f"checkpoint {path}: not a readable checkpoint ({detail})") from None
     if isinstance(data, Mapping) and "model" in data:
@@ -255,3 +263,25 @@ def restore_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message``, for one-line errors."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def restore_rank_state(checkpoint: Optional[Mapping[str, Any]], path: str, network: nn.Module, env: "DistEnv") -> None:
+    """This rank's buffers and RNG states, after the data-parallel wrapper (which may broadcast
+    rank 0's). Nothing for a checkpoint without them or from another world size (an evaluation
+    on another number of processes); a field that does not fit is a one-line :class:`UserError`."""
+    rank_states = checkpoint.get("rank_states") if checkpoint is not None else None
+    if not rank_states or len(rank_states) != env.world_size:
+        return
+    try:
+        own = rank_states[env.rank]
+        load_rank_buffers(network, own["buffers"])
+        restore_rng_state(own["rng"], env.device)
+    except MALFORMED_ERRORS as exc:
+        raise UserError(f"checkpoint {path}: rank_states[{env.rank}] does not fit this run "
+                        f"({describe_error(exc)})") from None

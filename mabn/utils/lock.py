@@ -18,10 +18,10 @@ LOCK_NAME = ".lock"
 
 
 class FolderLock:
-    """``with FolderLock(folder, flag="--save"):`` creates the folder and locks it, or raises a
-    :class:`UserError` naming the pid that holds it."""
+    """``with FolderLock(folder, flag):`` creates the folder and locks it, or raises a
+    :class:`UserError` naming the pid that holds it and the app's ``flag`` for the folder."""
 
-    def __init__(self, folder: str, flag: str = "--save"):
+    def __init__(self, folder: str, flag: str):
         self.folder = folder
         self.flag = flag
         self.path = os.path.join(folder, LOCK_NAME)

@@ -47,7 +47,7 @@ class RunLog:
     """
 
     def __init__(self, save_dir: str, is_main: bool, rank: int = 0, logger_name: str = "mabn",
-                 file_prefix: Optional[str] = "log.train", tensorboard_dir: Optional[str] = "tb",
+                 file_prefix: Optional[str] = None, tensorboard_dir: Optional[str] = "tb",
                  progress: bool = True, file_name: Optional[str] = None):
         if file_prefix is not None and file_name is not None:
             raise ValueError(f"RunLog: file_prefix {file_prefix!r} and file_name {file_name!r} both given; "

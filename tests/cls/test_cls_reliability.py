@@ -130,7 +130,7 @@ def test_changed_unsafe_flags_are_refused_naming_each(resumable, capsys):
 def test_a_second_run_into_a_locked_folder_fails_with_the_pid(tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from mabn.utils.lock import FolderLock; "
-         "FolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(tmp_path)],
+         "FolderLock(sys.argv[1], '--save').acquire(); print('locked', flush=True); time.sleep(120)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         assert holder.stdout.readline().strip() == "locked"

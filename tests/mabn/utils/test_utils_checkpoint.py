@@ -65,8 +65,11 @@ def test_load_checkpoint_never_runs_code_unless_trusted(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "x": _Marker(marker)}, path)
     with pytest.raises(UserError, match="--trust_checkpoint") as info:
-        load_checkpoint(str(path))
+        load_checkpoint(str(path), trust_hint="--trust_checkpoint")  # the app's opt-in flag is named
     assert "\n" not in str(info.value) and not marker.exists()
+    with pytest.raises(UserError, match="save its tensors as a state dict"):
+        load_checkpoint(str(path))  # an app without such a flag: no flag is named
+    assert not marker.exists()
     load_checkpoint(str(path), trusted=True)  # the documented opt-in does unpickle
     assert marker.exists()
 
@@ -83,8 +86,8 @@ def test_load_checkpoint_bad_files_and_bare_state_dicts(tmp_path):
     torch.save({"weights": 1}, other)
     with pytest.raises(UserError, match="no 'model' entry"):
         load_checkpoint(str(other))
-    with pytest.raises(UserError, match="no such checkpoint file"):
-        resolve_checkpoint_path(str(tmp_path))
+    with pytest.raises(UserError, match="--weights .*: no such checkpoint file"):
+        resolve_checkpoint_path(str(tmp_path), "--weights")
 
 
 def test_check_fields():

@@ -21,9 +21,9 @@ def test_log_file_names_never_collide(tmp_path, monkeypatch):
 
 
 def test_two_logs_in_one_folder_write_two_files(tmp_path):
-    with RunLog(str(tmp_path), is_main=True, logger_name="test_a", tensorboard_dir=None) as first:
+    with RunLog(str(tmp_path), is_main=True, logger_name="test_a", file_prefix="log.train", tensorboard_dir=None) as first:
         first.info("first run")
-    with RunLog(str(tmp_path), is_main=True, logger_name="test_a", tensorboard_dir=None) as second:
+    with RunLog(str(tmp_path), is_main=True, logger_name="test_a", file_prefix="log.train", tensorboard_dir=None) as second:
         second.info("second run")
     texts = sorted(open(p).read() for p in glob.glob(str(tmp_path / "log.train-*")))
     assert len(texts) == 2 and any("first run" in t and "second" not in t for t in texts)
@@ -45,7 +45,7 @@ def test_fixed_file_name_is_appended_to(tmp_path):
 
 def test_file_prefix_and_file_name_together_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="file_prefix=None"):
-        RunLog(str(tmp_path), is_main=True, logger_name="test_e", file_name="log.txt")
+        RunLog(str(tmp_path), is_main=True, logger_name="test_e", file_prefix="log.train", file_name="log.txt")
     assert not os.listdir(tmp_path)
 
 def test_only_rank_0_writes(tmp_path, capsys):
