@@ -50,8 +50,10 @@ average over groups::
     std += momentum * (mean_g(sqrt(var_B_unbiased)) - std)
 
 Implementation: the output is ``x_hat * (weight * r) + (weight * d + bias)`` per group and
-channel, computed by :func:`mabn.groups.group_batch_norm` (shared with ghost BN: no copy
-of the input, batch norm's backward written out with torch's reduction kernel, first order only);
+channel, computed by :func:`mabn.groups.grouped_batch_norm` (shared with ghost BN: no copy
+of the input, per-group coefficients broadcast over its (G, B, C, S) view, batch norm's
+backward written out, first order only); the schedule's limits are one affine map of the
+counter and one clamp on cached constants;
 ``r`` and ``d`` are saved for the backward, never recomputed (:mod:`mabn.compile_barrier`).
 
 Non-finite statistics (a NaN or inf in the input, or a variance that overflows) never enter the
@@ -65,7 +67,7 @@ dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +75,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics
-from mabn.precision import statistics_dtype
+from mabn.groups import cached_constant, check_group_size, compute_dtype, count_groups, grouped_batch_norm, \
+    grouped_moments
 from mabn.running_stats import FiniteRunningStats
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -124,18 +126,31 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
                 f"warmup_steps={self.warmup_steps}, r_ramp_end={self.r_ramp_end}, "
                 f"d_ramp_end={self.d_ramp_end}" + ("" if self.B is None else f", B={self.B}"))
 
-    def _ramp(self, t: Tensor, end: int) -> Tensor:
-        """Fraction of the ramp ending at step ``end`` that is done at step ``t``, in [0, 1]."""
-        span = end - self.warmup_steps
-        if span == 0:  # configuration, not tensor data: a step from 0 to 1 at warmup_steps
-            return (t >= self.warmup_steps).to(t.dtype)
-        return ((t - self.warmup_steps) / span).clamp(0.0, 1.0)
+    def _limit_coefficients(self, end: int, low: float, high: float) -> Tuple[float, float, float, float]:
+        """``(a, b, lower, upper)`` with ``limit_t = clamp(a * t + b, lower, upper)`` for the ramp
+        from ``low`` at ``warmup_steps`` to ``high`` at ``end`` (either may be the larger); a ramp of length 0 (``end ==
+        warmup_steps``) is the ramp of length 1 that ends there: for integer ``t`` a step from
+        ``low`` to ``high`` at ``t = warmup_steps``."""
+        start, span = (self.warmup_steps, end - self.warmup_steps) if end > self.warmup_steps \
+            else (self.warmup_steps - 1, 1)
+        slope = (high - low) / span
+        return slope, low - slope * start, min(low, high), max(low, high)
+
+    def _limits(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(rmax_t, dmax_t, -dmax_t)`` as a (3,) tensor: two dispatched ops on cached constants
+        (one affine map of the counter and one clamp), no host sync."""
+        coefficients = list(zip(self._limit_coefficients(self.r_ramp_end, 1.0, self.r_max),
+                                self._limit_coefficients(self.d_ramp_end, 0.0, self.d_max),
+                                self._limit_coefficients(self.d_ramp_end, 0.0, -self.d_max)))
+        slope, offset, low, high = (
+            cached_constant(("brn_limits", name, tuple(values), dtype), device,
+                            lambda d, values=values: torch.tensor(values, dtype=dtype, device=d))
+            for name, values in zip(("slope", "offset", "low", "high"), coefficients))
+        return torch.clamp(torch.addcmul(offset, self.num_batches_tracked, slope), low, high)
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """``(rmax_t, dmax_t)`` as 0-dim tensors for the current ``num_batches_tracked``."""
-        t = self.num_batches_tracked.to(statistics_dtype(self.running_mean.dtype))
-        rmax = 1.0 + (self.r_max - 1.0) * self._ramp(t, self.r_ramp_end)
-        dmax = self.d_max * self._ramp(t, self.d_ramp_end)
+        rmax, dmax, _ = self._limits(compute_dtype(self.running_mean.dtype), self.num_batches_tracked.device)
         return rmax, dmax
 
     def forward(self, input: Tensor) -> Tensor:
@@ -143,7 +158,7 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         if input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__} expected {self.num_features} channels in "
                              f"dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})")
-        dtype = statistics_dtype(input.dtype)
+        dtype = compute_dtype(input.dtype)
         x = input.to(dtype)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -155,43 +170,47 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         return out.to(input.dtype)
 
     def _train_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-        """Renormalized output; updates the running statistics and the step counter."""
+        """Renormalized output; updates the running statistics and the step counter.
+
+        Everything per group and channel is shaped (G, 1, C, 1) and broadcasts over the
+        (G, B, C, S) view of ``x`` (no copies); the running statistics enter as (C, 1) views."""
         groups = count_groups(type(self).__name__, self.B, x.shape[0])
         if x.numel() == 0:  # nothing to normalize; statistics and counters stay as they are
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        count = x.numel() // (x.shape[1] * groups)  # values per channel in one group
+        channels = x.shape[1]
+        count = x.numel() // (channels * groups)  # values per channel in one group
         if count < 2:
             raise ValueError(f"{type(self).__name__} expects more than 1 value per channel when "
                              f"training, got input of shape {tuple(x.shape)}"
                              + ("" if self.B is None else f" split into groups of B={self.B}"))
-        mean_b, var_b = group_statistics(x, groups)  # (G, C), no gradient
-        sigma_b = torch.sqrt(var_b + self.eps)
+        x4 = x.reshape(groups, -1, channels, count * groups // x.shape[0])
+        mean_b, var_unbiased = grouped_moments(x4, correction=1)  # (G, 1, C, 1), no gradient
+        eps = cached_constant(("eps", self.eps, x.dtype), x.device,
+                              lambda d: torch.tensor(self.eps, dtype=x.dtype, device=d))
+        sigma_b = torch.add(eps, var_unbiased, alpha=(count - 1) / count).sqrt_()  # biased variance + eps
         with torch.no_grad():
-            running_mean = self.running_mean.to(x.dtype)
-            running_std = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
-            rmax, dmax = (limit.to(x.dtype) for limit in self.current_limits())
-            r = torch.clamp(sigma_b / running_std, 1.0 / rmax, rmax)
-            d = torch.clamp((mean_b - running_mean) / running_std, -dmax, dmax)
+            running_mean = self.running_mean.to(x.dtype).view(channels, 1)
+            running_std = torch.add(self.running_var.to(x.dtype).view(channels, 1), self.eps).sqrt_()
+            rmax, dmax, dmin = self._limits(x.dtype, x.device)
+            r = torch.clamp(sigma_b / running_std, rmax.reciprocal(), rmax)
+            d = torch.clamp((mean_b - running_mean).div_(running_std), dmin, dmax)
             r, d = saved_for_backward(r, d)
-            self._update_running_stats(mean_b, var_b * (count / (count - 1)))
+            self._update_running_stats(mean_b, var_unbiased)
         # y = weight * (x_hat * r + d) + bias: per-group scale weight * r and shift
         # weight * d + bias; r and d are constants, so the gradient is the paper's.
-        scale, shift = r, d
-        if weight is not None:
-            scale = weight * r
-            shift = torch.addcmul(bias, weight, d)
-        return group_batch_norm(x, mean_b, sigma_b.reciprocal(), scale, shift)
+        return grouped_batch_norm(x4, mean_b, sigma_b.reciprocal(), weight, bias, r, d).reshape(x.shape)
 
     def _update_running_stats(self, mean_b: Tensor, var_unbiased: Tensor) -> None:
         """EMA of the mean and of the (eps-free) standard deviation; advances the counter.
 
-        ``mean_b`` and ``var_unbiased`` are (G, C) per-group statistics; the EMAs take their
-        average over groups (of the means, and of the standard deviations). A non-finite result
-        skips the whole update (see the module docstring).
+        ``mean_b`` and ``var_unbiased`` are (G, 1, C, 1) per-group statistics; the EMAs take
+        their average over groups (of the means, and of the standard deviations). A non-finite
+        result skips the whole update (see the module docstring).
         """
-        mean = self.running_mean.to(mean_b.dtype).lerp(mean_b.mean(dim=0), self.momentum)
-        std = self.running_var.to(mean_b.dtype).sqrt().lerp(var_unbiased.sqrt().mean(dim=0), self.momentum)
-        self._commit_running_stats(mean, std.square())
+        mean = self.running_mean.to(mean_b.dtype).lerp(mean_b.mean(dim=(0, 1, 3)), self.momentum)
+        std = self.running_var.to(mean_b.dtype).sqrt().lerp(var_unbiased.sqrt().mean(dim=(0, 1, 3)),
+                                                             self.momentum)
+        self._commit_running_stats(mean, std.square_())
 
 
 class BatchRenorm1d(_BatchRenorm):

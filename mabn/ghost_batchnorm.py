@@ -12,12 +12,12 @@ per-channel mean and biased variance::
     y[g] = weight * (x[g] - mean_g) / sqrt(var_g + eps) + bias
 
 The gradient is the gradient of this per-group batch norm (each group's statistics depend only
-on that group). With ``G > 1`` the layer makes no copy of the input: the statistics come from
-vectorized per-(sample, channel) row reductions combined per group
-(:func:`mabn.groups.group_statistics`), the output from one fused multiply-add, and the backward
-is batch norm's, written out in :func:`mabn.groups.group_batch_norm` (torch's batch-norm
-reduction kernel plus one fused multiply-add); it is first-order only (no double backward).
-Batch Renormalization shares these two functions.
+on that group). With ``G > 1`` the layer makes no copy of the input: it works on the
+(G, B, C, S) view, the statistics come from one reduction over it
+(:func:`mabn.groups.grouped_moments`), and the backward is batch norm's, written out in
+:func:`mabn.groups.grouped_batch_norm` (two reductions and three fused element-wise passes,
+every per-group coefficient broadcast); it is first-order only (no double backward). Batch
+Renormalization shares these two functions.
 
 Running statistics are updated ONCE per forward with torch's BatchNorm rule applied to the
 average over groups of the group means and of the group unbiased variances::
@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics
-from mabn.precision import statistics_dtype
+from mabn.groups import (cached_constant, check_group_size, compute_dtype, count_groups, grouped_batch_norm,
+                         grouped_moments)
 from mabn.running_stats import FiniteRunningStats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -98,7 +98,7 @@ class _GhostBatchNormMixin(FiniteRunningStats):
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
                              f"channels in dim 1, got input of shape {tuple(input.shape)}")
         groups = count_groups(type(self).__name__, self.B, input.shape[0])
-        dtype = statistics_dtype(input.dtype)
+        dtype = compute_dtype(input.dtype)
         x = input.to(dtype)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -111,17 +111,19 @@ class _GhostBatchNormMixin(FiniteRunningStats):
         update = self.training and self.track_running_stats
         if groups == 1:
             return self._whole_batch_forward(x, weight, bias, update).to(input.dtype)
-        mean, var = group_statistics(x, groups)
-        scale = torch.ones_like(mean) if weight is None else weight.expand_as(mean)
-        shift = torch.zeros_like(mean) if bias is None else bias.expand_as(mean)
-        out = group_batch_norm(x, mean, torch.rsqrt(var + self.eps), scale, shift)
+        x4 = x.reshape(groups, -1, x.shape[1], per_group // self.B)
+        mean, var_unbiased = grouped_moments(x4, correction=1)  # (G, 1, C, 1)
+        eps = cached_constant(("eps", self.eps, dtype), x.device,
+                              lambda d: torch.tensor(self.eps, dtype=dtype, device=d))
+        invstd = torch.add(eps, var_unbiased, alpha=(per_group - 1) / per_group).rsqrt_()  # biased + eps
+        out = grouped_batch_norm(x4, mean, invstd, weight, bias).reshape(x.shape)
         if update:
             with torch.no_grad():
                 # torch's update is linear in the batch statistics: average them over groups
                 factor = (1.0 / (self.num_batches_tracked + 1).to(dtype) if self.momentum is None
                           else self.momentum)
-                batch_mean = mean.mean(dim=0)
-                batch_var = var.mean(dim=0) * (per_group / (per_group - 1))
+                batch_mean = mean.mean(dim=(0, 1, 3))
+                batch_var = var_unbiased.mean(dim=(0, 1, 3))
                 self._commit_running_stats(torch.lerp(self.running_mean.to(dtype), batch_mean, factor),
                                            torch.lerp(self.running_var.to(dtype), batch_var, factor))
         return out.to(input.dtype)

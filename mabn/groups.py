@@ -3,17 +3,65 @@
 MABN (``split_batch=True``), Batch Renormalization and ghost BN all simulate a small
 normalization batch ``B`` inside a larger SGD batch. The checks live here once, and so do the
 per-group statistics and the grouped batch norm (with its hand-written backward) that ghost BN
-and Batch Renormalization share.
+and Batch Renormalization share. Both work on the (G, B, C, S) view of the input with
+statistics shaped (G, 1, C, 1), so that every per-group coefficient broadcasts without a copy:
+at tiny batches a layer's cost is its number of dispatched ops (kernel launches on a GPU), and
+:func:`cached_constant` keeps constant tensors from costing one per call.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from collections import OrderedDict
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["check_group_size", "count_groups", "group_batch_norm", "group_statistics"]
+from mabn.precision import statistics_dtype
+
+__all__ = ["cached_constant", "check_group_size", "compute_dtype", "count_groups", "filled",
+           "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """:func:`mabn.precision.statistics_dtype` without dispatching ``promote_types`` (an op per call)."""
+    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return torch.float32
+    return dtype if dtype == torch.float64 else statistics_dtype(dtype)
+
+
+_CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_MAX_CONSTANTS = 256
+
+
+def _tracing(device: torch.device) -> bool:
+    """A compiler, a fake-tensor trace or a CUDA graph capture is on: constants are built in place."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def cached_constant(key: tuple, device: torch.device, build: Callable[[torch.device], Tensor]) -> Tensor:
+    """``build(device)``, built once per ``key`` and device in eager mode (each build is a dispatched
+    op, a kernel launch on a GPU, in every call otherwise). The tensors are read-only inputs of the
+    kernels: never modify one. ``key`` must determine the tensor (shape, dtype, values)."""
+    if _tracing(device):
+        return build(device)
+    key = key + (device,)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        with torch.inference_mode(False), torch.no_grad():
+            tensor = build(device)
+        _CONSTANTS[key] = tensor
+        if len(_CONSTANTS) > _MAX_CONSTANTS:
+            _CONSTANTS.popitem(last=False)
+    return tensor
+
+
+def filled(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached (n,) tensor of ``value`` (see :func:`cached_constant`)."""
+    return cached_constant(("full", n, value, dtype), device,
+                           lambda d: torch.full((n,), value, dtype=dtype, device=d))
 
 
 def check_group_size(B: object, *, allow_none: bool = False) -> Optional[int]:
@@ -41,69 +89,91 @@ def _grouped(t: Tensor, groups: int) -> Tensor:
     return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1)
 
 
-def group_statistics(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
-    """Per-group, per-channel mean and biased variance of (N, C, *S) ``x``, each (G, C).
-
-    Two passes over each (sample, channel) row of the ``(N * C, prod(S))`` view (no copy for
-    contiguous input): the row mean, then the norm of the centered row (both vectorized, several
-    times faster on CPU than torch's batch-norm statistics kernel). The rows of a group are then
-    combined exactly (law of total variance): the mean of the row means, and the mean of the row
-    variances plus the variance of the row means.
-    """
-    batch, channels = x.shape[:2]
+def grouped_moments(x4: Tensor, correction: int = 0) -> Tuple[Tensor, Tensor]:
+    """Mean and variance (biased, or with Bessel's ``correction=1``) of each group and channel of
+    a (G, B, C, S) view, each (G, 1, C, 1) (broadcasting over the view), without gradient: one
+    reduction kernel over the non-adjacent dims B and S (Welford's, exact for ``|mean| >> std``)."""
     with torch.no_grad():
-        rows = x.reshape(batch * channels, -1)
-        row_mean = rows.mean(dim=1, keepdim=True)
-        row_var = torch.linalg.vector_norm(rows - row_mean, dim=1).square()
-        between, mean = torch.var_mean(row_mean.view(groups, -1, channels), dim=1, correction=0)
-        within = row_var.view(groups, -1, channels).mean(dim=1)
-        return mean, torch.add(between, within, alpha=1 / rows.shape[1])
+        var, mean = torch.var_mean(x4, dim=(1, 3), correction=correction, keepdim=True)
+    return mean, var
+
+
+def group_statistics(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
+    """Per-group, per-channel mean and biased variance of (N, C, *S) ``x``, each (G, C), from
+    one reduction over the (G, B, C, S) view (no copy for contiguous or channels-last input)."""
+    mean, var = grouped_moments(_grouped(x, groups))
+    return mean.view(groups, -1), var.view(groups, -1)
+
+
+def _product(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return a if b is None else b if a is None else a * b
 
 
 class _GroupBatchNorm(torch.autograd.Function):
-    """``y = (x - mean) * invstd * scale + shift`` on (G, B, C, S) ``x`` with (G, C) coefficients,
-    where ``mean`` and ``invstd`` are the group statistics of ``x`` (from
-    :func:`group_statistics`): the backward is batch norm's, through the statistics too."""
+    """``y = x_hat * scale + shift`` on a (G, B, C, S) view ``x``, with ``x_hat = (x - mean) *
+    invstd`` for its (G, 1, C, 1) group statistics (from :func:`grouped_moments`), ``scale =
+    weight * r`` and ``shift = weight * d + bias``: ``weight`` and ``bias`` (C,), ``r`` and ``d``
+    broadcasting like (G, 1, C, 1), each None when absent (1 or 0). The backward is batch
+    norm's, through the statistics too, with the parameter gradients reduced to (C,) here (no
+    autograd ops for the products). ``x_hat`` is saved instead of ``x``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        shape = (x.shape[0], 1, x.shape[2], 1)
-        alpha = scale * invstd
-        beta = torch.addcmul(shift, alpha, mean, value=-1)
-        ctx.save_for_backward(x, mean, invstd, scale)
-        # multiply, then add in place: torch's addcmul with a broadcast first operand is slower
-        return (x * alpha.view(shape)).add_(beta.view(shape))
+    def forward(ctx, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                r: Optional[Tensor], d: Optional[Tensor]) -> Tensor:
+        x_hat = (x - mean).mul_(invstd)
+        w4 = None if weight is None else weight.view(1, 1, -1, 1)
+        b4 = None if bias is None else bias.view(1, 1, -1, 1)
+        scale = _product(w4, r)
+        if d is None:
+            shift = b4
+        elif w4 is None:
+            shift = d if b4 is None else d + b4
+        else:
+            shift = w4 * d if b4 is None else torch.addcmul(b4, w4, d)
+        ctx.save_for_backward(x_hat, invstd, scale, w4, r, d)
+        if scale is None:
+            return x_hat.clone() if shift is None else x_hat + shift
+        return x_hat * scale if shift is None else torch.addcmul(shift, x_hat, scale)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, mean, invstd, scale = ctx.saved_tensors
-        groups, batch, channels = x.shape[:3]
-        count = batch * x.shape[3]  # values per channel and group
+        x_hat, invstd, scale, w4, r, d = ctx.saved_tensors
+        count = x_hat.shape[1] * x_hat.shape[3]  # values per channel and group
+        sum_dy = dy.sum(dim=(1, 3), keepdim=True)
+        sum_dy_xhat = (dy * x_hat).sum(dim=(1, 3), keepdim=True)
+        # dx = scale * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+        dx = torch.addcmul(dy, x_hat, sum_dy_xhat, value=-1.0 / count).add_(sum_dy, alpha=-1.0 / count)
+        dx.mul_(invstd if scale is None else scale * invstd)
+        needs = ctx.needs_input_grad
+        grad_weight = grad_bias = grad_r = grad_d = None
+        if needs[3]:  # sum(dy * x_hat) * r + sum(dy) * d, over groups too
+            per_group = _product(sum_dy_xhat, r)
+            if d is not None:
+                per_group = torch.addcmul(per_group, sum_dy, d)
+            grad_weight = per_group.sum(dim=(0, 1, 3))
+        if needs[4]:
+            grad_bias = sum_dy.sum(dim=(0, 1, 3))
+        if needs[5]:
+            grad_r = _product(sum_dy_xhat, w4)
+        if needs[6]:
+            grad_d = _product(sum_dy, w4)
+        return dx, None, None, grad_weight, grad_bias, grad_r, grad_d
 
-        def per_row(stat: Tensor) -> Tensor:
-            return stat.unsqueeze(1).expand(groups, batch, channels).reshape(-1)
 
-        # torch's batch-norm backward reduction per (sample, channel) row: sum(dy * x_hat), sum(dy);
-        # the weight only sets the dtype of the sums (no input gradient is asked for), but the
-        # CUDA kernel needs one whenever a weight or bias gradient is requested
-        rows = (1, groups * batch * channels, -1)
-        row_invstd = per_row(invstd)
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy.reshape(rows), x.reshape(rows), row_invstd, None, None, per_row(mean), row_invstd,
-            True, 0.0, [False, True, True])
-        sum_dy_xhat = sum_dy_xhat.view(groups, batch, channels).sum(dim=1)
-        sum_dy = sum_dy.view(groups, batch, channels).sum(dim=1)
-        # dx = scale * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)) = a * dy + b * x + c
-        a = scale * invstd
-        b = (a * invstd * sum_dy_xhat).mul_(-1 / count)
-        c = torch.addcmul(b * mean, a, sum_dy, value=1 / count).neg_()
-        shape = (groups, 1, channels, 1)
-        dx = (dy * a.view(shape)).addcmul_(x, b.view(shape)).add_(c.view(shape))
-        return dx, None, None, sum_dy_xhat, sum_dy
+def grouped_batch_norm(x4: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor] = None,
+                       bias: Optional[Tensor] = None, r: Optional[Tensor] = None,
+                       d: Optional[Tensor] = None) -> Tensor:
+    """``(x4 - mean) * invstd * (weight * r) + (weight * d + bias)`` on a (G, B, C, S) view with
+    (G, 1, C, 1) group statistics, (C,) ``weight``/``bias`` and ``r``/``d`` broadcasting like
+    (G, 1, C, 1) (None: absent); returns the (G, B, C, S) output. Gradients as if the
+    statistics were computed by autograd."""
+    return _GroupBatchNorm.apply(x4, mean, invstd, weight, bias, r, d)
 
 
 def group_batch_norm(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """Normalize each group of (N, C, *S) ``x`` with its (G, C) statistics, then ``* scale +
     shift`` per group and channel; gradients as if the statistics were computed by autograd."""
-    return _GroupBatchNorm.apply(_grouped(x, mean.shape[0]), mean, invstd, scale, shift).reshape(x.shape)
+    shape = (mean.shape[0], 1, mean.shape[1], 1)
+    return grouped_batch_norm(_grouped(x, mean.shape[0]), mean.view(shape), invstd.view(shape),
+                              r=scale.view(shape), d=shift.view(shape)).reshape(x.shape)

@@ -34,10 +34,12 @@ autograd gradient of the forward.
 The schedule is tensor logic on buffers (no ``.item()``): a training step never synchronizes
 with the device, and ``torch.compile`` traces it once. With one group the step runs BN's own
 inference kernels (forward, and one backward call for the input gradient and the reductions,
-with per-channel variance ``(chi + eps) / r**2`` and mean 0); 44 dispatched ops per forward +
-backward. The kernels get arguments that both their CPU and CUDA implementations accept
-(``save_mean``/``save_invstd`` given, a weight wherever a weight gradient is requested, float32
-parameters next to float16/bfloat16 input).
+with per-channel variance ``(chi + eps) / r**2`` and mean 0); 36 dispatched ops per forward +
+backward, 61 with four groups (each a kernel launch on a GPU; constant tensors are cached by
+:func:`mabn.groups.cached_constant`). The kernels get arguments that both their CPU and CUDA
+implementations accept (``save_mean``/``save_invstd`` given, the backward's ``save_invstd``
+empty in eval mode where the kernels derive it from the running variance, a weight wherever a
+weight gradient is requested, float32 parameters next to float16/bfloat16 input).
 
 Loss scaling: ``grad_scale`` (set by :func:`mabn.set_grad_scale` before the forward; None for 1)
 is the factor the incoming gradients carry. ``psi`` enters the window divided by it, so the
@@ -68,8 +70,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import count_groups
-from mabn.precision import statistics_dtype
+from mabn.groups import cached_constant, compute_dtype, count_groups, filled
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
 
@@ -83,16 +84,17 @@ def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
     ``invstd = 1 / count`` is this mean in one fast kernel, accumulated in float32 or wider
     for every input dtype (a strided ``vector_norm`` over (N, *) is several times slower on CPU).
     The kernel's ``weight`` only sets the dtype and device of the result (no input gradient is
-    asked for), but CUDA needs one whenever a weight gradient is: ``inv_count`` serves.
+    asked for), but CUDA needs one whenever a weight gradient is: ``inv_count`` serves. The
+    constant tensors are cached (:func:`mabn.groups.filled`).
     """
     batch, channels = x.shape[0], x.shape[1]
     count = x.numel() // (groups * channels)
     if groups == 1:
-        planes, shape = x, (channels,)
+        planes, rows = x, channels
     else:
-        planes, shape = x.reshape(1, batch * channels, -1), (batch * channels,)
-        zeros = zeros.new_zeros(shape)
-    inv_count = zeros.new_full(shape, 1.0 / count)
+        planes, rows = x.reshape(1, batch * channels, -1), batch * channels
+        zeros = filled(rows, 0.0, zeros.dtype, x.device)
+    inv_count = filled(rows, 1.0 / count, zeros.dtype, x.device)
     moments = torch.ops.aten.native_batch_norm_backward(
         planes, planes, inv_count, None, None, zeros, inv_count, True, 0.0, [False, True, False])[1]
     return moments if groups == 1 else moments.view(groups, -1, channels).sum(dim=1)
@@ -108,8 +110,8 @@ def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, 
     """
     size = window.shape[0]
     if values.dim() == 1:
-        stream = torch.cat([window, values.unsqueeze(0)])
-        new_window = stream[1:]
+        # two ops for the new window (unbind's views, one stack) instead of unsqueeze, cat, slice
+        new_window = torch.stack(window.unbind(0)[1:] + (values,))
         moving = new_window.mean(dim=0)
     else:
         stream = torch.cat([window, values])
@@ -118,39 +120,52 @@ def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, 
     return torch.where(use_own, values, moving), new_window
 
 
-def _per_sample(per_group: Tensor, batch: int) -> Tensor:
-    """(G, C) group coefficients as a (N, C, 1) tensor that broadcasts over (N, C, S)."""
-    groups, channels = per_group.shape
-    return per_group.unsqueeze(1).expand(groups, batch // groups, channels).reshape(batch, channels, 1)
+def _group_view(t: Tensor, groups: int) -> Tensor:
+    """(N, C, *S) as (G, N / G, C, prod(S)): a view for contiguous and channels-last tensors."""
+    return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1)
+
+
+def _per_group(coefficients: Tensor) -> Tensor:
+    """(G, C) coefficients as (G, 1, C, 1), broadcasting over :func:`_group_view`."""
+    return coefficients.view(coefficients.shape[0], 1, coefficients.shape[1], 1)
 
 
 @torch.no_grad()
 def _advance_forward_statistics(x: Tensor, zeros: Tensor, running_var: Tensor,
                                 num_batches_tracked: Tensor, groups_seen: Tensor, skipped_updates: Tensor,
                                 chi_window: Tensor, groups: int, warmup_iters: int, r_warmup_iters: int, eps: float,
-                                ema_weight: Union[float, Tensor], r_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                ema_weight: Union[float, Tensor], r_max: float
+                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One training forward's statistics; advances the buffers in place, except for channels
     whose statistic is not finite (counted in ``skipped_updates``). ``ema_weight`` is the weight of
     the new value in the ``running_var`` EMA (``1 - momentum``, or a 0-dim tensor).
 
     Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
-    denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``,
-    ``chi + eps``, and the own-statistic mask (0-dim or (G, 1)).
+    denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``
+    (with one group an empty tensor: the backward kernel derives it), ``chi + eps``, and the
+    own-statistic mask (0-dim or (G, 1)).
+
+    Conditions that the configuration decides (a warm-up already over at the first forward)
+    dispatch no comparison.
     """
     window = chi_window.shape[0]
     chi = _second_moments(x, groups, zeros)
     if groups == 1:
         limit = window
     else:
-        limit = torch.arange(window, window - groups, -1, device=x.device).unsqueeze(1)
-    use_own = (groups_seen < limit) | (num_batches_tracked < warmup_iters - 1)
+        limit = cached_constant(("limits", window, groups), x.device,
+                                lambda d: torch.arange(window, window - groups, -1, device=d).unsqueeze(1))
+    use_own = groups_seen < limit
+    if warmup_iters > 1:
+        use_own = use_own | (num_batches_tracked < warmup_iters - 1)
     chi_used, new_window = _windowed(chi_window, chi, use_own)
 
     # r = sqrt(chi_plus_eps / (running_var + eps)) clamped to [1/r_max, r_max], so
     # var = chi_plus_eps / r ** 2 is running_var + eps clamped to chi_plus_eps * [1/r_max^2, r_max^2]
     chi_plus_eps = chi_used + eps
     var = torch.clamp(running_var + eps, chi_plus_eps * (1.0 / r_max ** 2), chi_plus_eps * r_max ** 2)
-    var = torch.where(num_batches_tracked >= r_warmup_iters, var, chi_plus_eps)
+    if r_warmup_iters > 0:
+        var = torch.where(num_batches_tracked >= r_warmup_iters, var, chi_plus_eps)
 
     target = chi_used if groups == 1 else chi_used.mean(dim=0)
     finite = target < math.inf  # one kernel; target >= 0 unless NaN
@@ -160,6 +175,11 @@ def _advance_forward_statistics(x: Tensor, zeros: Tensor, running_var: Tensor,
     torch.where(finite, new_window.to(chi_window.dtype), chi_window, out=chi_window)
     torch._foreach_add_([num_batches_tracked, groups_seen, skipped_updates], [1, groups, x.shape[1]])
     skipped_updates.sub_(finite.sum())
+    if groups == 1:
+        # u is the backward kernel's save_invstd: empty, so that it derives 1 / sqrt(var + 0) from
+        # the running statistics itself (eval mode), on CPU and on CUDA (no rsqrt op here)
+        var, chi_plus_eps, use_own = saved_for_backward(var, chi_plus_eps, use_own)
+        return var, filled(0, 0.0, var.dtype, var.device), chi_plus_eps, use_own
     return tuple(saved_for_backward(var, var.rsqrt(), chi_plus_eps, use_own))
 
 
@@ -169,9 +189,9 @@ class _MABNFunction(torch.autograd.Function):
     ``u = r / sqrt(chi + eps) = 1 / sqrt(var)`` and ``chi + eps`` are constants per channel
     (C,) for one group, or per group (G, C). With one group, the forward is BN's inference
     kernel with variance ``var`` and mean 0, and the backward is one call of BN's inference
-    backward: ``dy * weight * u`` and the weight and bias gradients. With several groups the
-    (N, C, S) view is scaled by per-sample coefficients. The backward averages ``psi`` over the
-    window in ``psi_window`` (updated in place).
+    backward: ``dy * weight * u`` and the weight and bias gradients. With several groups ``x``
+    is the (G, B, C, S) view of the input, scaled by per-group coefficients (broadcast, no
+    copies). The backward averages ``psi`` over the window in ``psi_window`` (updated in place).
 
     ``grad_scale`` (0-dim, or None for 1) is the factor the incoming gradient carries (a
     GradScaler's loss scale): ``psi`` enters the window divided by it, and the averaged ``psi``
@@ -186,32 +206,33 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, zeros: Tensor, var: Tensor, u: Tensor,
                 chi_plus_eps: Tensor, use_own: Tensor, psi_window: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
-        ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale)
         compute_dtype = zeros.dtype
         if var.dim() == 1:
+            ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale)
             return torch.native_batch_norm(x, weight.to(compute_dtype), bias.to(compute_dtype), zeros, var,
                                            False, 0.0, 0.0)[0]
-        batch = x.shape[0]
-        x3 = x.to(compute_dtype).reshape(batch, x.shape[1], -1)
-        y = torch.empty_like(x, dtype=compute_dtype)
-        torch.addcmul(bias.to(compute_dtype).view(1, -1, 1), x3,
-                      _per_sample(weight.to(compute_dtype) * u, batch), out=y.view(x3.shape))
+        # x is the (G, B, C, S) view of the input; the output takes its layout (channels-last stays so)
+        weight_u = _per_group(weight.to(compute_dtype) * u)  # saved: the backward scales dy by it too
+        ctx.save_for_backward(x, weight, zeros, weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale)
+        y = torch.addcmul(bias.to(compute_dtype).view(1, 1, -1, 1), x.to(compute_dtype), weight_u)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale = ctx.saved_tensors
-        batch, channels = x.shape[0], x.shape[1]
+        # var_or_weight_u: var (C,) with one group, weight * u (G, 1, C, 1) with several
+        x, weight, zeros, var_or_weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale = ctx.saved_tensors
         compute_dtype = zeros.dtype
-        count = x.numel() // (channels * (1 if var.dim() == 1 else var.shape[0]))
+        one_group = var_or_weight_u.dim() == 1
+        groups, channels = (1, x.shape[1]) if one_group else (x.shape[0], x.shape[2])
+        count = x.numel() // (channels * groups)
         weight_c = weight.to(compute_dtype)
         weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
-        if var.dim() == 1:
+        if one_group:
             # BN's inference backward with mean 0 and variance var (eps 0): dy * weight * u, and
-            # the reductions sum(dy * x * u), sum(dy); save_mean/save_invstd equal what CPU
-            # derives from the running statistics.
+            # the reductions sum(dy * x * u), sum(dy); save_mean equals the running mean and
+            # save_invstd is empty, so both devices derive u from the running variance.
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight_c, zeros, var, zeros, u, False, 0.0, [True, True, True])
+                grad_out, x, weight_c, zeros, var_or_weight_u, zeros, u, False, 0.0, [True, True, True])
             psi = torch.addcmul(zeros, grad_weight, weight_unscaled, value=1.0 / count)
             finite = psi.abs() < math.inf
             psi_used, new_window = _windowed(psi_window, psi, use_own)
@@ -220,27 +241,25 @@ class _MABNFunction(torch.autograd.Function):
                 coefficient = coefficient * grad_scale
             grad_x.addcmul_(x, coefficient.view((channels,) + (1,) * (x.dim() - 2)), value=-1.0)
         else:
-            x3 = x.to(compute_dtype).reshape(batch, channels, -1)
-            grad = grad_out.to(compute_dtype).reshape(x3.shape)
-            planes = (1, batch * channels, x3.shape[2])
-            per_sample_u = _per_sample(u, batch).view(-1)
-            # per (sample, channel) row: sum(dy * x * u) and sum(dy); the weight only sets the
-            # dtype of the sums (no input gradient is asked for)
+            x4, grad4 = x.to(compute_dtype), grad_out.to(compute_dtype)
+            rows = x4.shape[0] * x4.shape[1] * channels
+            planes = (1, rows, x4.shape[3])
+            # per (sample, channel) row: sum(dy * x) and sum(dy) (invstd 1, cached); the weight
+            # only sets the dtype of the sums (no input gradient is asked for)
+            ones = filled(rows, 1.0, compute_dtype, x.device)
             _, grad_x_sums, grad_sums = torch.ops.aten.native_batch_norm_backward(
-                grad.reshape(planes), x3.reshape(planes), per_sample_u, None, None, zeros.new_zeros(planes[1]),
-                per_sample_u, True, 0.0, [False, True, True])
-            per_group = grad_x_sums.view(u.shape[0], -1, channels).sum(dim=1)
+                grad4.reshape(planes), x4.reshape(planes), ones, None, None,
+                filled(rows, 0.0, compute_dtype, x.device), ones, True, 0.0, [False, True, True])
+            per_group = grad_x_sums.view(groups, -1, channels).sum(dim=1).mul_(u)  # sum(dy * x * u)
             grad_weight = per_group.sum(dim=0)
-            grad_bias = grad_sums.view(batch, channels).sum(dim=0)
-            psi = per_group * weight_unscaled * (1.0 / count)
-            finite = psi.sum(dim=0).abs() < math.inf
+            grad_bias = grad_sums.view(-1, channels).sum(dim=0)
+            psi = torch.addcmul(zeros, per_group, weight_unscaled, value=1.0 / count)
+            finite = torch.linalg.vector_norm(psi, math.inf, dim=0) < math.inf  # NaN stays NaN
             psi_used, new_window = _windowed(psi_window, psi, use_own)
             coefficient = psi_used / chi_plus_eps
             if grad_scale is not None:
                 coefficient = coefficient * grad_scale
-            grad_x = torch.empty_like(x, dtype=compute_dtype)
-            torch.mul(grad, _per_sample(weight_c * u, batch), out=grad_x.view(x3.shape))
-            grad_x.view(x3.shape).addcmul_(x3, _per_sample(coefficient, batch), value=-1.0)
+            grad_x = (grad4 * var_or_weight_u).addcmul_(x4, _per_group(coefficient), value=-1.0)
             grad_x = grad_x.to(x.dtype)
         torch.where(finite, new_window.to(psi_window.dtype), psi_window, out=psi_window)
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
@@ -339,13 +358,16 @@ class _MovingAverageBatchNorm(_BatchNorm):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
-        zeros = self.running_mean.to(statistics_dtype(input.dtype))
+        zeros = self.running_mean.to(compute_dtype(input.dtype))
         var, u, chi_plus_eps, use_own = _advance_forward_statistics(
             input, zeros, self.running_var, self.num_batches_tracked, self.groups_seen,
             self.skipped_updates, self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps,
             self._ema_weight(), self.r_max)
-        return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
-                                   use_own, self.buffer_gz, self.grad_scale)
+        if groups == 1:
+            return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
+                                       use_own, self.buffer_gz, self.grad_scale)
+        return _MABNFunction.apply(_group_view(input, groups), self.weight, self.bias, zeros, var, u,
+                                   chi_plus_eps, use_own, self.buffer_gz, self.grad_scale).reshape(input.shape)
 
     def _ema_weight(self) -> Union[float, Tensor]:
         """Weight of the new statistic in the ``running_var`` EMA: ``1 - momentum``, and 1 at the

@@ -15,6 +15,8 @@ on an empty batch by not committing at all.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -49,12 +51,15 @@ class FiniteRunningStats:
     @torch.no_grad()
     def _commit_running_stats(self, mean: Tensor, var: Tensor) -> None:
         """Copy ``mean``/``var`` into the running buffers and count the step, unless any value is
-        non-finite: then nothing changes but ``skipped_updates``."""
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
-        self.running_var.copy_(torch.where(finite, var, self.running_var))
-        self.num_batches_tracked.add_(finite)
-        self.skipped_updates.add_(~finite)
+        non-finite: then nothing changes but ``skipped_updates``.
+
+        Seven dispatched ops: the largest magnitude of both (NaN if any is NaN) compared with
+        inf, two masked copies, and one fused update of both counters."""
+        finite = torch.linalg.vector_norm(torch.cat([mean, var]), math.inf) < math.inf
+        # .to(): no-ops unless the buffers are in float16/bfloat16 (a model converted as a whole)
+        torch.where(finite, mean.to(self.running_mean.dtype), self.running_mean, out=self.running_mean)
+        torch.where(finite, var.to(self.running_var.dtype), self.running_var, out=self.running_var)
+        torch._foreach_add_([self.num_batches_tracked, self.skipped_updates], [finite, ~finite])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
