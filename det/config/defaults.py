@@ -4,10 +4,14 @@ published MABN fork hard-coded (``MODEL.MABN``, ``MODEL.BRN``, ``MODEL.GN``, ``D
 Conventions as in maskrcnn-benchmark: a ``_TRAIN`` / ``_TEST`` suffix for options that differ
 between training and testing; ``SOLVER.IMS_PER_BATCH`` and ``TEST.IMS_PER_BATCH`` are global
 (divided by the number of processes). Only keys that the model, data pipeline or engine read
-exist: an unknown key in a file or on the command line is an error (see
-:func:`det.config.load_config`). yacs refuses a value whose type differs from the default's, so
-every float-valued key has a float default (``SOLVER.WEIGHT_DECAY_BIAS 0.0`` is accepted) and
-only counts, sizes, iterations and pixel offsets are integers.
+exist, and every one of them is read (``tests/det/test_det_config.py`` checks it): an unknown key
+in a file or on the command line is an error (see :func:`det.config.load_config`); keys of
+maskrcnn-benchmark's models that are not built here are refused by name
+(:mod:`det.config.support`). Keys of a part that a config does not build (mask-head keys with
+``MASK_ON False``, conv-head keys with ``FPN2MLPFeatureExtractor``, ``MODEL.MABN`` without MABN)
+have no effect, as in maskrcnn-benchmark. yacs refuses a value whose type differs from the
+default's, so every float-valued key has a float default (``SOLVER.WEIGHT_DECAY_BIAS 0.0`` is
+accepted) and only counts, sizes, iterations and pixel offsets are integers.
 """
 from __future__ import annotations
 
@@ -32,15 +36,28 @@ _C.MODEL.DEVICE = "cuda"
 _C.MODEL.WEIGHT = ""
 
 _C.MODEL.BACKBONE = CN()
-# "R-{18,34,50,101,152}-FPN[-{MABN,SYNCBN,BN,BRN,GN}]"; without a suffix: FrozenBN.
+# "R-{18,34,50,101,152}-FPN[-{MABN,SYNCBN,BN,BRN,GN}]". The suffix is the FPN's norm (and must
+# match the body's); without one the FPN has none (GN with MODEL.FPN.USE_GN) and the body's norm
+# is the one RESNETS.TRANS_FUNC / STEM_FUNC name.
 _C.MODEL.BACKBONE.CONV_BODY = "R-50-C4"
 # Freeze the stem and the stages below this one (-1 or 0: nothing; 1: the stem; k: stem and res2..resk).
 _C.MODEL.BACKBONE.FREEZE_CONV_BODY_AT = 2
 
 _C.MODEL.FPN = CN()
+# GroupNorm after each FPN conv (convs without bias); for a CONV_BODY without a norm suffix.
+_C.MODEL.FPN.USE_GN = False
 _C.MODEL.FPN.USE_RELU = False
 
+# GroupNorm layers (body "...WithGN", FPN / head USE_GN, "-GN" names): NUM_GROUPS groups, or
+# channels / DIM_PER_GP groups; exactly one of the two is -1.
+_C.MODEL.GROUP_NORM = CN()
+_C.MODEL.GROUP_NORM.DIM_PER_GP = -1
+_C.MODEL.GROUP_NORM.NUM_GROUPS = 32
+_C.MODEL.GROUP_NORM.EPSILON = 1e-5
+
 _C.MODEL.RESNETS = CN()
+# Groups of each 3x3 bottleneck conv (1: ResNet; 32 with WIDTH_PER_GROUP 8: ResNeXt-32x8d); the
+# res2 bottleneck width is NUM_GROUPS x WIDTH_PER_GROUP.
 _C.MODEL.RESNETS.NUM_GROUPS = 1
 _C.MODEL.RESNETS.WIDTH_PER_GROUP = 64
 # True: the stride-2 conv of a bottleneck is the 1x1 (MSRA / published); False: the 3x3
@@ -69,6 +86,8 @@ _C.MODEL.BRN.D_RAMP_END = 25000
 _C.MODEL.BRN.R_MAX = 3.0
 _C.MODEL.BRN.D_MAX = 5.0
 
+# Older name of MODEL.GROUP_NORM.NUM_GROUPS: a value other than 32 sets the group count (and
+# MODEL.GROUP_NORM.NUM_GROUPS must then be 32 or the same value).
 _C.MODEL.GN = CN()
 _C.MODEL.GN.NUM_GROUPS = 32
 
@@ -84,10 +103,11 @@ _C.MODEL.RPN.FG_IOU_THRESHOLD = 0.7
 _C.MODEL.RPN.BG_IOU_THRESHOLD = 0.3
 _C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
 _C.MODEL.RPN.POSITIVE_FRACTION = 0.5
-# Per FPN level and per image.
+# Best-scoring anchors kept per FPN level and per image before NMS.
 _C.MODEL.RPN.PRE_NMS_TOP_N_TRAIN = 12000
 _C.MODEL.RPN.PRE_NMS_TOP_N_TEST = 6000
-# Per level after NMS; torchvision has no per-level cut, so these are read only without FPN.
+# Proposals kept per FPN level and per image after NMS (before the FPN_POST_NMS_TOP_N cut over
+# all levels).
 _C.MODEL.RPN.POST_NMS_TOP_N_TRAIN = 2000
 _C.MODEL.RPN.POST_NMS_TOP_N_TEST = 1000
 _C.MODEL.RPN.NMS_THRESH = 0.7
@@ -112,20 +132,25 @@ _C.MODEL.ROI_HEADS.NMS = 0.5
 _C.MODEL.ROI_HEADS.DETECTIONS_PER_IMG = 100
 
 _C.MODEL.ROI_BOX_HEAD = CN()
-# "FPN2MLPFeatureExtractor" (2 fc, no norm) or "FPNXconv1fc[<NORM>]FeatureExtractor"
-# (NUM_STACKED_CONVS convs of CONV_HEAD_DIM, each with the norm, then one fc of MLP_HEAD_DIM).
+# "FPN2MLPFeatureExtractor" (2 fc of MLP_HEAD_DIM, GN after each with USE_GN) or
+# "FPNXconv1fc[<NORM>]FeatureExtractor" (NUM_STACKED_CONVS 3x3 convs of CONV_HEAD_DIM with DILATION,
+# each followed by the norm (GN with USE_GN), then one fc of MLP_HEAD_DIM). The C4 extractor of the
+# default is refused.
 _C.MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR = "ResNet50Conv5ROIFeatureExtractor"
+# "FPNPredictor"; the default, the C4 "FastRCNNPredictor" (average-pools a res5 map), is refused.
 _C.MODEL.ROI_BOX_HEAD.PREDICTOR = "FastRCNNPredictor"
 _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 14
 _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
 _C.MODEL.ROI_BOX_HEAD.POOLER_SCALES = (1.0 / 16,)
 _C.MODEL.ROI_BOX_HEAD.NUM_CLASSES = 81
 _C.MODEL.ROI_BOX_HEAD.MLP_HEAD_DIM = 1024
+_C.MODEL.ROI_BOX_HEAD.USE_GN = False
+_C.MODEL.ROI_BOX_HEAD.DILATION = 1
 _C.MODEL.ROI_BOX_HEAD.CONV_HEAD_DIM = 256
 _C.MODEL.ROI_BOX_HEAD.NUM_STACKED_CONVS = 4
 
 _C.MODEL.ROI_MASK_HEAD = CN()
-# "MaskRCNNFPNFeatureExtractor" (no norm) or "MaskRCNNFPN<NORM>FeatureExtractor".
+# "MaskRCNNFPNFeatureExtractor" (no norm; GN with USE_GN) or "MaskRCNNFPN<NORM>FeatureExtractor".
 _C.MODEL.ROI_MASK_HEAD.FEATURE_EXTRACTOR = "ResNet50Conv5ROIFeatureExtractor"
 _C.MODEL.ROI_MASK_HEAD.PREDICTOR = "MaskRCNNC4Predictor"
 _C.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
@@ -136,6 +161,7 @@ _C.MODEL.ROI_MASK_HEAD.CONV_LAYERS = (256, 256, 256, 256)
 _C.MODEL.ROI_MASK_HEAD.RESOLUTION = 14
 _C.MODEL.ROI_MASK_HEAD.SHARE_BOX_FEATURE_EXTRACTOR = True
 _C.MODEL.ROI_MASK_HEAD.DILATION = 1
+_C.MODEL.ROI_MASK_HEAD.USE_GN = False
 
 _C.INPUT = CN()
 _C.INPUT.MIN_SIZE_TRAIN = (800,)
@@ -180,6 +206,9 @@ _C.SOLVER.TEST_PERIOD = 0
 _C.SOLVER.IMS_PER_BATCH = 16
 
 _C.TEST = CN()
+# Checked after the final evaluation: entries [task, metric, [mean, std]] such as
+# ["bbox", "AP", [0.365, 0.002]] (metrics as fractions); a value outside the open range
+# mean +- EXPECTED_RESULTS_SIGMA_TOL x std fails the run (det/evaluation/expected.py).
 _C.TEST.EXPECTED_RESULTS = []
 _C.TEST.EXPECTED_RESULTS_SIGMA_TOL = 4.0
 # Global: divided by the number of processes.

@@ -3,8 +3,10 @@
 Stricter than yacs' ``merge_from_file``: an unknown key anywhere is a one-line
 :class:`~mabn.utils.errors.UserError` that names the closest valid key, a key written twice in one
 yaml mapping is an error (yaml would silently keep the last one), and a value of the wrong type
-names the key. Config files are found relative to the working directory first, then relative to
-the repository's ``configs/det`` (so ``configs/e2e_...yaml`` works from the repository root and
+names the key. A key or a model of maskrcnn-benchmark that this project does not build is refused
+in one line that says what is built (:mod:`det.config.support`); the model check runs when the
+config file has a ``MODEL`` section (a file of solver settings only is merged as it is). Config
+files are found relative to the working directory first, then relative to the repository's ``configs/det`` (so ``configs/e2e_...yaml`` works from the repository root and
 from ``det/``, where ``det/configs`` links to ``../configs/det``).
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from det.config.defaults import get_default_config
+from det.config.support import RENAMED_KEYS, check_architecture, unsupported_key
 from mabn.utils.errors import UserError
 
 __all__ = ["CONFIG_ROOT", "all_keys", "load_config", "resolve_config_file"]
@@ -64,6 +67,11 @@ def _sections(node: CN, prefix: str = "") -> List[str]:
 
 
 def _unknown_key_error(key: str, valid: Iterable[str], where: str) -> UserError:
+    refused = unsupported_key(key, where)
+    if refused is not None:
+        return refused
+    if key in RENAMED_KEYS:
+        return UserError(f"unknown config key {key} in {where}; maskrcnn-benchmark renamed it {RENAMED_KEYS[key]}")
     valid = list(valid)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     # Prefer a key with the same last component (a key put in the wrong section).
@@ -137,6 +145,7 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
     (``["KEY", "VALUE", ...]`` as on the command line; values parsed as Python literals)."""
     config = get_default_config()
     valid = all_keys(config)
+    describes_model = False
     if config_file:
         path = resolve_config_file(config_file)
         try:
@@ -148,6 +157,7 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
         _check_keys(data, config, "", str(path), valid, _sections(config))
         _widen_file_ints(data, config)
         _merge(config, CN(data), str(path))
+        describes_model = "MODEL" in data
     opts = list(opts)
     if len(opts) % 2:
         raise UserError(f"command-line options must be KEY VALUE pairs; {opts[-1]!r} has no value")
@@ -159,6 +169,8 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
         config.merge_from_list(opts)
     except ValueError as exc:  # yacs' type check: names the key and both types
         raise UserError(f"the command-line options: {str(exc).splitlines()[0]}") from None
+    if describes_model:
+        check_architecture(config, f"{path} with the command-line options" if opts else str(path))
     if freeze:
         config.freeze()
     return config

@@ -10,9 +10,11 @@ and trailing ``KEY VALUE`` config options, and run in one process or under
 Bad input fails before any work, with one ``error: ...`` line and exit status 2: an unknown key,
 a device that is not there, batch sizes that do not divide by the number of processes, a remote
 or missing weight file, missing data, an ``OUTPUT_DIR`` that is a file or is used by another run,
-a resume whose config changes the model. A NaN/Inf loss stops training with exit status 3 and
-keeps the last good checkpoint; SIGTERM/SIGINT save a checkpoint and exit with 0 (rerun the same
-command to resume).
+a resume whose config changes the model, malformed ``TEST.EXPECTED_RESULTS``. A NaN/Inf loss
+stops training with exit status 3 and keeps the last good checkpoint; SIGTERM/SIGINT save a
+checkpoint and exit with 0 (rerun the same command to resume). Final metrics outside
+``TEST.EXPECTED_RESULTS`` end the run with exit status 4 and one error line, after everything is
+written (:mod:`det.evaluation.expected`).
 """
 from __future__ import annotations
 
@@ -34,11 +36,14 @@ from det.engine.checkpoint import (CheckpointWriter, compare_configs, find_last_
                                    restore_rank_state, restore_training_state)
 from det.engine.inference import inference
 from det.engine.trainer import DetectionTrainer, MetricsWriter, PeriodicCheckpoint, build_hooks, precision_from_dtype
+from det.evaluation import (EXIT_EXPECTED_RESULTS, ExpectedResult, ExpectedResultsError, check_expected_results,
+                            parse_expected_results)
 from det.modeling import build_detection_model, load_weights
+from det.modeling.weights import resolve_weight_path
 from det.solver import make_lr_scheduler, make_optimizer
 from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
                                     wrap_data_parallel)
-from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
+from mabn.utils.errors import NonFiniteLossError, UserError, report, run_cli
 from mabn.utils.lock import FolderLock
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import stop_on_signals
@@ -98,11 +103,9 @@ def _check_output_dir(output_dir: str) -> None:
 
 
 def _check_weight_file(path: str, what: str) -> None:
-    if "://" in path:
-        raise UserError(f"{what} {path!r}: only local files are loaded (no catalog or download); download the "
-                        f"weights yourself and pass the local path")
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path}: no such file; pass a local weight file")
+    """A local file or a ``catalog://`` name whose file is in the weights folder (one-line
+    error otherwise, before any work; nothing is downloaded)."""
+    resolve_weight_path(path, what)
 
 
 def _check_test_data(cfg: CfgNode, world_size: int) -> None:
@@ -161,6 +164,22 @@ def _iou_types(cfg: CfgNode) -> tuple:
     return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
 
 
+def _expected_results(cfg: CfgNode) -> List[ExpectedResult]:
+    return parse_expected_results(cfg.TEST.EXPECTED_RESULTS, _iou_types(cfg), cfg.TEST.EXPECTED_RESULTS_SIGMA_TOL)
+
+
+def _check_expected(cfg: CfgNode, expected: List[ExpectedResult], metrics, log: RunLog) -> None:
+    """Log maskrcnn-benchmark's PASS/FAIL lines for the final metrics; raise if any entry fails."""
+    if not expected:
+        return
+    lines, failures = check_expected_results(metrics, expected, cfg.TEST.EXPECTED_RESULTS_SIGMA_TOL)
+    for line in lines:
+        (log.info if line.startswith("PASS") else log.warning)(line)
+    if failures:
+        tolerance = cfg.TEST.EXPECTED_RESULTS_SIGMA_TOL
+        raise ExpectedResultsError(f"TEST.EXPECTED_RESULTS not met (sigma_tol {tolerance:g}): " + "; ".join(failures))
+
+
 def _quiet(_message: str) -> None:
     pass
 
@@ -179,6 +198,10 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
     precision = precision_from_dtype(cfg.DTYPE, env.device)
     batch_size_per_process(cfg.SOLVER.IMS_PER_BATCH, env.world_size, "SOLVER.IMS_PER_BATCH")
     evaluates = not args.skip_test or cfg.SOLVER.TEST_PERIOD > 0
+    expected = _expected_results(cfg)
+    if expected and args.skip_test:
+        raise UserError("TEST.EXPECTED_RESULTS is checked after the final evaluation, which --skip-test skips; "
+                        "drop --skip-test or the expected results")
     if evaluates:
         _check_test_data(cfg, env.world_size)
     resume_path = find_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
@@ -258,9 +281,13 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
         iteration = trainer.iter
     else:
         log.info(f"the checkpoint has already completed {start_iter} >= SOLVER.MAX_ITER {max_iter} iterations")
+    final_metrics = None
     if not args.skip_test:
-        metrics_writer(iteration, inference(network, test_loaders, env, output_dir, precision, log, iou_types))
+        final_metrics = inference(network, test_loaders, env, output_dir, precision, log, iou_types)
+        metrics_writer(iteration, final_metrics)
     env.barrier()
+    if final_metrics is not None:
+        _check_expected(cfg, expected, final_metrics, log)
     return 0
 
 
@@ -269,6 +296,7 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
     _check_output_dir(output_dir)
     precision = precision_from_dtype(cfg.DTYPE, env.device)
     _check_test_data(cfg, env.world_size)
+    expected = _expected_results(cfg)
     last = find_last_checkpoint(output_dir) if os.path.isdir(output_dir) and not args.ckpt else None
     weight, what = ((args.ckpt, "--ckpt") if args.ckpt else (last, "OUTPUT_DIR/last_checkpoint") if last
                     else (cfg.MODEL.WEIGHT, "MODEL.WEIGHT"))
@@ -288,8 +316,9 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
     log.info(report.summary())
     if report.missing:
         log.warning(f"{len(report.missing)} tensors of the model were not in {weight}: they keep their initialization")
-    inference(network, loaders, env, output_dir, precision, log, _iou_types(cfg))
+    metrics = inference(network, loaders, env, output_dir, precision, log, _iou_types(cfg))
     env.barrier()
+    _check_expected(cfg, expected, metrics, log)
     return 0
 
 
@@ -312,11 +341,20 @@ def test_net(argv: Optional[Sequence[str]] = None) -> int:
     return _run(argv, test=True)
 
 
+def _main(run: Callable[[], int]) -> int:
+    try:
+        return run_cli(run)
+    except ExpectedResultsError as exc:
+        report(exc)
+        return EXIT_EXPECTED_RESULTS
+
+
 def train_net_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: 0 on success or a clean stop, 2 on bad input, 3 on NaN/Inf."""
-    return run_cli(lambda: train_net(argv))
+    """Entry point: 0 on success or a clean stop, 2 on bad input, 3 on NaN/Inf, 4 when the final
+    metrics miss TEST.EXPECTED_RESULTS."""
+    return _main(lambda: train_net(argv))
 
 
 def test_net_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: 0 on success, 2 on bad input."""
-    return run_cli(lambda: test_net(argv))
+    """Entry point: 0 on success, 2 on bad input, 4 when the metrics miss TEST.EXPECTED_RESULTS."""
+    return _main(lambda: test_net(argv))

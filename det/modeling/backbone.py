@@ -1,10 +1,16 @@
-"""ResNet-FPN backbone: torchvision's ResNet and FeaturePyramidNetwork with one norm factory.
+"""ResNet-FPN backbone: torchvision's ResNet and FeaturePyramidNetwork with the published norms
+and initialization.
 
-The body is ``torchvision.models.resnet{18,34,50,101,152}`` built with ``norm_layer`` (so a
-torchvision or ``cls`` ResNet state dict loads by name under ``backbone.body.``); the FPN is
-torchvision's with the same ``norm_layer`` on its inner (1x1) and output (3x3) convs and a
-stride-2 max-pool P6, as published. With MABN every conv of body and FPN becomes a
-``mabn.CenConv2d``.
+The body is ``torchvision.models.resnet{18,34,50,101,152}`` built with the body's ``norm_layer``,
+``groups`` and ``width_per_group`` (ResNeXt-101 32x8d is ``resnet101`` with 32 groups of width 8,
+torchvision's ``resnext101_32x8d`` layout), so a torchvision or ``cls`` ResNet state dict loads by
+name under ``backbone.body.``. Every body conv (stem, bottleneck or basic-block convs, downsample
+convs) is re-initialized as maskrcnn-benchmark does: ``kaiming_uniform_(a=1)``, i.e. uniform with
+std ``1 / sqrt(fan_in)`` (torchvision's own ResNet init is Kaiming-normal fan_out). The FPN is
+torchvision's, whose init already is the published one (``kaiming_uniform_(a=1)``, zero biases),
+with the FPN's ``norm_layer`` on its inner (1x1) and output (3x3) convs (no norm: convs with bias)
+and a stride-2 max-pool P6, as published. With MABN every conv of the part becomes a
+``mabn.CenConv2d`` (the weights are kept).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import mabn
 from mabn.utils.errors import UserError
 from det.modeling.norms import NormSpec
 
-__all__ = ["build_resnet_fpn_backbone", "freeze_body", "move_stride_to_1x1"]
+__all__ = ["build_resnet_fpn_backbone", "freeze_body", "init_body_convs", "move_stride_to_1x1"]
 
 RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 """Body stages res2..res5 (strides 4..32) as FPN inputs; P6 (stride 64) is pooled from P5."""
@@ -32,6 +38,16 @@ def move_stride_to_1x1(body: nn.Module) -> None:
     for module in body.modules():
         if isinstance(module, Bottleneck) and module.conv2.stride != (1, 1):
             module.conv1.stride, module.conv2.stride = module.conv2.stride, (1, 1)
+
+
+def init_body_convs(body: nn.Module) -> None:
+    """maskrcnn-benchmark's init of every ResNet conv: ``kaiming_uniform_(a=1)`` (Caffe2's
+    XavierFill), zero biases."""
+    for module in body.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_uniform_(module.weight, a=1)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def freeze_body(body: nn.Module, freeze_at: int) -> None:
@@ -53,11 +69,13 @@ def _resnet(depth: int, norm_layer: Callable[[int], nn.Module], groups: int, wid
 
 
 def build_resnet_fpn_backbone(depth: int, norm: NormSpec, out_channels: int, *, stride_in_1x1: bool,
-                              freeze_at: int, groups: int = 1, width_per_group: int = 64,
-                              stem_out_channels: int = 64, res2_out_channels: Optional[int] = None,
-                              fpn_relu: bool = False) -> BackboneWithFPN:
-    """ResNet-``depth`` body with ``norm`` everywhere, FPN with ``norm`` (none for FrozenBN bodies)
-    producing ``out_channels`` maps '0'..'3' and 'pool' (P2..P6)."""
+                              freeze_at: int, fpn_norm: Optional[NormSpec] = None, groups: int = 1,
+                              width_per_group: int = 64, stem_out_channels: int = 64,
+                              res2_out_channels: Optional[int] = None, fpn_relu: bool = False) -> BackboneWithFPN:
+    """ResNet-``depth`` body with ``norm`` everywhere and an FPN with ``fpn_norm`` (None: the body's,
+    none for a FrozenBN body) producing ``out_channels`` maps '0'..'3' and 'pool' (P2..P6)."""
+    if fpn_norm is None:
+        fpn_norm = NormSpec("", None, False) if norm.name == "FrozenBN" else norm
     if norm.layer is None:
         raise UserError("the body needs a norm (FrozenBN for the standard fine-tune body)")
     if stem_out_channels != 64:
@@ -66,6 +84,7 @@ def build_resnet_fpn_backbone(depth: int, norm: NormSpec, out_channels: int, *, 
         raise UserError(f"MODEL.BACKBONE.FREEZE_CONV_BODY_AT {freeze_at}: at most 5 (stem and res2..res5), "
                         f"-1 for nothing")
     body = _resnet(depth, norm.layer, groups, width_per_group)
+    init_body_convs(body)
     last_block = body.layer1[-1]
     res2 = (last_block.conv3 if depth >= 50 else last_block.conv2).out_channels
     if res2_out_channels is not None and res2_out_channels != res2:
@@ -77,12 +96,11 @@ def build_resnet_fpn_backbone(depth: int, norm: NormSpec, out_channels: int, *, 
         body = mabn.convert_conv(body, "CenConv")
     freeze_body(body, freeze_at)
     in_channels = [res2 * 2 ** i for i in range(4)]
-    fpn_norm = None if norm.name == "FrozenBN" else norm.layer
     backbone = BackboneWithFPN(body, RETURN_LAYERS, in_channels, out_channels, extra_blocks=LastLevelMaxPool(),
-                               norm_layer=fpn_norm)
+                               norm_layer=fpn_norm.layer)
     if fpn_relu:
         for block in [*backbone.fpn.inner_blocks, *backbone.fpn.layer_blocks]:
             block.append(nn.ReLU(inplace=True))
-    if norm.centralize_convs:
+    if fpn_norm.centralize_convs:
         backbone.fpn = mabn.convert_conv(backbone.fpn, "CenConv")
     return backbone

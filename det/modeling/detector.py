@@ -21,7 +21,8 @@ from yacs.config import CfgNode
 
 from det.modeling.backbone import build_resnet_fpn_backbone
 from det.modeling.heads import build_box_head, build_box_predictor, build_mask_head, build_mask_predictor
-from det.modeling.norms import body_spec, box_head_spec, mask_head_spec
+from det.config.support import check_architecture
+from det.modeling.norms import body_spec, box_head_spec, fpn_spec, mask_head_spec
 from det.modeling.rpn import BenchmarkRegionProposalNetwork
 from det.modeling.transform import DetectionTransform
 from mabn.utils.errors import UserError
@@ -53,21 +54,15 @@ def _featmap_names(scales, key: str) -> List[str]:
 
 
 def _check_supported(cfg: CfgNode) -> None:
+    check_architecture(cfg)
     model = cfg.MODEL
-    _check(model.META_ARCHITECTURE == "GeneralizedRCNN",
-           f"MODEL.META_ARCHITECTURE {model.META_ARCHITECTURE!r}: only 'GeneralizedRCNN' is available")
-    _check(not model.RPN_ONLY, "MODEL.RPN_ONLY True is not available: the detector always has RoI heads")
-    _check(model.RPN.USE_FPN and model.ROI_HEADS.USE_FPN,
-           "MODEL.RPN.USE_FPN and MODEL.ROI_HEADS.USE_FPN must be True: only R-*-FPN models are available")
-    _check(model.RPN.RPN_HEAD == "SingleConvRPNHead",
-           f"MODEL.RPN.RPN_HEAD {model.RPN.RPN_HEAD!r}: only 'SingleConvRPNHead' is available")
     _check(tuple(model.RPN.ANCHOR_STRIDE) == FPN_STRIDES,
            f"MODEL.RPN.ANCHOR_STRIDE {tuple(model.RPN.ANCHOR_STRIDE)}: the FPN levels P2..P6 have strides "
            f"{FPN_STRIDES}; set it to {FPN_STRIDES}")
     _check(len(model.RPN.ANCHOR_SIZES) == len(FPN_STRIDES),
            f"MODEL.RPN.ANCHOR_SIZES {tuple(model.RPN.ANCHOR_SIZES)}: one size per FPN level, {len(FPN_STRIDES)} in all")
-    _check(model.ROI_BOX_HEAD.PREDICTOR in ("FPNPredictor", "FastRCNNPredictor"),
-           f"MODEL.ROI_BOX_HEAD.PREDICTOR {model.ROI_BOX_HEAD.PREDICTOR!r}: use 'FPNPredictor'")
+    _check(model.ROI_BOX_HEAD.DILATION >= 1 and model.ROI_MASK_HEAD.DILATION >= 1,
+           "MODEL.ROI_BOX_HEAD.DILATION and MODEL.ROI_MASK_HEAD.DILATION must be >= 1")
     pixels = cfg.INPUT
     _check(len(pixels.PIXEL_MEAN) == 3 and len(pixels.PIXEL_STD) == 3 and all(s > 0 for s in pixels.PIXEL_STD),
            "INPUT.PIXEL_MEAN and INPUT.PIXEL_STD need 3 values each, the stds positive")
@@ -91,7 +86,7 @@ def build_detection_model(cfg: CfgNode) -> nn.Module:
     channels = model_cfg.RESNETS.BACKBONE_OUT_CHANNELS
     backbone = build_resnet_fpn_backbone(
         depth, body_norm, channels, stride_in_1x1=model_cfg.RESNETS.STRIDE_IN_1X1,
-        freeze_at=model_cfg.BACKBONE.FREEZE_CONV_BODY_AT, groups=model_cfg.RESNETS.NUM_GROUPS,
+        freeze_at=model_cfg.BACKBONE.FREEZE_CONV_BODY_AT, fpn_norm=fpn_spec(cfg), groups=model_cfg.RESNETS.NUM_GROUPS,
         width_per_group=model_cfg.RESNETS.WIDTH_PER_GROUP, stem_out_channels=model_cfg.RESNETS.STEM_OUT_CHANNELS,
         res2_out_channels=model_cfg.RESNETS.RES2_OUT_CHANNELS, fpn_relu=model_cfg.FPN.USE_RELU)
 
@@ -105,7 +100,7 @@ def build_detection_model(cfg: CfgNode) -> nn.Module:
     box_pooler = MultiScaleRoIAlign(_featmap_names(box.POOLER_SCALES, "MODEL.ROI_BOX_HEAD.POOLER_SCALES"),
                                     box.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO)
     box_head = build_box_head(channels, box.POOLER_RESOLUTION, with_convs, box.NUM_STACKED_CONVS, box.CONV_HEAD_DIM,
-                              box.MLP_HEAD_DIM, box_norm)
+                              box.MLP_HEAD_DIM, box_norm, box.DILATION)
     roi = model_cfg.ROI_HEADS
     options = dict(
         rpn_anchor_generator=anchors, rpn_head=rpn_head,
@@ -131,12 +126,13 @@ def build_detection_model(cfg: CfgNode) -> nn.Module:
     else:
         model = FasterRCNN(backbone, **options)
     # torchvision's constructor builds its own RPN and transform from the same numbers; ours add the
-    # straddle rule, the per-batch proposal budget and the published pixel convention.
+    # straddle rule, the per-level and per-batch proposal budgets and the published pixel convention.
     model.rpn = BenchmarkRegionProposalNetwork(
         anchors, rpn_head, rpn.FG_IOU_THRESHOLD, rpn.BG_IOU_THRESHOLD, rpn.BATCH_SIZE_PER_IMAGE, rpn.POSITIVE_FRACTION,
         dict(training=rpn.PRE_NMS_TOP_N_TRAIN, testing=rpn.PRE_NMS_TOP_N_TEST),
         dict(training=rpn.FPN_POST_NMS_TOP_N_TRAIN, testing=rpn.FPN_POST_NMS_TOP_N_TEST), rpn.NMS_THRESH,
-        straddle_thresh=rpn.STRADDLE_THRESH, per_batch_in_training=rpn.FPN_POST_NMS_PER_BATCH)
+        straddle_thresh=rpn.STRADDLE_THRESH, per_batch_in_training=rpn.FPN_POST_NMS_PER_BATCH,
+        post_nms_top_n_per_level=dict(training=rpn.POST_NMS_TOP_N_TRAIN, testing=rpn.POST_NMS_TOP_N_TEST))
     model.rpn.min_size = max(float(rpn.MIN_SIZE), TORCHVISION_RPN_MIN_SIZE)
     data = cfg.INPUT
     model.transform = DetectionTransform(data.MIN_SIZE_TRAIN, data.MAX_SIZE_TRAIN, data.MIN_SIZE_TEST,

@@ -1,6 +1,7 @@
-"""det.config: defaults, published files, strict loading, data root, dataset catalog."""
+"""det.config: defaults, published files, strict loading, every key read, data root, dataset catalog."""
 from __future__ import annotations
 
+import ast
 import os
 
 import pytest
@@ -25,6 +26,12 @@ def test_defaults_are_maskrcnn_benchmark_and_new_keys():
     assert (cfg.MODEL.MABN.B, cfg.MODEL.MABN.REAL_B, cfg.MODEL.MABN.WARMUP_ITERS, cfg.MODEL.MABN.MOMENTUM) == (2, 32, 100, 0.98)
     assert (cfg.MODEL.BRN.WARMUP_ITERS, cfg.MODEL.BRN.R_RAMP_END, cfg.MODEL.BRN.D_RAMP_END) == (5000, 40000, 25000)
     assert (cfg.MODEL.BRN.R_MAX, cfg.MODEL.BRN.D_MAX, cfg.MODEL.GN.NUM_GROUPS) == (3.0, 5.0, 32)
+    group_norm = cfg.MODEL.GROUP_NORM
+    assert (group_norm.DIM_PER_GP, group_norm.NUM_GROUPS, group_norm.EPSILON) == (-1, 32, 1e-5)
+    assert not (cfg.MODEL.FPN.USE_GN or cfg.MODEL.ROI_BOX_HEAD.USE_GN or cfg.MODEL.ROI_MASK_HEAD.USE_GN)
+    resnets = cfg.MODEL.RESNETS
+    assert (cfg.MODEL.ROI_BOX_HEAD.DILATION, resnets.NUM_GROUPS, resnets.WIDTH_PER_GROUP) == (1, 1, 64)
+    assert cfg.TEST.EXPECTED_RESULTS == [] and cfg.TEST.EXPECTED_RESULTS_SIGMA_TOL == 4.0
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
@@ -91,6 +98,7 @@ def test_integer_values_of_float_keys_become_floats(tmp_path):
 INTEGER_KEYS = {
     "MODEL.BACKBONE.FREEZE_CONV_BODY_AT", "MODEL.RESNETS.NUM_GROUPS", "MODEL.RESNETS.WIDTH_PER_GROUP",
     "MODEL.RESNETS.BACKBONE_OUT_CHANNELS", "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    "MODEL.GROUP_NORM.DIM_PER_GP", "MODEL.GROUP_NORM.NUM_GROUPS", "MODEL.ROI_BOX_HEAD.DILATION",
     "MODEL.MABN.B", "MODEL.MABN.REAL_B", "MODEL.MABN.WARMUP_ITERS", "MODEL.MABN.R_WARMUP_ITERS",
     "MODEL.BRN.WARMUP_ITERS", "MODEL.BRN.R_RAMP_END", "MODEL.BRN.D_RAMP_END", "MODEL.GN.NUM_GROUPS",
     "MODEL.RPN.STRADDLE_THRESH", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "MODEL.RPN.PRE_NMS_TOP_N_TRAIN",
@@ -167,6 +175,65 @@ def test_paths_catalog_published_layout():
     assert {"coco_2014_train", "coco_2014_valminusminival", "coco_2017_val", "shapes_train"} <= set(registered_names())
     with pytest.raises(UserError, match="unknown dataset 'coco_2015'.*registered: .*coco_2014_minival"):
         dataset_paths("coco_2015", "/data")
+
+
+def _attribute_reads() -> set:
+    """(section, key) of every attribute read in det/ outside defaults.py: ``cfg.MODEL.RPN.NMS_THRESH``
+    gives (RPN, NMS_THRESH), and so does ``rpn.NMS_THRESH`` after ``rpn = cfg.MODEL.RPN`` or in a
+    function whose parameter ``rpn`` is given the section."""
+    pairs = set()
+    for path in (REPO / "det").rglob("*.py"):
+        if path.name == "defaults.py":
+            continue
+        tree = ast.parse(path.read_text())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        aliases.setdefault(target.id, set()).add(node.value.attr)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                owner = node.value
+                if isinstance(owner, ast.Attribute):
+                    pairs.add((owner.attr, node.attr))
+                elif isinstance(owner, ast.Name):
+                    names = aliases.get(owner.id, set()) | {owner.id, owner.id.upper()}
+                    pairs.update((name, node.attr) for name in names)
+    return pairs
+
+
+def test_every_default_key_is_read_by_the_code():
+    """No key is accepted and ignored: each leaf of the defaults is read, as SECTION.KEY, somewhere
+    in det/ (keys of models that are not built are not in the defaults: det.config.support refuses them)."""
+    reads = _attribute_reads()
+    unread = []
+    for key in all_keys(get_default_config()):
+        parts = key.split(".")
+        if len(parts) == 1:
+            found = any(attr == key for _, attr in reads)
+        else:
+            found = (parts[-2], parts[-1]) in reads
+        if not found:
+            unread.append(key)
+    assert unread == []
+
+
+def test_keys_of_unbuilt_models_are_refused_by_name(tmp_path):
+    path = tmp_path / "jitter.yaml"
+    path.write_text("INPUT:\n  BRIGHTNESS: 0.2\n")
+    with pytest.raises(UserError, match=r"INPUT.BRIGHTNESS belongs to maskrcnn-benchmark's colour-jitter augmentation, "
+                                        r"which is not available; this project builds"):
+        load_config(str(path))
+    with pytest.raises(UserError, match=r"^the command-line options: MODEL.KEYPOINT_ON belongs to "
+                                        r"maskrcnn-benchmark's keypoint R-CNN"):
+        load_config(None, ["MODEL.KEYPOINT_ON", "True"])
+
+
+def test_a_file_without_a_model_section_is_not_checked_as_a_model(tmp_path):
+    path = tmp_path / "solver.yaml"
+    path.write_text("SOLVER:\n  BASE_LR: 0.01\n")
+    assert load_config(str(path)).MODEL.BACKBONE.CONV_BODY == "R-50-C4"  # the default; refused when built
 
 
 def test_all_keys_lists_leaves():

@@ -1,10 +1,11 @@
-"""det.modeling: every config builds with the published norm placement; numbers from the config
-reach torchvision's modules; train and eval forwards on small images; freezing; bad names."""
+"""det.modeling: numbers from the config reach torchvision's modules; GroupNorm's group rule; train
+and eval forwards on small images; freezing; the RPN's proposal budgets; bad names. (Every config
+file builds and trains in test_det_published_configs.py; the initialization is in test_det_init.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
-from det_helpers import ALL_CONFIGS, LOSSES, TINY_NORMS, images_and_targets, tiny_config, type_counts
+from det_helpers import LOSSES, TINY_NORMS, images_and_targets, tiny_config, type_counts
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -13,52 +14,10 @@ import mabn
 from det.config import load_config
 from det.modeling import build_detection_model
 from det.modeling.norms import body_spec
+from det.modeling.rpn import first_per_level
 from mabn.utils.errors import UserError
 
-NORM_TYPES = {"MABN": mabn.MABN2d, "SYNCBN": mabn.SyncBatchNorm, "BRN": mabn.BatchRenorm2d,
-              "BN": nn.BatchNorm2d, "GN": nn.GroupNorm}
-BODY_NORMS = {50: 53, 18: 20}  # stem + every block conv + downsamples
 NORM_LIKE = (_BatchNorm, nn.GroupNorm, FrozenBatchNorm2d)
-
-
-def _conv_before(model: nn.Module, norm_name: str) -> nn.Module:
-    """The conv that feeds the norm called ``norm_name`` (torchvision naming: bnK <- convK,
-    Sequential index i <- i - 1)."""
-    parent_name, _, attr = norm_name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    if attr.startswith("bn"):
-        return getattr(parent, "conv" + attr[2:])
-    return parent[int(attr) - 1]
-
-
-@pytest.mark.parametrize("path", ALL_CONFIGS)
-def test_every_config_builds_with_norms_where_published(path):
-    cfg = load_config(path)
-    model = build_detection_model(cfg)
-    suffix = cfg.MODEL.BACKBONE.CONV_BODY.rsplit("-", 1)[-1]
-    norm_type = NORM_TYPES[suffix]
-    depth = int(cfg.MODEL.BACKBONE.CONV_BODY.split("-")[1])
-    counts = {part: sum(type(m) is norm_type for m in module.modules()) for part, module in
-              [("body", model.backbone.body), ("fpn", model.backbone.fpn), ("box", model.roi_heads.box_head),
-               ("mask", model.roi_heads.mask_head)]}
-    assert counts == {"body": BODY_NORMS[depth], "fpn": 8, "box": 4, "mask": 4}
-    total = sum(counts.values())
-    assert sum(isinstance(m, NORM_LIKE) for m in model.modules()) == total  # no other norm anywhere
-    for part in (model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
-        assert not any(isinstance(m, NORM_LIKE) for m in part.modules())
-    cen_convs = sum(isinstance(m, mabn.CenConv2d) for m in model.modules())
-    if suffix == "MABN":
-        assert cen_convs == total == (69 if depth == 50 else 36)
-        for name, module in model.named_modules():
-            if isinstance(module, mabn.MABN2d):
-                assert isinstance(_conv_before(model, name), mabn.CenConv2d), name
-                assert (module.B, module.real_B, module.momentum) == (2, 32, 0.98)
-    else:
-        assert cen_convs == 0
-    layer2 = model.backbone.body.layer2[0]
-    if depth >= 50:  # STRIDE_IN_1X1: published from scratch True; fine-tune False (weights' convention)
-        strides = (layer2.conv1.stride, layer2.conv2.stride)
-        assert strides == (((2, 2), (1, 1)) if cfg.MODEL.RESNETS.STRIDE_IN_1X1 else ((1, 1), (2, 2)))
 
 
 def test_frozen_bn_body_has_no_fpn_or_head_norms():
@@ -102,13 +61,47 @@ def test_config_numbers_reach_torchvision_modules():
     assert gn.num_groups == 16
 
 
-def test_published_predictor_init():
-    model = build_detection_model(tiny_config("gn"))
-    predictor = model.roi_heads.box_predictor
-    assert 0.005 < predictor.cls_score.weight.std() < 0.015 and 0.0005 < predictor.bbox_pred.weight.std() < 0.0015
-    assert not predictor.cls_score.bias.any() and not predictor.bbox_pred.bias.any()
-    first_conv = model.roi_heads.box_head[0][0]
-    assert 0.005 < first_conv.weight.std() < 0.015 and first_conv.bias is None
+def _groupnorms(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def test_group_norm_rule_of_maskrcnn_benchmark():
+    """GROUP_NORM.NUM_GROUPS groups, or channels / DIM_PER_GP; EPSILON; the older MODEL.GN.NUM_GROUPS."""
+    per_group = build_detection_model(tiny_config("gn", "MODEL.GN.NUM_GROUPS", "32", "MODEL.GROUP_NORM.DIM_PER_GP",
+                                                  "16", "MODEL.GROUP_NORM.NUM_GROUPS", "-1",
+                                                  "MODEL.GROUP_NORM.EPSILON", "0.001"))
+    norms = _groupnorms(per_group)
+    assert len(norms) == 36 and all(m.num_groups == m.num_channels // 16 and m.eps == 0.001 for m in norms)
+    assert {m.num_channels for m in norms} == {64, 128, 256, 512}
+    counted = build_detection_model(tiny_config("gn", "MODEL.GN.NUM_GROUPS", "32", "MODEL.GROUP_NORM.NUM_GROUPS", "8"))
+    assert {m.num_groups for m in _groupnorms(counted)} == {8}
+    with pytest.raises(UserError, match="MODEL.GN.NUM_GROUPS 16 and MODEL.GROUP_NORM.NUM_GROUPS 8 disagree"):
+        build_detection_model(tiny_config("gn", "MODEL.GROUP_NORM.NUM_GROUPS", "8"))
+    with pytest.raises(UserError, match="MODEL.GROUP_NORM.DIM_PER_GP 48 does not divide the 64 channels"):
+        build_detection_model(tiny_config("gn", "MODEL.GN.NUM_GROUPS", "32", "MODEL.GROUP_NORM.DIM_PER_GP", "48",
+                                          "MODEL.GROUP_NORM.NUM_GROUPS", "-1"))
+
+
+def test_use_gn_keys_put_group_norm_in_fpn_and_heads():
+    cfg = tiny_config("bn", "MODEL.BACKBONE.CONV_BODY", "R-18-FPN", "MODEL.FPN.USE_GN", "True",
+                      "MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR", "FPN2MLPFeatureExtractor",
+                      "MODEL.ROI_BOX_HEAD.USE_GN", "True",
+                      "MODEL.ROI_MASK_HEAD.FEATURE_EXTRACTOR", "MaskRCNNFPNFeatureExtractor",
+                      "MODEL.ROI_MASK_HEAD.USE_GN", "True")
+    model = build_detection_model(cfg)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.body.modules()) == 20
+    counts = [len(_groupnorms(part)) for part in (model.backbone.fpn, model.roi_heads.box_head,
+                                                  model.roi_heads.mask_head)]
+    assert counts == [8, 2, 4]
+    assert all(block[0].bias is None for block in model.backbone.fpn.inner_blocks)
+
+
+def test_box_head_dilation():
+    model = build_detection_model(tiny_config("gn", "MODEL.ROI_BOX_HEAD.DILATION", "2"))
+    convs = [m for m in model.roi_heads.box_head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(c.dilation == (2, 2) and c.padding == (2, 2) for c in convs)
+    images, targets = images_and_targets()
+    assert set(model.train()(images, targets)) == LOSSES
 
 
 def test_transform_uses_published_pixel_convention():
@@ -177,7 +170,8 @@ def test_freeze_conv_body_at():
     (["MODEL.RESNETS.TRANS_FUNC", "BasicBlockWithSyncBN"], "norms disagree.*MABN.*SyncBN"),
     (["MODEL.RESNETS.STEM_FUNC", "StemWithGN"], "norms disagree"),
     (["MODEL.RESNETS.TRANS_FUNC", "BottleneckWithMABN"], "whose blocks are BasicBlocks; use BasicBlockWithMABN"),
-    (["MODEL.BACKBONE.CONV_BODY", "R-50-C4"], "CONV_BODY 'R-50-C4' is not supported; did you mean"),
+    (["MODEL.BACKBONE.CONV_BODY", "R-50-C4"], r"C4/C5 body \(MODEL.BACKBONE.CONV_BODY 'R-50-C4'\) is not available"),
+    (["MODEL.BACKBONE.CONV_BODY", "R-18-FP"], r"this body \(MODEL.BACKBONE.CONV_BODY 'R-18-FP'\) is not available"),
     (["MODEL.BACKBONE.CONV_BODY", "R-42-FPN-MABN"], "depth 42"),
     (["MODEL.BACKBONE.CONV_BODY", "R-18-FPN-XBN"], "unknown norm 'XBN'"),
     (["MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR", "FPNXconv1fcFrozenBNFeatureExtractor"], "FrozenBN in a randomly"),
@@ -190,6 +184,14 @@ def test_freeze_conv_body_at():
     (["INPUT.PIXEL_STD", "[1.0, 0.0, 1.0]"], "PIXEL_STD"),
     (["MODEL.BACKBONE.CONV_BODY", "R-18-FPN-GN", "MODEL.RESNETS.TRANS_FUNC", "BasicBlockWithGN",
       "MODEL.RESNETS.STEM_FUNC", "StemWithGN", "MODEL.GN.NUM_GROUPS", "48"], "NUM_GROUPS 48 does not divide"),
+    (["MODEL.ROI_BOX_HEAD.PREDICTOR", "FastRCNNPredictor"], "'FastRCNNPredictor', the C4 predictor"),
+    (["MODEL.FPN.USE_GN", "True"], "MODEL.FPN.USE_GN True asks for GroupNorm, but MODEL.BACKBONE.CONV_BODY "
+                                   "'R-18-FPN-MABN' names MABN"),
+    (["MODEL.ROI_BOX_HEAD.USE_GN", "True"], "ROI_BOX_HEAD.USE_GN True asks for GroupNorm, but .*names MABN"),
+    (["MODEL.ROI_MASK_HEAD.USE_GN", "True"], "ROI_MASK_HEAD.USE_GN True asks for GroupNorm"),
+    (["MODEL.ROI_BOX_HEAD.DILATION", "0"], "DILATION must be >= 1"),
+    (["MODEL.GROUP_NORM.DIM_PER_GP", "16", "MODEL.ROI_BOX_HEAD.USE_GN", "True", "MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR",
+      "FPN2MLPFeatureExtractor"], "DIM_PER_GP 16 and NUM_GROUPS 32: exactly one of them must be -1"),
 ])
 def test_bad_model_configs_are_one_line_errors(opts, message):
     with pytest.raises(UserError, match=message) as info:
@@ -227,6 +229,31 @@ def test_fpn_post_nms_top_n_per_batch_in_training(per_batch):
         assert (sum(counts) == 10 and max(counts) < 10) if per_batch else counts == [10, 10]
         model.eval()
         assert [len(p) for p in model.rpn(batch, features)[0]] == [7, 7]  # per image at test
+
+
+def test_first_per_level_keeps_order_and_cuts_each_level():
+    levels = torch.tensor([0, 1, 0, 2, 1, 0, 1, 1])
+    keep = torch.tensor([7, 0, 2, 4, 5, 6, 3, 1])  # in score order; levels 1, 0, 0, 1, 0, 1, 2, 1
+    assert first_per_level(keep, levels, 2, 3).tolist() == [7, 0, 2, 4, 3]
+    assert first_per_level(keep, levels, 8, 3).tolist() == keep.tolist()
+    assert first_per_level(keep[:0], levels, 2, 3).numel() == 0
+
+
+def test_post_nms_top_n_cuts_each_level_after_nms():
+    cfg = tiny_config("gn", "MODEL.RPN.POST_NMS_TOP_N_TEST", "3", "MODEL.RPN.FPN_POST_NMS_TOP_N_TEST", "100",
+                      "MODEL.RPN.PRE_NMS_TOP_N_TEST", "100")
+    model = build_detection_model(cfg).eval()
+    assert model.rpn.post_nms_top_n_per_level() == 3
+    assert model.train().rpn.post_nms_top_n_per_level() == cfg.MODEL.RPN.POST_NMS_TOP_N_TRAIN
+    model.eval()
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        cut = [len(p) for p in model.rpn(batch, features)[0]]
+        model.rpn._post_nms_top_n_per_level = None
+        uncut = [len(p) for p in model.rpn(batch, features)[0]]
+    assert all(3 < count <= 3 * 5 for count in cut) and all(u > c for u, c in zip(uncut, cut))
 
 
 @pytest.mark.parametrize("straddle_thresh", [0, -1])

@@ -178,7 +178,7 @@ def test_seed_sets_the_initialization_and_the_data_order(data_root, tmp_path, ca
 
 
 @pytest.mark.parametrize("case, extra, message", [
-    ("weight-catalog", ["MODEL.WEIGHT", "catalog://ImageNetPretrained/MSRA/R-50"], "only local files"),
+    ("weight-catalog", ["MODEL.WEIGHT", "catalog://ImageNetPretrained/MSRA/R-50"], "expected the file"),
     ("weight-url", ["MODEL.WEIGHT", "https://example.com/r50.pth"], "only local files"),
     ("weight-missing", ["MODEL.WEIGHT", "/nonexistent/r50.pth"], "no such file"),
     ("batch", ["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH 0 is global and must be a positive multiple"),
@@ -186,12 +186,37 @@ def test_seed_sets_the_initialization_and_the_data_order(data_root, tmp_path, ca
     ("device", ["MODEL.DEVICE", "tpu"], "MODEL.DEVICE 'tpu'"),
     ("unknown-key", ["SOLVER.BASE_LRR", "0.1"], "did you mean SOLVER.BASE_LR"),
     ("dataset", ["DATASETS.TRAIN", '("coco_2099_train",)'], "registered: coco_2014_minival"),
+    ("expected-malformed", ["TEST.EXPECTED_RESULTS", "[['bbox', 'AP', 0.3]]"], "write [task, metric, [mean, std]]"),
+    ("expected-skip-test", ["TEST.EXPECTED_RESULTS", "[['bbox', 'AP', [0.3, 0.01]]]", "--skip-test"],
+     "TEST.EXPECTED_RESULTS is checked after the final evaluation, which --skip-test skips"),
 ])
-def test_bad_input_is_one_line_exit_2_before_writing(data_root, tmp_path, capsys, case, extra, message):
+def test_bad_input_is_one_line_exit_2_before_writing(data_root, tmp_path, capsys, monkeypatch, case, extra, message):
+    monkeypatch.setenv("MABN_WEIGHTS_DIR", str(tmp_path / "weights"))  # an empty weights folder
     out = tmp_path / "out"
     status, _, err = _train_in_process(capsys, "--config-file", TINY_CONFIG, *_opts(data_root, out, *extra))
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_final_metrics_outside_expected_results_exit_4(data_root, tmp_path, capsys):
+    """maskrcnn-benchmark's sanity check after the final evaluation: a miss ends the run with exit
+    status 4 and one error line, after the checkpoint and the metrics are written."""
+    out = tmp_path / "out"
+    impossible = "[['bbox', 'AP', [0.9, 0.001]], ['segm', 'AP', [0.0, 1.0]]]"
+    status, _, err = _train_in_process(capsys, "--config-file", TINY_CONFIG, *_opts(
+        data_root, out, "SOLVER.MAX_ITER", "1", "TEST.EXPECTED_RESULTS", impossible))
+    line = err[err.find("error: "):]  # after the progress bars
+    assert status == 4 and err.count("error:") == 1 and line.endswith("\n") and line.count("\n") == 1
+    assert line.startswith("error: TEST.EXPECTED_RESULTS not met (sigma_tol 4): coco_2017_val bbox AP ")
+    assert "outside (0.8960, 0.9040)" in line and "segm" not in line
+    log = (out / "log.txt").read_text()
+    assert "FAIL: coco_2017_val bbox > AP sanity check" in log and "PASS: coco_2017_val segm > AP sanity check" in log
+    assert (out / "model_final.pth").is_file() and json.loads((out / "metrics.json").read_text())
+    status = launch.test_net_main(["--config-file", TINY_CONFIG, "--ckpt", str(out / "model_final.pth"),
+                                   *_opts(data_root, tmp_path / "eval", "TEST.EXPECTED_RESULTS",
+                                          "[['bbox', 'AP', [0.0, 1.0]]]")])
+    assert status == 0, capsys.readouterr().err
+    assert "PASS: coco_2017_val bbox > AP" in (tmp_path / "eval" / "log.txt").read_text()
 
 
 def test_missing_data_names_the_layout(tmp_path, capsys):
