@@ -10,12 +10,10 @@ import argparse
 import contextlib
 import math
 import os
-import random
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,7 +28,8 @@ from cls.resume import apply_optimizer_flags, compare_flags, restore_training_st
 from cls.run_log import LOG_PREFIX, LOGGER_NAME
 from cls.transforms import TrainTransform, ValTransform
 from mabn.utils.amp import Precision
-from mabn.utils.checkpoint import kept_message, load_model_state, resolve_checkpoint_path, restore_rank_state
+from mabn.utils.checkpoint import (kept_message, load_model_state, resolve_checkpoint_path, restore_rank_state,
+                                   seed_all)
 from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
                                     wrap_data_parallel)
 from mabn.utils.errors import NonFiniteLossError, UserError, run_cli
@@ -51,12 +50,6 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     precision: Precision
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _check_output_folder(args: argparse.Namespace) -> None:
@@ -238,7 +231,7 @@ def _export(args: argparse.Namespace, network: nn.Module, val_loader, env: DistE
 def _run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> int:
     # Inputs first: nothing is written to --save before they all check out.
     _check_flags(args, env)
-    _seed_everything(args.seed)
+    seed_all(args.seed)
     train_folder, val_folder = _datasets(args, env)
     args.num_classes = _num_classes(args, train_folder, val_folder)
     learner, norm = _build_learner(args, env)

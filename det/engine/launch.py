@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import time
 from datetime import timedelta
 from typing import Callable, List, Optional, Sequence
 
-import numpy as np
 import torch
 from yacs.config import CfgNode
 
@@ -41,6 +39,7 @@ from det.evaluation import (EXIT_EXPECTED_RESULTS, ExpectedResult, ExpectedResul
 from det.modeling import build_detection_model, load_weights
 from det.modeling.weights import resolve_weight_path
 from det.solver import make_lr_scheduler, make_optimizer
+from mabn.utils.checkpoint import seed_all, write_text_atomic
 from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
                                     wrap_data_parallel)
 from mabn.utils.errors import NonFiniteLossError, UserError, report, run_cli
@@ -121,12 +120,6 @@ def _check_solver_counts(cfg: CfgNode) -> None:
             raise UserError(f"SOLVER.{key} {getattr(solver, key)} must be >= {minimum}")
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _lock_existing_folder(stack: contextlib.ExitStack, env: DistEnv, folder: str) -> Callable[[], None]:
     """Lock ``folder`` now if it exists, so that a folder in use fails before any work; return the
     call that locks it otherwise, once the inputs have checked out and the folder may be created."""
@@ -153,10 +146,7 @@ def _write_config(cfg: CfgNode, output_dir: str, env: DistEnv, log: RunLog) -> N
     if not env.is_main:
         return
     path = os.path.join(output_dir, CONFIG_DUMP)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as stream:
-        stream.write(cfg.dump())
-    os.replace(temporary, path)
+    write_text_atomic(path, cfg.dump())
     log.info(f"Saving config into: {path}")
 
 
@@ -209,7 +199,7 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
         _check_weight_file(cfg.MODEL.WEIGHT, "MODEL.WEIGHT")
     lock_new_folder = _lock_existing_folder(stack, env, output_dir)
 
-    _seed(cfg.SEED)
+    seed_all(cfg.SEED)
     network = build_detection_model(cfg).to(env.device)
     optimizer = make_optimizer(cfg, network)
     scheduler = make_lr_scheduler(cfg, optimizer)
@@ -306,7 +296,7 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
     _check_weight_file(weight, what)
     lock_new_folder = _lock_existing_folder(stack, env, os.path.join(output_dir, "inference"))
 
-    _seed(cfg.SEED)
+    seed_all(cfg.SEED)
     network = build_detection_model(cfg).to(env.device)
     report = load_weights(network, weight)
     loaders = _test_loaders(cfg, env)

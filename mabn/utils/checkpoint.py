@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT_NAME", "MALFORMED_ERRORS", "save_atomic", "write_text_atomic", "save_checkpoint", "check_finite",
            "first_non_finite", "kept_message", "resolve_checkpoint_path", "load_checkpoint", "check_fields",
            "strip_module_prefix", "describe_error", "load_model_state", "rank_buffers", "load_rank_buffers",
-           "capture_rng_state", "restore_rng_state", "restore_rank_state"]
+           "capture_rng_state", "restore_rng_state", "restore_rank_state", "seed_all"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 # What loading a hand-edited or foreign state into torch objects raises.
@@ -226,6 +226,18 @@ def load_rank_buffers(model: nn.Module, buffers: Mapping[str, torch.Tensor]) -> 
     for name, value in buffers.items():
         if name in own and own[name].shape == value.shape:
             own[name].copy_(value)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's (when installed) and torch's generators (every device's)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def capture_rng_state(device: torch.device) -> Dict[str, Any]:

@@ -131,3 +131,22 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     restore_rng_state(torch.load(path, weights_only=True), device)
     assert (random.random(), np.random.normal(), np.random.rand()) == expected[:3]
     assert torch.equal(torch.rand(1), expected[3])
+
+
+def test_seed_all_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    from mabn.utils.checkpoint import seed_all
+
+    with torch.random.fork_rng():
+        state = random.getstate(), np.random.get_state()
+        try:
+            seed_all(3)
+            first = (random.random(), float(np.random.rand()), float(torch.rand(())))
+            seed_all(3)
+            assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == first
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
