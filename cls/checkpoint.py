@@ -19,8 +19,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from torch import nn
 
 from cls.engine import Trainer
-from mabn.utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, check_fields, check_finite, load_checkpoint,
-                                   rank_buffers, resolve_checkpoint_path, save_atomic)
+from mabn.utils.checkpoint import (CHECKPOINT_NAME, check_fields, load_checkpoint, resolve_checkpoint_path,
+                                   save_run_checkpoint)
 from mabn.utils.run_log import RunLog
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "FIELDS", "flags_of", "read_training_checkpoint",
@@ -96,11 +96,8 @@ class CheckpointWriter:
 
     def __call__(self) -> None:
         env = self.trainer.env
-        own = {"buffers": rank_buffers(self.network), "rng": capture_rng_state(env.device)}
-        checkpoint = self.contents(env.all_gather_object(own))
-        check_finite(checkpoint, self.path)
+        save_run_checkpoint(self.path, self.network, env, self.contents)
         if env.is_main:
-            save_atomic(checkpoint, self.path)
             state = self.trainer.state
             self.log.info(f"saved checkpoint {self.path} (epoch {state.epoch}"
                           + (f", iteration {state.step_in_epoch}" if state.step_in_epoch else "") + ")")

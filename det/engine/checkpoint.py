@@ -32,9 +32,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from yacs.config import CfgNode
 
 from det.solver import set_optimizer_hyperparameters
-from mabn.utils.checkpoint import (MALFORMED_ERRORS, capture_rng_state, check_fields, check_finite, describe_error,
-                                   kept_message, load_checkpoint, load_model_state, rank_buffers, restore_rank_state,
-                                   save_atomic, write_text_atomic)
+from mabn.utils.checkpoint import (MALFORMED_ERRORS, check_fields, describe_error, kept_message, load_checkpoint,
+                                   load_model_state, restore_rank_state, save_run_checkpoint, write_text_atomic)
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError
 from mabn.utils.lr_schedule import position_scheduler
@@ -165,19 +164,19 @@ class CheckpointWriter:
         """What a stopped run leaves, for its error message."""
         return kept_message(self.last_path) if self.last_path else "no checkpoint was written by this run"
 
-    def __call__(self, name: str, iteration: int) -> str:
-        own = {"buffers": rank_buffers(self.network), "rng": capture_rng_state(self.env.device)}
-        rank_states = self.env.all_gather_object(own)
-        path = os.path.join(self.output_dir, f"{name}.pth")
-        checkpoint = {
+    def contents(self, iteration: int, rank_states: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {
             "format": FORMAT, "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "iteration": iteration, "config": self.config_text,
             "world_size": self.env.world_size, "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rank_states": rank_states,
         }
-        check_finite(checkpoint, self.last_path or path)
+
+    def __call__(self, name: str, iteration: int) -> str:
+        path = os.path.join(self.output_dir, f"{name}.pth")
+        save_run_checkpoint(path, self.network, self.env, lambda rank_states: self.contents(iteration, rank_states),
+                            kept_path=self.last_path or path)
         if self.env.is_main:
-            save_atomic(checkpoint, path)
             write_text_atomic(os.path.join(self.output_dir, LAST_CHECKPOINT), os.path.basename(path) + "\n")
             self.log.info(f"Saving checkpoint to {path} (iteration {iteration})")
         self.env.barrier()

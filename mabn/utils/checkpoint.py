@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT_NAME", "MALFORMED_ERRORS", "save_atomic", "write_text_atomic", "save_checkpoint", "check_finite",
            "first_non_finite", "kept_message", "resolve_checkpoint_path", "load_checkpoint", "check_fields",
            "strip_module_prefix", "describe_error", "load_model_state", "rank_buffers", "load_rank_buffers",
-           "capture_rng_state", "restore_rng_state", "restore_rank_state", "seed_all"]
+           "capture_rng_state", "restore_rng_state", "restore_rank_state", "save_run_checkpoint", "seed_all"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 # What loading a hand-edited or foreign state into torch objects raises.
@@ -297,3 +297,16 @@ def restore_rank_state(checkpoint: Optional[Mapping[str, Any]], path: str, netwo
     except MALFORMED_ERRORS as exc:
         raise UserError(f"checkpoint {path}: rank_states[{env.rank}] does not fit this run "
                         f"({describe_error(exc)})") from None
+
+
+def save_run_checkpoint(path: str, network: nn.Module, env: "DistEnv",
+                        contents: Callable[[List[Dict[str, Any]]], Dict[str, Any]], kept_path: Optional[str] = None) -> None:
+    """A trainer's checkpoint: every rank's buffers and RNG states are gathered into
+    ``rank_states``, ``contents(rank_states)`` (the app's fields) is checked for NaN/Inf on every
+    rank, so that all of them stop together and nothing is written, and rank 0 writes it to
+    ``path`` atomically. ``kept_path`` is the file a refusal says stays (default ``path``)."""
+    own = {"buffers": rank_buffers(network), "rng": capture_rng_state(env.device)}
+    checkpoint = contents(env.all_gather_object(own))
+    check_finite(checkpoint, kept_path or path)
+    if env.is_main:
+        save_atomic(checkpoint, path)
