@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from benchmarks.harness import Case, interleaved_times, log, saved_bytes, summarize
 from benchmarks.targets import Target, check, format_target
 from mabn.utils.checkpoint import write_text_atomic
+from mabn.utils.distributed import average_gradients
 
 __all__ = ["DetConfig", "TINY", "R50", "synthetic_batch", "build_step", "run_config", "evaluate_targets",
            "format_markdown", "main"]
@@ -129,8 +130,7 @@ def build_step(config: DetConfig, norm: str, images: Sequence[Tensor], targets: 
         losses = model(list(images), list(targets))
         total = sum(losses.values())
         total.backward()
-        if hasattr(model, "average_gradients"):
-            model.average_gradients()
+        average_gradients(model)
         optimizer.step()
         state["loss"] = float(total.detach())
 

@@ -1,12 +1,13 @@
 """The classification training step, its epoch bookkeeping and the evaluation.
 
-One step (:meth:`Trainer.run_step`): forward, label-smoothing loss, backward (DDP averages the
-gradients), then ONE small all-reduce of ``[loss * n, top-1 hits, top-5 hits, n, non-finite flag,
-stop flag]``, which gives the logged global averages and lets every rank take the same decision:
-a NaN/Inf loss on any rank stops all of them before the optimizer step (nothing is saved, the
-last checkpoint stays), a SIGTERM/SIGINT on any rank makes all of them finish the step, save a
-checkpoint that resumes exactly there and exit. The loop itself and the hooks (checkpoint,
-evaluation, learning-rate schedule, statistics) come from :mod:`mabn.utils.train_loop`.
+One step (:class:`mabn.utils.train_loop.SimpleTrainer`'s, which :class:`Trainer` feeds): forward,
+label-smoothing loss, backward (DDP averages the gradients), then ONE small all-reduce of
+``[loss * n, top-1 hits, top-5 hits, n, non-finite flag, stop flag]``, which gives the logged
+global averages and lets every rank take the same decision: a NaN/Inf loss on any rank stops all
+of them before the optimizer step (nothing is saved, the last checkpoint stays), a SIGTERM/SIGINT
+on any rank makes all of them finish the step, save a checkpoint that resumes exactly there and
+exit. The loop itself and the hooks (checkpoint, evaluation, learning-rate schedule, statistics)
+come from :mod:`mabn.utils.train_loop`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,10 +27,9 @@ from cls.run_log import test_line, train_line
 from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import DistEnv
-from mabn.utils.errors import NonFiniteLossError
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import StopFlag
-from mabn.utils.train_loop import HookBase, TrainerBase
+from mabn.utils.train_loop import HookBase, SimpleTrainer
 
 __all__ = ["TrainState", "Trainer", "Evaluator", "EpochLogHook", "MetricsWriter", "METRICS_NAME"]
 
@@ -46,10 +46,12 @@ class TrainState:
     meter: Meter = field(default_factory=Meter)  # running sums of the current epoch
 
 
-class Trainer(TrainerBase):
+class Trainer(SimpleTrainer):
     """Steps through epochs of ``iters_per_epoch`` batches of ``loader`` (whose batch sampler has
     ``set_epoch(epoch, start_step)``), updating ``state``. ``model`` is what the forward runs
     (DDP or :class:`~mabn.utils.distributed.GradientAveraging` around the network, or the network).
+    The step is :class:`~mabn.utils.train_loop.SimpleTrainer`'s; its one all-reduce sums
+    ``[loss * n, top-1 hits, top-5 hits, n]`` (:meth:`summed_values`).
 
     After a step, ``epoch_finished`` tells the hooks that it was the last of an epoch; ``state``
     then already counts the epoch, and ``finished_meter`` holds its sums.
@@ -57,20 +59,14 @@ class Trainer(TrainerBase):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, env: DistEnv,
                  iters_per_epoch: int, state: TrainState, precision: Precision, stop_flag: Optional[StopFlag] = None):
-        super().__init__(stop_flag)
-        self.model = model
-        self.optimizer = optimizer
+        super().__init__(model, optimizer, loader, env, precision, stop_flag)
         self.loader = loader
-        self.env = env
         self.iters_per_epoch = iters_per_epoch
         self.state = state
-        self.precision = precision
         self.epoch_finished = False
         self.finished_meter = Meter()
         self.step_sums: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 1.0)  # loss*n, top-1, top-5, n
         self.step_grad_scale = 1.0
-        self._batches: Optional[Iterator] = None
-        self._stop_agreed = False
 
     def train_epochs(self, total_epochs: int) -> bool:
         """Train up to ``total_epochs``; False when a stop request ended it early (after saving)."""
@@ -78,47 +74,41 @@ class Trainer(TrainerBase):
         self.model.train()
         return self.train(self.state.global_step, self.state.global_step + max(0, remaining))
 
-    def stop_requested(self) -> bool:
-        return self._stop_agreed
+    def batches(self) -> Iterator:
+        """The rest of the current epoch, from ``state``."""
+        self.loader.batch_sampler.set_epoch(self.state.epoch + 1, self.state.step_in_epoch)
+        return iter(self.loader)
 
-    def _next_batch(self):
-        if self._batches is None:
-            self.loader.batch_sampler.set_epoch(self.state.epoch + 1, self.state.step_in_epoch)
-            self._batches = iter(self.loader)
-        return next(self._batches)
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        images, targets = super().next_batch()
+        return images.to(self.env.device, non_blocking=True), targets.to(self.env.device, non_blocking=True)
 
-    def run_step(self) -> None:
-        state, device = self.state, self.env.device
-        images, targets = self._next_batch()
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        self.precision.before_forward()
-        with self.precision.autocast():
-            logits = self.model(images)
-        loss = label_smoothing_loss(logits, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss)
-        if hasattr(self.model, "average_gradients"):
-            self.model.average_gradients()
+    def forward(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch[0])
+
+    def loss_dict(self, batch, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"loss": label_smoothing_loss(logits, batch[1])}
+
+    def after_backward(self) -> None:
         self.step_grad_scale = self.precision.grad_scale
 
+    def summed_values(self, batch, logits: torch.Tensor, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+        targets = batch[1]
         n = float(targets.shape[0])
         hits = topk_correct(logits.detach(), targets)
-        local_loss = loss.detach().double()
-        flags = torch.stack([
-            local_loss * n, hits[0], hits[1], torch.tensor(n, dtype=torch.float64, device=device),
-            (~torch.isfinite(local_loss)).double(),
-            torch.tensor(float(self.stop_flag.requested), dtype=torch.float64, device=device)])
-        loss_sum, top1, top5, count, non_finite, stop = self.env.all_reduce_sum(flags).tolist()
-        if non_finite > 0:
-            raise NonFiniteLossError(
-                f"non-finite training loss ({local_loss.item()} on rank {self.env.rank}; non-finite on "
-                f"{int(non_finite)} of {self.env.world_size} processes) at epoch {state.epoch + 1}, iteration "
+        return torch.stack([losses["loss"].detach().double() * n, hits[0], hits[1],
+                            torch.tensor(n, dtype=torch.float64, device=self.env.device)])
+
+    def non_finite_message(self, losses: Dict[str, torch.Tensor], processes: int) -> str:
+        state = self.state
+        return (f"non-finite training loss ({losses['loss'].item()} on rank {self.env.rank}; non-finite on "
+                f"{processes} of {self.env.world_size} processes) at epoch {state.epoch + 1}, iteration "
                 f"{state.step_in_epoch + 1}/{self.iters_per_epoch} (global step {state.global_step + 1})")
-        self.precision.step(self.optimizer)
-        self.step_sums = (loss_sum, top1, top5, count)
-        self._stop_agreed = stop > 0
-        state.meter.add(loss_sum, top1, top5, count)
+
+    def after_update(self, sums: List[float], losses: Dict[str, torch.Tensor]) -> None:
+        state = self.state
+        self.step_sums = tuple(sums)
+        state.meter.add(*sums)
         state.step_in_epoch += 1
         state.global_step += 1
         self.epoch_finished = state.step_in_epoch == self.iters_per_epoch
@@ -126,7 +116,7 @@ class Trainer(TrainerBase):
             state.epoch += 1
             state.step_in_epoch = 0
             self.finished_meter, state.meter = state.meter, Meter()
-            self._batches = None
+            self.restart_batches()
 
 
 class EpochLogHook(HookBase):

@@ -1,21 +1,20 @@
 """The detection training step and the hooks around it (log line, checkpoints, evaluation).
 
-One step (:meth:`DetectionTrainer.run_step`): the forward returns torchvision's loss dict, the
-backward follows at once (DDP averages the gradients, or
-:class:`~mabn.utils.distributed.GradientAveraging` after it), with no wait for the host in between.
-Then ONE small all-reduce of ``[each loss / world size, non-finite flag, stop flag]``, read back
-once, gives the logged averages over processes and lets every rank take the same decision before
-the optimizer step: a NaN/Inf loss on any rank stops all of them (no update, nothing is saved, the
-last good checkpoint stays), a SIGTERM/SIGINT on any rank makes all of them finish the step, save
-``model_{iter:07d}.pth`` and exit. The loop and the hook plumbing are
+One step (:meth:`mabn.utils.train_loop.SimpleTrainer.run_step`, which :class:`DetectionTrainer`
+feeds): the forward returns torchvision's loss dict, the backward follows at once (DDP averages the
+gradients, or :class:`~mabn.utils.distributed.GradientAveraging` after it), with no wait for the
+host in between. Then ONE small all-reduce of ``[each loss / world size, non-finite flag, stop
+flag]``, read back once, gives the logged averages over processes and lets every rank take the same
+decision before the optimizer step: a NaN/Inf loss on any rank stops all of them (no update,
+nothing is saved, the last good checkpoint stays), a SIGTERM/SIGINT on any rank makes all of them
+finish the step, save ``model_{iter:07d}.pth`` and exit. The loop and the hook plumbing are
 :mod:`mabn.utils.train_loop`'s.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
-from typing import Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -26,10 +25,10 @@ from det.engine.metric_logger import MetricLogger, max_memory_mib
 from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import DistEnv
-from mabn.utils.errors import NonFiniteLossError, UserError
+from mabn.utils.errors import UserError
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import StopFlag
-from mabn.utils.train_loop import CheckpointHook, EvalHook, HookBase, LRSchedulerHook, TrainerBase
+from mabn.utils.train_loop import CheckpointHook, EvalHook, HookBase, LRSchedulerHook, SimpleTrainer, TrainerBase
 
 __all__ = ["DTYPES", "precision_from_dtype", "DetectionTrainer", "LogHook", "PeriodicCheckpoint", "MetricsWriter",
            "build_hooks"]
@@ -50,9 +49,10 @@ def _to_device(targets: List[Mapping[str, torch.Tensor]], device: torch.device) 
     return [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets]
 
 
-class DetectionTrainer(TrainerBase):
+class DetectionTrainer(SimpleTrainer):
     """Trains ``model`` (the data-parallel wrapper, or the network itself) on the batches of
     ``loader`` (``(images, targets, indices)``, one per iteration from the start iteration on).
+    The step is :class:`~mabn.utils.train_loop.SimpleTrainer`'s: the model returns its loss dict.
 
     After a step, ``losses`` holds the step's losses averaged over processes (``loss`` is their
     sum) and ``step_time`` / ``data_time`` its durations.
@@ -60,64 +60,22 @@ class DetectionTrainer(TrainerBase):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, env: DistEnv,
                  precision: Precision, stop_flag: Optional[StopFlag] = None):
-        super().__init__(stop_flag)
-        self.model = model
-        self.optimizer = optimizer
+        super().__init__(model, optimizer, loader, env, precision, stop_flag)
         self.loader = loader
-        self.env = env
-        self.precision = precision
         self.losses: Dict[str, float] = {}
-        self.step_time = 0.0
-        self.data_time = 0.0
-        self._batches: Optional[Iterator] = None
-        self._stop_agreed = False
 
-    def stop_requested(self) -> bool:
-        return self._stop_agreed
-
-    def train(self, start_iter: int, max_iter: int) -> bool:
-        try:
-            return super().train(start_iter, max_iter)
-        finally:
-            # Shut the loader's workers down now rather than at exit: they outlive a job-wide
-            # SIGTERM (the trainer handles it) and end only when their loader ends them.
-            self._batches = None
-
-    def run_step(self) -> None:
-        start = time.perf_counter()
-        if self._batches is None:
-            self._batches = iter(self.loader)
-        images, targets, _ = next(self._batches)
+    def next_batch(self):
+        images, targets, _ = super().next_batch()
         device = self.env.device
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = _to_device(targets, device)
-        data_time = time.perf_counter() - start
-        self.precision.before_forward()
-        with self.precision.autocast():
-            loss_dict = self.model(images, targets)
-        names = list(loss_dict)
-        total = sum(loss_dict.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(total)
-        if hasattr(self.model, "average_gradients"):
-            self.model.average_gradients()
-        # Everything up to the all-reduce stays on the device: the first read on the host is the
-        # summary's tolist(), after the backward has been queued.
-        local = torch.stack([loss_dict[name].detach().double() for name in names])
-        non_finite = (~torch.isfinite(total.detach())).double().reshape(1)
-        stop = local.new_full((1,), float(self.stop_flag.requested))
-        summary = torch.cat([local / self.env.world_size, non_finite, stop])
-        values = self.env.all_reduce_sum(summary).tolist()
-        if values[-2] > 0:
-            shown = ", ".join(f"{name} {loss_dict[name].item():.4g}" for name in names)
-            raise NonFiniteLossError(f"non-finite training loss at iteration {self.iter + 1} (on rank {self.env.rank}: "
-                                     f"{shown}; non-finite on {int(values[-2])} of {self.env.world_size} processes)")
-        self.precision.step(self.optimizer)
-        self._stop_agreed = values[-1] > 0
-        self.losses = dict(zip(names, values[:len(names)]))
-        self.losses = {"loss": sum(self.losses.values()), **self.losses}
-        self.data_time = data_time
-        self.step_time = time.perf_counter() - start
+        return [image.to(device, non_blocking=True) for image in images], _to_device(targets, device)
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        images, targets = batch
+        return self.model(images, targets)
+
+    def after_update(self, sums: List[float], losses: Dict[str, torch.Tensor]) -> None:
+        averages = dict(zip(losses, sums))  # the default summed_values: each loss averaged over processes
+        self.losses = {"loss": sum(averages.values()), **averages}
 
 
 class LogHook(HookBase):

@@ -20,8 +20,8 @@ from torch import nn
 
 from mabn.utils.errors import UserError
 
-__all__ = ["DistEnv", "GradientAveraging", "init_distributed", "destroy_distributed", "check_on_main_rank",
-           "wrap_data_parallel"]
+__all__ = ["DistEnv", "GradientAveraging", "average_gradients", "init_distributed", "destroy_distributed",
+           "check_on_main_rank", "wrap_data_parallel"]
 
 
 @dataclass
@@ -147,7 +147,8 @@ def destroy_distributed(env: DistEnv) -> None:
 class GradientAveraging(nn.Module):
     """Data parallelism without DDP: forward as the wrapped module; after the backward,
     :meth:`average_gradients` all-reduces every gradient (one flat buffer) and divides by the world
-    size, which is what DDP does.
+    size, which is what DDP does. Callers use the function :func:`average_gradients`, which works
+    for any model.
 
     Used only where DDP refuses the model: ``torch.nn.parallel.DistributedDataParallel`` rejects
     ``SyncBatchNorm`` layers in CPU modules, while ``mabn.SyncBatchNorm`` works on CPU/gloo.
@@ -179,10 +180,18 @@ class GradientAveraging(nn.Module):
             offset += grad.numel()
 
 
+def average_gradients(model: nn.Module) -> None:
+    """Call after every backward of a model from :func:`wrap_data_parallel`: averages the gradients
+    over processes for :class:`GradientAveraging` (one all-reduce); nothing for DDP (which averaged
+    them during the backward) or a plain module."""
+    if isinstance(model, GradientAveraging):
+        model.average_gradients()
+
+
 def wrap_data_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
     """``model`` for training on every rank: itself in one process, else DDP with rank-local
     buffers (``broadcast_buffers=False``), or :class:`GradientAveraging` for SyncBatchNorm on CPU,
-    which DDP refuses. Call ``average_gradients()`` after the backward when the result has it."""
+    which DDP refuses. Call :func:`average_gradients` on the result after every backward."""
     if not env.distributed:
         return model
     if env.device.type == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mabn.utils.distributed import DistEnv, check_on_main_rank, init_distributed, wrap_data_parallel
+from mabn.utils.distributed import (DistEnv, GradientAveraging, average_gradients, check_on_main_rank,
+                                    init_distributed, wrap_data_parallel)
 from mabn.utils.errors import UserError
 
 _LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -93,6 +94,28 @@ def test_the_collectives_use_the_chosen_device(plain_process):
 def test_wrap_data_parallel_is_the_model_itself_in_one_process():
     model = nn.Linear(2, 2)
     assert wrap_data_parallel(model, DistEnv()) is model
+
+
+def test_average_gradients_all_reduces_only_for_gradient_averaging(monkeypatch):
+    """One flat all-reduce, divided by the world size, for GradientAveraging; nothing otherwise."""
+    reduced: List[torch.Tensor] = []
+
+    def all_reduce(tensor, op=None):  # a second rank whose gradients are 3 times this one's
+        reduced.append(tensor.clone())
+        tensor.mul_(4.0)
+
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: None)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    plain = nn.Linear(2, 3)
+    plain(torch.ones(1, 2)).sum().backward()
+    before = [p.grad.clone() for p in plain.parameters()]
+    average_gradients(plain)
+    assert reduced == [] and all(torch.equal(p.grad, g) for p, g in zip(plain.parameters(), before))
+
+    wrapped = GradientAveraging(plain, world_size=2)
+    average_gradients(wrapped)
+    assert len(reduced) == 1 and reduced[0].numel() == sum(p.numel() for p in plain.parameters())
+    assert all(torch.equal(p.grad, 2.0 * g) for p, g in zip(plain.parameters(), before))
 
 
 def test_check_on_main_rank_raises_the_check_error(plain_process):
