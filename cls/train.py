@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) ->
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, then train and/or evaluate; 0 on success or a clean stop on a signal."""
     args = parse_args(argv)
-    env = init_distributed(args.device, args.local_rank)
+    env = init_distributed(args.device, args.local_rank, device_option="--device")
     with contextlib.ExitStack() as stack:
         stack.callback(destroy_distributed, env)
         return _run(args, env, stack)

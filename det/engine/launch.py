@@ -315,7 +315,7 @@ def _test(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextli
 def _run(argv: Optional[Sequence[str]], test: bool) -> int:
     args = parse_args(argv, test)
     cfg = load_config(args.config_file or None, args.opts or [])
-    env = init_distributed(_device_choice(cfg.MODEL.DEVICE), args.local_rank)
+    env = init_distributed(_device_choice(cfg.MODEL.DEVICE), args.local_rank, device_option="MODEL.DEVICE")
     with contextlib.ExitStack() as stack:
         stack.callback(destroy_distributed, env)
         return (_test if test else _train)(args, env, cfg, stack)

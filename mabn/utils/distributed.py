@@ -77,7 +77,7 @@ def _env_int(name: str) -> Optional[int]:
     return int(value) if value not in (None, "") else None
 
 
-def _device(device: str, local_rank: int) -> torch.device:
+def _device(device: str, local_rank: int, device_option: str) -> torch.device:
     """The device of this process, made current on CUDA: ``cuda:<local rank>``, or
     ``cuda:<local rank % visible devices>`` when fewer devices are visible than the local rank
     needs, as where the launcher gives each process its own GPU through ``CUDA_VISIBLE_DEVICES``
@@ -87,7 +87,7 @@ def _device(device: str, local_rank: int) -> torch.device:
     if device != "cuda":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available (use --device cpu or auto)")
+        raise UserError(f"{device_option} cuda but CUDA is not available (use {device_option} cpu or auto)")
     count = torch.cuda.device_count()
     index = local_rank % count
     if index != local_rank:
@@ -98,11 +98,12 @@ def _device(device: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device: str = "auto", local_rank_flag: Optional[int] = None,
-                     timeout_s: float = 1800.0) -> DistEnv:
+                     timeout_s: float = 1800.0, device_option: str = "device") -> DistEnv:
     """Read the launcher's environment, pick the device and initialize the process group.
 
     ``local_rank_flag`` is the ``--local_rank`` of ``torch.distributed.launch``; ``LOCAL_RANK``
-    wins when both are present.
+    wins when both are present. ``device_option`` is how the app names its device setting in
+    errors (a flag or a config key).
     """
     world_size = _env_int("WORLD_SIZE") or 1
     rank = _env_int("RANK") or 0
@@ -113,7 +114,7 @@ def init_distributed(device: str = "auto", local_rank_flag: Optional[int] = None
     launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ and _env_int("WORLD_SIZE") is not None
     if world_size > 1 and not launched:
         raise UserError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun")
-    torch_device = _device(device, local_rank)
+    torch_device = _device(device, local_rank, device_option)
     backend = None
     if launched:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"

@@ -46,6 +46,8 @@ def test_bad_environments_are_user_errors(plain_process):
     plain_process.delenv("WORLD_SIZE")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda but CUDA is not available"):
+            init_distributed("cuda", device_option="--device")  # the app names its own setting
+        with pytest.raises(UserError, match="^device cuda but CUDA is not available"):
             init_distributed("cuda")
 
 
