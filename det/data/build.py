@@ -1,4 +1,4 @@
-"""The training and test data loaders, from config values passed as plain arguments.
+"""The training and test data loaders, from config values gathered in options objects.
 
 A batch is ``(images, targets, indices)``: lists of the model's image tensors (RGB in [0, 1] at
 the original size: :mod:`det.data.transforms` says why), target dicts (boxes, labels, masks) and
@@ -13,6 +13,7 @@ number of workers.
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,8 +28,8 @@ from det.data.transforms import InferenceTransform, TrainTransform
 from mabn.utils.data import ShardSampler, worker_options
 from mabn.utils.errors import UserError
 
-__all__ = ["ConcatCOCODataset", "batch_size_per_process", "build_test_loaders", "build_train_loader",
-           "collate"]
+__all__ = ["ConcatCOCODataset", "TestLoaderOptions", "TrainLoaderOptions", "batch_size_per_process",
+           "build_test_loaders", "build_train_loader", "collate"]
 
 
 def batch_size_per_process(ims_per_batch: int, world_size: int, key: str) -> int:
@@ -89,37 +90,71 @@ def _open(name: str, root: str, catalog: Catalog, train: bool, transform: Callab
                        transform=transform, layout=files.layout)
 
 
-def build_train_loader(dataset_names: Sequence[str], root: str, flip_prob: float, ims_per_batch: int,
-                       world_size: int, rank: int, num_workers: int, aspect_grouping: bool, max_iter: int,
-                       start_iter: int = 0, seed: int = 0, catalog: Optional[Catalog] = None,
-                       pin_memory: bool = False, log: Callable[[str], None] = print) -> DataLoader:
-    """This process's loader of ``max_iter - start_iter`` training batches (DATASETS.TRAIN,
-    DATASETS.ROOT, INPUT.HORIZONTAL_FLIP_PROB_TRAIN, SOLVER.IMS_PER_BATCH, DATALOADER.NUM_WORKERS,
-    DATALOADER.ASPECT_RATIO_GROUPING, SOLVER.MAX_ITER); ``catalog`` defaults to
+@dataclass(frozen=True)
+class TrainLoaderOptions:
+    """The config values behind the training loader: DATASETS.TRAIN and DATASETS.ROOT,
+    INPUT.HORIZONTAL_FLIP_PROB_TRAIN, SOLVER.IMS_PER_BATCH (global), DATALOADER.NUM_WORKERS and
+    ASPECT_RATIO_GROUPING, SOLVER.MAX_ITER, the iteration to resume at and SEED, with this
+    process's place among ``world_size`` processes."""
+
+    dataset_names: Sequence[str]
+    root: str
+    flip_prob: float
+    ims_per_batch: int
+    world_size: int
+    rank: int
+    num_workers: int
+    aspect_grouping: bool
+    max_iter: int
+    start_iter: int = 0
+    seed: int = 0
+    pin_memory: bool = False
+
+
+@dataclass(frozen=True)
+class TestLoaderOptions:
+    """The config values behind the test loaders: DATASETS.TEST and DATASETS.ROOT,
+    TEST.IMS_PER_BATCH (global) and DATALOADER.NUM_WORKERS, with this process's place among
+    ``world_size`` processes."""
+
+    __test__ = False  # tells pytest that this data class is not a test class
+
+    dataset_names: Sequence[str]
+    root: str
+    ims_per_batch: int
+    world_size: int
+    rank: int
+    num_workers: int
+    pin_memory: bool = False
+
+
+def build_train_loader(options: TrainLoaderOptions, catalog: Optional[Catalog] = None,
+                       log: Callable[[str], None] = print) -> DataLoader:
+    """This process's loader of ``max_iter - start_iter`` training batches; ``catalog`` defaults to
     :data:`det.config.paths_catalog.DATASETS`."""
-    per_process = batch_size_per_process(ims_per_batch, world_size, "SOLVER.IMS_PER_BATCH")
-    if not dataset_names:
+    per_process = batch_size_per_process(options.ims_per_batch, options.world_size, "SOLVER.IMS_PER_BATCH")
+    if not options.dataset_names:
         raise UserError("DATASETS.TRAIN is empty; name at least one dataset")
     catalog = PUBLISHED_DATASETS if catalog is None else catalog
-    transform = TrainTransform(flip_prob)
-    dataset = ConcatCOCODataset([_open(n, root, catalog, True, transform, log) for n in dataset_names])
-    groups = aspect_ratio_groups(dataset.aspect_ratios()) if aspect_grouping else None
-    sampler = IterationBatchSampler(len(dataset), per_process, max_iter, start_iter, groups, rank, world_size, seed)
-    return DataLoader(dataset, batch_sampler=sampler, **_loader_options(num_workers, pin_memory))
+    transform = TrainTransform(options.flip_prob)
+    dataset = ConcatCOCODataset([_open(n, options.root, catalog, True, transform, log) for n in options.dataset_names])
+    groups = aspect_ratio_groups(dataset.aspect_ratios()) if options.aspect_grouping else None
+    sampler = IterationBatchSampler(len(dataset), per_process, options.max_iter, options.start_iter, groups,
+                                    options.rank, options.world_size, options.seed)
+    return DataLoader(dataset, batch_sampler=sampler, **_loader_options(options.num_workers, options.pin_memory))
 
 
-def build_test_loaders(dataset_names: Sequence[str], root: str, ims_per_batch: int, world_size: int, rank: int,
-                       num_workers: int, catalog: Optional[Catalog] = None,
-                       pin_memory: bool = False,
+def build_test_loaders(options: TestLoaderOptions, catalog: Optional[Catalog] = None,
                        log: Callable[[str], None] = print) -> List[Tuple[str, COCODataset, DataLoader]]:
-    """``(name, dataset, loader)`` per test dataset (DATASETS.TEST, TEST.IMS_PER_BATCH); each
-    process reads its shard (:class:`ShardSampler`) at the original image size."""
-    per_process = batch_size_per_process(ims_per_batch, world_size, "TEST.IMS_PER_BATCH")
+    """``(name, dataset, loader)`` per test dataset; each process reads its shard
+    (:class:`ShardSampler`) at the original image size."""
+    per_process = batch_size_per_process(options.ims_per_batch, options.world_size, "TEST.IMS_PER_BATCH")
     catalog = PUBLISHED_DATASETS if catalog is None else catalog
     loaders = []
-    for name in dataset_names:
-        dataset = _open(name, root, catalog, False, InferenceTransform(), log)
-        batches = BatchSampler(ShardSampler(len(dataset), rank, world_size), per_process, drop_last=False)
+    for name in options.dataset_names:
+        dataset = _open(name, options.root, catalog, False, InferenceTransform(), log)
+        batches = BatchSampler(ShardSampler(len(dataset), options.rank, options.world_size), per_process,
+                               drop_last=False)
         loaders.append((name, dataset, DataLoader(dataset, batch_sampler=batches,
-                                                  **_loader_options(num_workers, pin_memory))))
+                                                  **_loader_options(options.num_workers, options.pin_memory))))
     return loaders

@@ -22,14 +22,20 @@ import argparse
 import contextlib
 import os
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from det.config import load_config
 from det.data import batch_size_per_process, build_test_loaders, build_train_loader
+from det.data.build import TestLoaderOptions, TrainLoaderOptions
+from det.data.coco import COCODataset
 from det.engine.checkpoint import (CheckpointWriter, compare_configs, find_last_checkpoint, read_checkpoint,
                                    restore_rank_state, restore_training_state)
 from det.engine.inference import inference
@@ -39,6 +45,7 @@ from det.evaluation import (EXIT_EXPECTED_RESULTS, ExpectedResult, ExpectedResul
 from det.modeling import build_detection_model, load_weights
 from det.modeling.weights import resolve_weight_path
 from det.solver import make_lr_scheduler, make_optimizer
+from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import seed_all, write_text_atomic
 from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
                                     wrap_data_parallel)
@@ -52,6 +59,9 @@ __all__ = ["LOGGER_NAME", "parse_args", "test_net", "test_net_main", "train_net"
 LOGGER_NAME = "det"
 LOG_FILE = "log.txt"
 CONFIG_DUMP = "config.yml"
+
+_TestLoaders = List[Tuple[str, COCODataset, DataLoader]]
+"""``(name, dataset, loader)`` per DATASETS.TEST entry, as :func:`build_test_loaders` returns them."""
 
 
 def parse_args(argv: Optional[Sequence[str]], test: bool) -> argparse.Namespace:
@@ -174,15 +184,61 @@ def _quiet(_message: str) -> None:
     pass
 
 
-def _test_loaders(cfg: CfgNode, env: DistEnv):
-    return build_test_loaders(cfg.DATASETS.TEST, cfg.DATASETS.ROOT, cfg.TEST.IMS_PER_BATCH, env.world_size, env.rank,
-                              cfg.DATALOADER.NUM_WORKERS, pin_memory=env.device.type == "cuda",
-                              log=print if env.local_rank == 0 else _quiet)
+def _data_log(env: DistEnv) -> Callable[[str], None]:
+    """Where the data code reports: ``print`` on each machine's first process, nowhere elsewhere."""
+    return print if env.local_rank == 0 else _quiet
 
 
-def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextlib.ExitStack) -> int:
+def _test_loaders(cfg: CfgNode, env: DistEnv) -> _TestLoaders:
+    options = TestLoaderOptions(cfg.DATASETS.TEST, cfg.DATASETS.ROOT, cfg.TEST.IMS_PER_BATCH, env.world_size, env.rank,
+                                cfg.DATALOADER.NUM_WORKERS, pin_memory=env.device.type == "cuda")
+    return build_test_loaders(options, log=_data_log(env))
+
+
+@dataclass
+class _TrainInputs:
+    """What the input checks of a training run found: the precision of ``DTYPE``, whether the run
+    evaluates (periodically or at the end), ``TEST.EXPECTED_RESULTS``, the checkpoint to resume
+    from, and the call that locks ``OUTPUT_DIR`` once it may be created."""
+
+    precision: Precision
+    evaluates: bool
+    expected: List[ExpectedResult]
+    resume_path: Optional[str]
+    lock_new_folder: Callable[[], None]
+
+
+@dataclass
+class _TrainRun:
+    """The model and solver of a training run, and where it starts: the checkpoint it resumes
+    (None: none), its first iteration and the lines the log opens with."""
+
+    cfg: CfgNode
+    env: DistEnv
+    precision: Precision
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    resume_path: Optional[str]
+    checkpoint: Optional[Dict[str, Any]] = None
+    start_iter: int = 0
+    header: List[str] = field(default_factory=list)
+
+
+@dataclass
+class _TrainOutputs:
+    """Where a training run reports: the log, ``metrics.json`` and the checkpoints."""
+
+    log: RunLog
+    metrics: MetricsWriter
+    checkpoints: CheckpointWriter
+
+
+def _check_train_inputs(args: argparse.Namespace, env: DistEnv, cfg: CfgNode,
+                        stack: contextlib.ExitStack) -> _TrainInputs:
+    """Check every input of a training run before anything is written, so that bad input fails
+    with one error line and no half-made ``OUTPUT_DIR``; lock ``OUTPUT_DIR`` if it exists."""
     output_dir = cfg.OUTPUT_DIR
-    # Inputs first: nothing is written before they all check out.
     _check_output_dir(output_dir)
     _check_solver_counts(cfg)
     precision = precision_from_dtype(cfg.DTYPE, env.device)
@@ -198,86 +254,143 @@ def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextl
     if resume_path is None and cfg.MODEL.WEIGHT:
         _check_weight_file(cfg.MODEL.WEIGHT, "MODEL.WEIGHT")
     lock_new_folder = _lock_existing_folder(stack, env, output_dir)
+    return _TrainInputs(precision, evaluates, expected, resume_path, lock_new_folder)
 
+
+def _build_training(cfg: CfgNode, env: DistEnv, inputs: _TrainInputs) -> _TrainRun:
+    """Seed, then build the model on the device, its optimizer and LR schedule; seeding first makes
+    ``SEED`` fix the initial weights."""
     seed_all(cfg.SEED)
     network = build_detection_model(cfg).to(env.device)
     optimizer = make_optimizer(cfg, network)
     scheduler = make_lr_scheduler(cfg, optimizer)
-    header: List[str] = []
-    checkpoint, start_iter = None, 0
-    if resume_path is not None:
-        checkpoint = read_checkpoint(resume_path)
-        if "config" in checkpoint:
-            header += compare_configs(checkpoint["config"], cfg, resume_path, checkpoint.get("world_size"),
-                                      env.world_size)
-        else:
-            header.append(f"checkpoint {resume_path} stores no config: it cannot be compared with this run's")
-        start_iter = restore_training_state(checkpoint, resume_path, cfg, network, optimizer, scheduler,
-                                            precision.scaler)
-        header.append(f"Resuming from {resume_path} at iteration {start_iter} (MODEL.WEIGHT is not loaded)")
-    elif cfg.MODEL.WEIGHT:
-        header.append(load_weights(network, cfg.MODEL.WEIGHT).summary())
-    else:
-        header.append("MODEL.WEIGHT is empty: training from scratch")
-    max_iter = cfg.SOLVER.MAX_ITER
-    data_log = print if env.local_rank == 0 else _quiet
-    train_loader = None
-    if start_iter < max_iter:
-        train_loader = build_train_loader(cfg.DATASETS.TRAIN, cfg.DATASETS.ROOT, cfg.INPUT.HORIZONTAL_FLIP_PROB_TRAIN,
-                                          cfg.SOLVER.IMS_PER_BATCH, env.world_size, env.rank,
-                                          cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.ASPECT_RATIO_GROUPING, max_iter,
-                                          start_iter, seed=cfg.SEED, pin_memory=env.device.type == "cuda",
-                                          log=data_log)
-    test_loaders = _test_loaders(cfg, env) if evaluates else []
+    return _TrainRun(cfg, env, inputs.precision, network, optimizer, scheduler, inputs.resume_path)
 
-    lock_new_folder()
+
+def _resume_or_load(run: _TrainRun) -> None:
+    """Restore the last checkpoint of ``OUTPUT_DIR`` if there is one (MODEL.WEIGHT is then not
+    loaded), else load MODEL.WEIGHT if set; note what was done in ``run.header``."""
+    cfg, env, resume_path = run.cfg, run.env, run.resume_path
+    if resume_path is not None:
+        run.checkpoint = read_checkpoint(resume_path)
+        if "config" in run.checkpoint:
+            run.header += compare_configs(run.checkpoint["config"], cfg, resume_path,
+                                          run.checkpoint.get("world_size"), env.world_size)
+        else:
+            run.header.append(f"checkpoint {resume_path} stores no config: it cannot be compared with this run's")
+        run.start_iter = restore_training_state(run.checkpoint, resume_path, cfg, run.network, run.optimizer,
+                                                run.scheduler, run.precision.scaler)
+        run.header.append(f"Resuming from {resume_path} at iteration {run.start_iter} (MODEL.WEIGHT is not loaded)")
+    elif cfg.MODEL.WEIGHT:
+        run.header.append(load_weights(run.network, cfg.MODEL.WEIGHT).summary())
+    else:
+        run.header.append("MODEL.WEIGHT is empty: training from scratch")
+
+
+def _train_loader(run: _TrainRun) -> DataLoader:
+    """This process's batches from ``run.start_iter`` to SOLVER.MAX_ITER."""
+    cfg, env = run.cfg, run.env
+    options = TrainLoaderOptions(cfg.DATASETS.TRAIN, cfg.DATASETS.ROOT, cfg.INPUT.HORIZONTAL_FLIP_PROB_TRAIN,
+                                 cfg.SOLVER.IMS_PER_BATCH, env.world_size, env.rank, cfg.DATALOADER.NUM_WORKERS,
+                                 cfg.DATALOADER.ASPECT_RATIO_GROUPING, cfg.SOLVER.MAX_ITER, run.start_iter,
+                                 seed=cfg.SEED, pin_memory=env.device.type == "cuda")
+    return build_train_loader(options, log=_data_log(env))
+
+
+def _open_train_outputs(args: argparse.Namespace, run: _TrainRun, stack: contextlib.ExitStack) -> _TrainOutputs:
+    """Open the log (with TensorBoard), write the config and the header lines, and set up the
+    metrics and checkpoint writers; the last checkpoint so far is the one resumed."""
+    cfg, env, output_dir = run.cfg, run.env, run.cfg.OUTPUT_DIR
     log = _open_log(stack, output_dir, env, tensorboard=True)
     _log_start(log, env, args, f", {cfg.SOLVER.IMS_PER_BATCH // env.world_size} images per process")
     _write_config(cfg, output_dir, env, log)
-    for line in header:
+    for line in run.header:
         log.info(line)
-    iou_types = _iou_types(cfg)
-    metrics_writer = MetricsWriter(output_dir, log, start_iter, env.is_main)
-    writer = CheckpointWriter(output_dir, network, optimizer, scheduler, precision.scaler, env, cfg.dump(), log)
-    writer.last_path = resume_path
-    iteration = start_iter
-    if train_loader is not None:
-        wrapped = wrap_data_parallel(network, env)
-        restore_rank_state(checkpoint, resume_path or "", network, env)
-        network.train()
-        precision.track(network)
-        trainer = DetectionTrainer(wrapped, optimizer, train_loader, env, precision)
-        saver = PeriodicCheckpoint(writer, trainer, cfg.SOLVER.CHECKPOINT_PERIOD)
+    metrics = MetricsWriter(output_dir, log, run.start_iter, env.is_main)
+    checkpoints = CheckpointWriter(output_dir, run.network, run.optimizer, run.scheduler, run.precision.scaler, env,
+                                   cfg.dump(), log)
+    checkpoints.last_path = run.resume_path
+    return _TrainOutputs(log, metrics, checkpoints)
 
-        def evaluate() -> None:
-            metrics_writer(trainer.iter, inference(network, test_loaders, env, output_dir, precision, log, iou_types))
 
-        trainer.register_hooks(build_hooks(trainer, scheduler, log, saver, evaluate if test_loaders else None,
-                                           cfg.SOLVER.TEST_PERIOD))
-        log.info("Start training")
-        start = time.perf_counter()
-        try:
-            with stop_on_signals(trainer.stop_flag):
-                finished = trainer.train(start_iter, max_iter)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"{exc}; training stopped, {writer.kept()} (lower SOLVER.BASE_LR?)") from None
-        seconds = time.perf_counter() - start
-        if not finished:
-            log.info(f"{trainer.stop_flag.signal_name} received: saved {writer.last_path} at iteration {trainer.iter}; "
-                     f"rerun the same command to resume")
-            return 0
-        log.info(f"Total training time: {timedelta(seconds=int(seconds))} "
-                 f"({seconds / max(max_iter - start_iter, 1):.4f} s / it)")
-        iteration = trainer.iter
-    else:
-        log.info(f"the checkpoint has already completed {start_iter} >= SOLVER.MAX_ITER {max_iter} iterations")
+def _make_trainer(run: _TrainRun, train_loader: DataLoader, test_loaders: _TestLoaders,
+                  outputs: _TrainOutputs) -> DetectionTrainer:
+    """The trainer on the data-parallel model (each rank's own state restored), with the LR,
+    logging, periodic checkpoint and (if there are test loaders) periodic evaluation hooks."""
+    cfg, env, network = run.cfg, run.env, run.network
+    wrapped = wrap_data_parallel(network, env)
+    restore_rank_state(run.checkpoint, run.resume_path or "", network, env)
+    network.train()
+    run.precision.track(network)
+    trainer = DetectionTrainer(wrapped, run.optimizer, train_loader, env, run.precision)
+    saver = PeriodicCheckpoint(outputs.checkpoints, trainer, cfg.SOLVER.CHECKPOINT_PERIOD)
+
+    def evaluate() -> None:
+        outputs.metrics(trainer.iter, inference(network, test_loaders, env, cfg.OUTPUT_DIR, run.precision,
+                                                outputs.log, _iou_types(cfg)))
+
+    trainer.register_hooks(build_hooks(trainer, run.scheduler, outputs.log, saver, evaluate if test_loaders else None,
+                                       cfg.SOLVER.TEST_PERIOD))
+    return trainer
+
+
+def _run_training(run: _TrainRun, train_loader: DataLoader, test_loaders: _TestLoaders,
+                  outputs: _TrainOutputs) -> Optional[int]:
+    """Train up to SOLVER.MAX_ITER; the last iteration, or None when SIGTERM/SIGINT stopped the run
+    (a checkpoint is saved to resume from). A NaN/Inf loss ends it with the checkpoint kept."""
+    max_iter, log = run.cfg.SOLVER.MAX_ITER, outputs.log
+    trainer = _make_trainer(run, train_loader, test_loaders, outputs)
+    log.info("Start training")
+    start = time.perf_counter()
+    try:
+        with stop_on_signals(trainer.stop_flag):
+            finished = trainer.train(run.start_iter, max_iter)
+    except NonFiniteLossError as exc:
+        raise NonFiniteLossError(f"{exc}; training stopped, {outputs.checkpoints.kept()} (lower SOLVER.BASE_LR?)"
+                                 ) from None
+    seconds = time.perf_counter() - start
+    if not finished:
+        log.info(f"{trainer.stop_flag.signal_name} received: saved {outputs.checkpoints.last_path} at iteration "
+                 f"{trainer.iter}; rerun the same command to resume")
+        return None
+    log.info(f"Total training time: {timedelta(seconds=int(seconds))} "
+             f"({seconds / max(max_iter - run.start_iter, 1):.4f} s / it)")
+    return trainer.iter
+
+
+def _final_eval(args: argparse.Namespace, run: _TrainRun, test_loaders: _TestLoaders, outputs: _TrainOutputs,
+                iteration: int, expected: List[ExpectedResult]) -> None:
+    """Evaluate the final model unless ``--skip-test``, then, once every process is done,
+    check TEST.EXPECTED_RESULTS, so that a miss ends the run after everything is written."""
     final_metrics = None
     if not args.skip_test:
-        final_metrics = inference(network, test_loaders, env, output_dir, precision, log, iou_types)
-        metrics_writer(iteration, final_metrics)
-    env.barrier()
+        final_metrics = inference(run.network, test_loaders, run.env, run.cfg.OUTPUT_DIR, run.precision, outputs.log,
+                                  _iou_types(run.cfg))
+        outputs.metrics(iteration, final_metrics)
+    run.env.barrier()
     if final_metrics is not None:
-        _check_expected(cfg, expected, final_metrics, log)
+        _check_expected(run.cfg, expected, final_metrics, outputs.log)
+
+
+def _train(args: argparse.Namespace, env: DistEnv, cfg: CfgNode, stack: contextlib.ExitStack) -> int:
+    """``train_net``: check the inputs, build, resume or load weights, train, evaluate the final
+    model. ``OUTPUT_DIR`` is created and written only after every input and loader checks out."""
+    inputs = _check_train_inputs(args, env, cfg, stack)
+    run = _build_training(cfg, env, inputs)
+    _resume_or_load(run)
+    train_loader = _train_loader(run) if run.start_iter < cfg.SOLVER.MAX_ITER else None
+    test_loaders = _test_loaders(cfg, env) if inputs.evaluates else []
+    inputs.lock_new_folder()
+    outputs = _open_train_outputs(args, run, stack)
+    if train_loader is None:
+        outputs.log.info(f"the checkpoint has already completed {run.start_iter} >= SOLVER.MAX_ITER "
+                         f"{cfg.SOLVER.MAX_ITER} iterations")
+        iteration = run.start_iter
+    else:
+        iteration = _run_training(run, train_loader, test_loaders, outputs)
+        if iteration is None:
+            return 0
+    _final_eval(args, run, test_loaders, outputs, iteration, inputs.expected)
     return 0
 
 

@@ -14,6 +14,7 @@ and a stride-2 max-pool P6, as published. With MABN every conv of the part becom
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torchvision
@@ -26,7 +27,7 @@ import mabn
 from mabn.utils.errors import UserError
 from det.modeling.norms import NormSpec
 
-__all__ = ["build_resnet_fpn_backbone", "freeze_body", "init_body_convs", "move_stride_to_1x1"]
+__all__ = ["ResNetFPNOptions", "build_resnet_fpn_backbone", "freeze_body", "init_body_convs", "move_stride_to_1x1"]
 
 RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 """Body stages res2..res5 (strides 4..32) as FPN inputs; P6 (stride 64) is pooled from P5."""
@@ -68,37 +69,61 @@ def _resnet(depth: int, norm_layer: Callable[[int], nn.Module], groups: int, wid
         raise UserError(f"MODEL.RESNETS.NUM_GROUPS / WIDTH_PER_GROUP for R-{depth}: {exc}") from None
 
 
-def build_resnet_fpn_backbone(depth: int, norm: NormSpec, out_channels: int, *, stride_in_1x1: bool,
-                              freeze_at: int, fpn_norm: Optional[NormSpec] = None, groups: int = 1,
-                              width_per_group: int = 64, stem_out_channels: int = 64,
-                              res2_out_channels: Optional[int] = None, fpn_relu: bool = False) -> BackboneWithFPN:
-    """ResNet-``depth`` body with ``norm`` everywhere and an FPN with ``fpn_norm`` (None: the body's,
-    none for a FrozenBN body) producing ``out_channels`` maps '0'..'3' and 'pool' (P2..P6)."""
+@dataclass(frozen=True)
+class ResNetFPNOptions:
+    """A ResNet-``depth`` body with ``norm`` everywhere and an FPN with ``fpn_norm`` (None: the body's,
+    none for a FrozenBN body) producing ``out_channels`` maps; ``freeze_at`` as in :func:`freeze_body`;
+    ``groups`` and ``width_per_group`` as in torchvision's ResNet; ``stem_out_channels`` and
+    ``res2_out_channels`` (None: not checked) must match what the body has; ``fpn_relu`` adds a ReLU
+    after each FPN conv."""
+
+    depth: int
+    norm: NormSpec
+    out_channels: int
+    stride_in_1x1: bool
+    freeze_at: int
+    fpn_norm: Optional[NormSpec] = None
+    groups: int = 1
+    width_per_group: int = 64
+    stem_out_channels: int = 64
+    res2_out_channels: Optional[int] = None
+    fpn_relu: bool = False
+
+
+def _check_options(options: ResNetFPNOptions) -> None:
+    """The config errors that show before the body is built, each as one :class:`UserError` line."""
+    if options.norm.layer is None:
+        raise UserError("the body needs a norm (FrozenBN for the standard fine-tune body)")
+    if options.stem_out_channels != 64:
+        raise UserError(f"MODEL.RESNETS.STEM_OUT_CHANNELS {options.stem_out_channels}: torchvision's ResNet stem "
+                        f"has 64")
+    if options.freeze_at > 5:
+        raise UserError(f"MODEL.BACKBONE.FREEZE_CONV_BODY_AT {options.freeze_at}: at most 5 (stem and res2..res5), "
+                        f"-1 for nothing")
+
+
+def build_resnet_fpn_backbone(options: ResNetFPNOptions) -> BackboneWithFPN:
+    """The ResNet body and FPN that ``options`` describe, producing maps '0'..'3' and 'pool' (P2..P6)."""
+    depth, norm, fpn_norm = options.depth, options.norm, options.fpn_norm
     if fpn_norm is None:
         fpn_norm = NormSpec("", None, False) if norm.name == "FrozenBN" else norm
-    if norm.layer is None:
-        raise UserError("the body needs a norm (FrozenBN for the standard fine-tune body)")
-    if stem_out_channels != 64:
-        raise UserError(f"MODEL.RESNETS.STEM_OUT_CHANNELS {stem_out_channels}: torchvision's ResNet stem has 64")
-    if freeze_at > 5:
-        raise UserError(f"MODEL.BACKBONE.FREEZE_CONV_BODY_AT {freeze_at}: at most 5 (stem and res2..res5), "
-                        f"-1 for nothing")
-    body = _resnet(depth, norm.layer, groups, width_per_group)
+    _check_options(options)
+    body = _resnet(depth, norm.layer, options.groups, options.width_per_group)
     init_body_convs(body)
     last_block = body.layer1[-1]
     res2 = (last_block.conv3 if depth >= 50 else last_block.conv2).out_channels
-    if res2_out_channels is not None and res2_out_channels != res2:
-        raise UserError(f"MODEL.RESNETS.RES2_OUT_CHANNELS {res2_out_channels} does not match R-{depth}, whose res2 "
-                        f"has {res2} channels; set it to {res2}")
-    if stride_in_1x1:
+    if options.res2_out_channels is not None and options.res2_out_channels != res2:
+        raise UserError(f"MODEL.RESNETS.RES2_OUT_CHANNELS {options.res2_out_channels} does not match R-{depth}, "
+                        f"whose res2 has {res2} channels; set it to {res2}")
+    if options.stride_in_1x1:
         move_stride_to_1x1(body)
     if norm.centralize_convs:
         body = mabn.convert_conv(body, "CenConv")
-    freeze_body(body, freeze_at)
+    freeze_body(body, options.freeze_at)
     in_channels = [res2 * 2 ** i for i in range(4)]
-    backbone = BackboneWithFPN(body, RETURN_LAYERS, in_channels, out_channels, extra_blocks=LastLevelMaxPool(),
-                               norm_layer=fpn_norm.layer)
-    if fpn_relu:
+    backbone = BackboneWithFPN(body, RETURN_LAYERS, in_channels, options.out_channels,
+                               extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm.layer)
+    if options.fpn_relu:
         for block in [*backbone.fpn.inner_blocks, *backbone.fpn.layer_blocks]:
             block.append(nn.ReLU(inplace=True))
     if fpn_norm.centralize_convs:

@@ -9,7 +9,8 @@ import torch
 from det_helpers import run_script
 
 import mabn.utils.data
-from det.data.build import batch_size_per_process, build_test_loaders, build_train_loader
+from det.data.build import (TestLoaderOptions, TrainLoaderOptions, batch_size_per_process, build_test_loaders,
+                            build_train_loader)
 from det.data.shapes import ensure_shapes_dataset
 from mabn.utils.errors import UserError
 
@@ -34,7 +35,7 @@ def _train_loader(tiny, **kwargs):
     root, catalog = tiny
     options = dict(TRAIN, ims_per_batch=4, world_size=2, rank=0, max_iter=6, start_iter=0)
     options.update(kwargs)
-    return build_train_loader(["tiny_train"], root, catalog=catalog, log=_quiet, **options)
+    return build_train_loader(TrainLoaderOptions(["tiny_train"], root, **options), catalog=catalog, log=_quiet)
 
 
 def test_batch_sizes_are_global():
@@ -48,12 +49,12 @@ def test_batch_sizes_are_global():
 
 def test_batch_size_is_checked_before_reading_data(tmp_path):
     with pytest.raises(UserError, match="SOLVER.IMS_PER_BATCH 3"):
-        build_train_loader(["nowhere"], str(tmp_path), ims_per_batch=3, world_size=2, rank=0, max_iter=1,
-                           catalog={}, **TRAIN)
+        build_train_loader(TrainLoaderOptions(["nowhere"], str(tmp_path), ims_per_batch=3, world_size=2, rank=0,
+                                              max_iter=1, **TRAIN), catalog={})
     with pytest.raises(UserError, match="TEST.IMS_PER_BATCH 3"):
-        build_test_loaders(["nowhere"], str(tmp_path), 3, 2, 0, 0, catalog={})
+        build_test_loaders(TestLoaderOptions(["nowhere"], str(tmp_path), 3, 2, 0, 0), catalog={})
     with pytest.raises(UserError, match="unknown dataset 'nowhere'"):
-        build_test_loaders(["nowhere"], str(tmp_path), 2, 2, 0, 0, catalog={"elsewhere": {}})
+        build_test_loaders(TestLoaderOptions(["nowhere"], str(tmp_path), 2, 2, 0, 0), catalog={"elsewhere": {}})
 
 
 def test_train_loader_yields_model_inputs(tiny):
@@ -83,24 +84,24 @@ def test_train_loader_is_deterministic_and_resumes(tiny):
 
 def test_several_training_datasets_concatenate(tiny, tmp_path):
     root, catalog = tiny
-    loader = build_train_loader(["tiny_train", "tiny_val"], root, catalog=catalog, log=_quiet, ims_per_batch=2,
-                                world_size=1, rank=0, max_iter=8, **TRAIN)
+    loader = build_train_loader(TrainLoaderOptions(["tiny_train", "tiny_val"], root, ims_per_batch=2, world_size=1,
+                                                   rank=0, max_iter=8, **TRAIN), catalog=catalog, log=_quiet)
     assert len(loader.dataset) == 15 and loader.dataset.category_to_contiguous == {1: 1, 3: 2, 5: 3}
     assert sorted({i for _, _, indices in loader for i in indices}) == list(range(15))
     other = ensure_shapes_dataset(tmp_path, seed=1, categories=2, train_images=2, val_images=1, image_size=64,
                                   log=_quiet)
     two = {"two_categories": {"img_dir": str(other.img_dir("train")), "ann_file": str(other.ann_file("train"))}}
     with pytest.raises(UserError, match="different categories"):
-        build_train_loader(["tiny_train", "two_categories"], root, catalog={**catalog, **two}, log=_quiet,
-                           ims_per_batch=2, world_size=1, rank=0, max_iter=1, **TRAIN)
+        build_train_loader(TrainLoaderOptions(["tiny_train", "two_categories"], root, ims_per_batch=2, world_size=1,
+                                              rank=0, max_iter=1, **TRAIN), catalog={**catalog, **two}, log=_quiet)
 
 
 def test_test_loaders_shard_at_original_size(tiny):
     root, catalog = tiny
     seen = []
     for rank in range(2):
-        [(name, dataset, loader)] = build_test_loaders(["tiny_val"], root, 4, 2, rank, 0, catalog=catalog,
-                                                       log=_quiet)
+        [(name, dataset, loader)] = build_test_loaders(TestLoaderOptions(["tiny_val"], root, 4, 2, rank, 0),
+                                                       catalog=catalog, log=_quiet)
         assert name == "tiny_val" and len(dataset) == 5
         for images, _, indices in loader:
             assert len(images) <= 2
@@ -113,7 +114,8 @@ def test_test_loaders_shard_at_original_size(tiny):
 def test_published_shapes_names_generate_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MABN_CACHE", str(tmp_path))
     messages = []
-    [(_, dataset, loader)] = build_test_loaders(["shapes_val"], "unused-root", 8, 1, 0, 0, log=messages.append)
+    [(_, dataset, loader)] = build_test_loaders(TestLoaderOptions(["shapes_val"], "unused-root", 8, 1, 0, 0),
+                                                log=messages.append)
     assert len(messages) == 1 and str(tmp_path) in messages[0] and len(dataset) >= 50
     assert dataset.img_dir.startswith(str(tmp_path)) and len(dataset.category_to_contiguous) == 3
     images, targets, _ = next(iter(loader))
@@ -126,15 +128,16 @@ def test_workers_use_forkserver_and_match_the_main_process(tiny, tmp_path):
     # The shared worker policy (its SIGTERM behaviour: tests/mabn/utils/test_utils_data.py).
     assert loader.worker_init_fn.func is mabn.utils.data._worker_init
     root, catalog = tiny
-    [(_, _, test_loader)] = build_test_loaders(["tiny_val"], root, 2, 1, 0, 1, catalog=catalog, log=_quiet)
+    [(_, _, test_loader)] = build_test_loaders(TestLoaderOptions(["tiny_val"], root, 2, 1, 0, 1), catalog=catalog,
+                                               log=_quiet)
     assert test_loader.worker_init_fn.func is mabn.utils.data._worker_init and not test_loader.persistent_workers
     assert len(pickle.loads(pickle.dumps(loader.dataset))) == len(loader.dataset)
     script = f"""
-        from det.data.build import build_train_loader
+        from det.data.build import TrainLoaderOptions, build_train_loader
 
         def batches(workers):
-            loader = build_train_loader(["tiny_train"], {root!r}, 0.5, 2, 1, 0, workers, True, 5, seed=1,
-                                        catalog={catalog!r})
+            options = TrainLoaderOptions(["tiny_train"], {root!r}, 0.5, 2, 1, 0, workers, True, 5, seed=1)
+            loader = build_train_loader(options, catalog={catalog!r})
             return [(indices, [float(image.sum()) for image in images]) for images, _, indices in loader]
 
         if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 
 from det_helpers import images_and_targets, tiny_config
 from det.data import build_test_loaders
+from det.data.build import TestLoaderOptions
 from det.data.shapes import ensure_shapes_dataset
 from det.engine import launch
 from det.engine.inference import inference
@@ -38,7 +39,8 @@ def test_evaluating_a_mabn_model_leaves_its_buffers_and_modes_unchanged(shapes, 
     assert any(name.endswith("running_var") for name in before)
 
     catalog = {"tiny_val": {"img_dir": "val", "ann_file": "annotations/instances_val.json"}}
-    loaders = build_test_loaders(["tiny_val"], str(shapes.root), 2, 1, 0, 0, catalog=catalog, log=lambda *_: None)
+    loaders = build_test_loaders(TestLoaderOptions(["tiny_val"], str(shapes.root), 2, 1, 0, 0), catalog=catalog,
+                                 log=lambda *_: None)
     with RunLog(str(tmp_path), True, file_prefix=None, tensorboard_dir=None, progress=False) as log:
         precision = precision_from_dtype("float32", torch.device("cpu"))
         metrics = inference(model, loaders, DistEnv(), str(tmp_path), precision, log)

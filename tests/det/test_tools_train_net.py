@@ -162,9 +162,9 @@ def test_seed_sets_the_initialization_and_the_data_order(data_root, tmp_path, ca
         first_weights.append(model.backbone.body.conv1.weight.detach().clone())
         return model
 
-    def recording_loader(*args, **kwargs):
-        loader_seeds.append(kwargs["seed"])
-        return real_loader(*args, **kwargs)
+    def recording_loader(options, **kwargs):
+        loader_seeds.append(options.seed)
+        return real_loader(options, **kwargs)
 
     monkeypatch.setattr(launch, "build_detection_model", recording_build)
     monkeypatch.setattr(launch, "build_train_loader", recording_loader)
