@@ -19,6 +19,7 @@ import yaml
 
 import mabn
 from mabn.utils.errors import UserError
+from mabn.utils.yaml_config import load_yaml_unique_keys
 
 __all__ = ["ARCHS", "NORMS", "MABN_DEFAULT_NORM_BATCH", "build_parser", "config_tokens", "explicit_flags", "layer_default",
            "parse_args", "resolve"]
@@ -187,31 +188,13 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Acti
     return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader, except that a key given twice in one mapping is an error (not: the last wins)."""
-
-    def construct_mapping(self, node, deep=False):
-        lines: Dict[object, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = lines.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {first} and {key_node.start_mark.line + 1}); "
-                    f"keep one", None)
-        return super().construct_mapping(node, deep)
-
-
 def config_tokens(path: str, parser: Optional[argparse.ArgumentParser] = None) -> List[str]:
     """Read a yaml config and return the equivalent command-line tokens."""
     if not os.path.isfile(path):
         raise UserError(f"--config {path}: no such file")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_UniqueKeyLoader)
+            data = load_yaml_unique_keys(handle)
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: not valid yaml ({str(exc).splitlines()[0]})") from None
     except UnicodeDecodeError as exc:

@@ -26,7 +26,7 @@ from cls.metrics import Meter, label_smoothing_loss, topk_correct
 from cls.run_log import test_line, train_line
 from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import write_text_atomic
-from mabn.utils.distributed import DistEnv
+from mabn.utils.distributed import DistEnv, rank0_buffers
 from mabn.utils.run_log import RunLog
 from mabn.utils.signals import StopFlag
 from mabn.utils.train_loop import HookBase, SimpleTrainer
@@ -196,23 +196,6 @@ class Evaluator:
         self.log = log
         self.metrics = metrics
 
-    @contextlib.contextmanager
-    def _rank0_buffers(self):
-        """Rank 0's buffers on every rank within the block; this rank's own ones afterwards."""
-        if not self.env.distributed or self.env.world_size == 1:
-            yield
-            return
-        buffers = list(self.network.buffers())
-        saved = [b.detach().clone() for b in buffers]
-        for buffer in buffers:
-            torch.distributed.broadcast(buffer, src=0)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for buffer, own in zip(buffers, saved):
-                    buffer.copy_(own)
-
     @torch.no_grad()
     def __call__(self, step: Optional[int] = None) -> Meter:
         """Evaluate, log the TEST line (and TensorBoard scalars and the ``metrics`` entry at epoch
@@ -220,7 +203,8 @@ class Evaluator:
         model, device = self.network, self.env.device
         was_training = model.training
         sums = torch.zeros(4, dtype=torch.float64, device=device)
-        with self._rank0_buffers(), contextlib.closing(self.log.progress(len(self.loader), 0, "test")) as progress:
+        with rank0_buffers(model, self.env), \
+                contextlib.closing(self.log.progress(len(self.loader), 0, "test")) as progress:
             model.eval()
             for images, targets in self.loader:
                 images = images.to(device, non_blocking=True)

@@ -176,13 +176,22 @@ def _epoch_end(trainer: Trainer) -> bool:
     return trainer.epoch_finished
 
 
-def _train(args: argparse.Namespace, env: DistEnv, learner: Learner, state: TrainState,
-           resumed: Tuple[Optional[str], Optional[dict]], train_folder, evaluator: Evaluator, log: RunLog,
-           stack: contextlib.ExitStack) -> bool:
+@dataclass(frozen=True)
+class _StartPoint:
+    """Where training starts: the resumed checkpoint (its path and contents; None, None for a
+    fresh run) and the training state restored from it."""
+
+    path: Optional[str]
+    checkpoint: Optional[dict]
+    state: TrainState
+
+
+def _train(args: argparse.Namespace, env: DistEnv, learner: Learner, start: _StartPoint, train_folder,
+           evaluator: Evaluator, log: RunLog, stack: contextlib.ExitStack) -> bool:
     """Train to --total_epoch; False when stopped by a signal (after saving)."""
-    network = learner.network
+    network, state = learner.network, start.state
     wrapped = wrap_data_parallel(network, env)
-    restore_rank_state(resumed[1], resumed[0], network, env)
+    restore_rank_state(start.checkpoint, start.path, network, env)
     sampler = TrainBatchSampler(len(train_folder), args.per_gpu_batch, args.iters_per_epoch, env.rank,
                                 env.world_size, args.seed)
     loader = build_train_loader(AugmentedImageFolder(train_folder, TrainTransform(args.image_size)), sampler,
@@ -245,8 +254,8 @@ def _run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) ->
                                   args.val_batch_size, env.rank, env.world_size, args.workers, env.device)
     metrics = None if args.test_only else MetricsWriter(args.save, state.epoch, env.is_main)
     evaluator = Evaluator(learner.network, val_loader, env, learner.precision, log, metrics)
-    if not args.test_only and not _train(args, env, learner, state, (checkpoint_path, checkpoint), train_folder,
-                                         evaluator, log, stack):
+    if not args.test_only and not _train(args, env, learner, _StartPoint(checkpoint_path, checkpoint, state),
+                                         train_folder, evaluator, log, stack):
         return 0
     result = evaluator(step=None if args.test_only else state.epoch)
     if not math.isfinite(result.loss):

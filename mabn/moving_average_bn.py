@@ -131,14 +131,13 @@ def _per_group(coefficients: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _advance_forward_statistics(x: Tensor, zeros: Tensor, running_var: Tensor,
-                                num_batches_tracked: Tensor, groups_seen: Tensor, skipped_updates: Tensor,
-                                chi_window: Tensor, groups: int, warmup_iters: int, r_warmup_iters: int, eps: float,
-                                ema_weight: Union[float, Tensor], r_max: float
-                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One training forward's statistics; advances the buffers in place, except for channels
-    whose statistic is not finite (counted in ``skipped_updates``). ``ema_weight`` is the weight of
-    the new value in the ``running_var`` EMA (``1 - momentum``, or a 0-dim tensor).
+def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zeros: Tensor, groups: int,
+                                ema_weight: Union[float, Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One training forward's statistics; advances ``layer``'s buffers (``running_var``,
+    ``num_batches_tracked``, ``groups_seen``, ``skipped_updates``, the window ``buffer_x2``) in place,
+    except for channels whose statistic is not finite (counted in ``skipped_updates``), following
+    its schedule settings (``warmup_iters``, ``r_warmup_iters``, ``eps``, ``r_max``). ``ema_weight``
+    is the weight of the new value in the ``running_var`` EMA (``1 - momentum``, or a 0-dim tensor).
 
     Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
     denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``
@@ -148,6 +147,9 @@ def _advance_forward_statistics(x: Tensor, zeros: Tensor, running_var: Tensor,
     Conditions that the configuration decides (a warm-up already over at the first forward)
     dispatch no comparison.
     """
+    running_var, num_batches_tracked = layer.running_var, layer.num_batches_tracked
+    groups_seen, skipped_updates, chi_window = layer.groups_seen, layer.skipped_updates, layer.buffer_x2
+    warmup_iters, r_warmup_iters, eps, r_max = layer.warmup_iters, layer.r_warmup_iters, layer.eps, layer.r_max
     window = chi_window.shape[0]
     chi = _second_moments(x, groups, zeros)
     if groups == 1:
@@ -359,10 +361,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
         zeros = self.running_mean.to(compute_dtype(input.dtype))
-        var, u, chi_plus_eps, use_own = _advance_forward_statistics(
-            input, zeros, self.running_var, self.num_batches_tracked, self.groups_seen,
-            self.skipped_updates, self.buffer_x2, groups, self.warmup_iters, self.r_warmup_iters, self.eps,
-            self._ema_weight(), self.r_max)
+        var, u, chi_plus_eps, use_own = _advance_forward_statistics(self, input, zeros, groups, self._ema_weight())
         if groups == 1:
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
                                        use_own, self.buffer_gz, self.grad_scale)

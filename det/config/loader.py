@@ -23,6 +23,7 @@ from yacs.config import CfgNode as CN
 from det.config.defaults import get_default_config
 from det.config.support import RENAMED_KEYS, check_architecture, unsupported_key
 from mabn.utils.errors import UserError
+from mabn.utils.yaml_config import load_yaml_unique_keys
 
 __all__ = ["CONFIG_ROOT", "all_keys", "load_config", "resolve_config_file"]
 
@@ -30,22 +31,9 @@ CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "det"
 """The repository's detection configs (``configs/det``)."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe yaml loader that refuses a key written twice in one mapping."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise UserError(f"config key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
-                            f"{key_node.start_mark.line + 1} of {node.start_mark.name}); keep one")
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+def _duplicate_key(key: Any, first: int, second: int, source: str) -> UserError:
+    return UserError(f"config key {key!r} appears twice in one mapping (lines {first} and {second} of {source}); "
+                     f"keep one")
 
 
 def all_keys(node: CN, prefix: str = "") -> List[str]:
@@ -150,7 +138,7 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
         path = resolve_config_file(config_file)
         try:
             with open(path, "r") as stream:
-                data = yaml.load(stream, Loader=_UniqueKeyLoader)
+                data = load_yaml_unique_keys(stream, _duplicate_key)
         except yaml.YAMLError as exc:
             raise UserError(f"{path}: not valid yaml ({str(exc).splitlines()[0]})") from None
         data = data or {}

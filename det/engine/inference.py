@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from det.data import COCODataset
 from det.evaluation import coco_results, evaluate_dataset, gather_results, merge_results
-from mabn.utils.distributed import DistEnv
+from mabn.utils.distributed import DistEnv, rank0_buffers
 from mabn.utils.run_log import RunLog
 
 __all__ = ["Metrics", "evaluation_mode", "inference"]
@@ -33,19 +33,11 @@ def evaluation_mode(network: nn.Module, env: DistEnv) -> Iterator[None]:
     """``network.eval()`` with rank 0's buffers on every rank; afterwards this rank's buffers
     and the previous train/eval mode of every module."""
     modes = [(module, module.training) for module in network.modules()]
-    buffers = list(network.buffers())
-    saved = [buffer.detach().clone() for buffer in buffers] if env.distributed and env.world_size > 1 else None
     try:
-        if saved is not None:
-            for buffer in buffers:
-                torch.distributed.broadcast(buffer, src=0)
-        network.eval()
-        yield
+        with rank0_buffers(network, env):
+            network.eval()
+            yield
     finally:
-        if saved is not None:
-            with torch.no_grad():
-                for buffer, own in zip(buffers, saved):
-                    buffer.copy_(own)
         for module, training in modes:
             module.training = training
 

@@ -14,6 +14,7 @@ import torch
 from yacs.config import CfgNode
 
 from det.modeling import build_detection_model, load_weights
+from mabn.utils.distributed import resolve_device as _resolve_device
 from mabn.utils.errors import UserError
 
 __all__ = ["Predictor", "resolve_device"]
@@ -21,15 +22,7 @@ __all__ = ["Predictor", "resolve_device"]
 
 def resolve_device(name: str) -> torch.device:
     """``MODEL.DEVICE``: "cpu", "cuda[:k]", or "auto" (CUDA when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"MODEL.DEVICE {name!r}: use 'cpu', 'cuda', 'cuda:<k>' or 'auto'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"MODEL.DEVICE {name!r} but CUDA is not available here; pass MODEL.DEVICE cpu (or auto)")
-    return device
+    return _resolve_device(name, "MODEL.DEVICE")
 
 
 class Predictor:

@@ -104,7 +104,8 @@ def _rpn_options(rpn: CfgNode, channels: int) -> Dict[str, Any]:
 
 def _box_options(cfg: CfgNode, channels: int) -> Dict[str, Any]:
     """torchvision's ``box_*`` constructor arguments from MODEL.ROI_BOX_HEAD and MODEL.ROI_HEADS."""
-    box, roi = cfg.MODEL.ROI_BOX_HEAD, cfg.MODEL.ROI_HEADS
+    box = cfg.MODEL.ROI_BOX_HEAD
+    roi = cfg.MODEL.ROI_HEADS
     with_convs, box_norm = box_head_spec(cfg)
     box_pooler = MultiScaleRoIAlign(_featmap_names(box.POOLER_SCALES, "MODEL.ROI_BOX_HEAD.POOLER_SCALES"),
                                     box.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO)

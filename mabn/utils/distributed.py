@@ -7,12 +7,13 @@ on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from torch import nn
 from mabn.utils.errors import UserError
 
 __all__ = ["DistEnv", "GradientAveraging", "average_gradients", "init_distributed", "destroy_distributed",
-           "check_on_main_rank", "wrap_data_parallel"]
+           "check_on_main_rank", "wrap_data_parallel", "rank0_buffers", "resolve_device"]
 
 
 @dataclass
@@ -77,13 +78,27 @@ def _env_int(name: str) -> Optional[int]:
     return int(value) if value not in (None, "") else None
 
 
+def resolve_device(name: str, option: str = "device") -> torch.device:
+    """The device a setting names: "cpu", "cuda", "cuda:<k>", or "auto" (CUDA when available).
+    ``option`` is how the app names the setting in its one-line errors (a flag or a config key)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{option} {name!r}: use 'cpu', 'cuda', 'cuda:<k>' or 'auto'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option} {name!r} but CUDA is not available here; pass {option} cpu (or auto)")
+    return device
+
+
 def _device(device: str, local_rank: int, device_option: str) -> torch.device:
     """The device of this process, made current on CUDA: ``cuda:<local rank>``, or
     ``cuda:<local rank % visible devices>`` when fewer devices are visible than the local rank
     needs, as where the launcher gives each process its own GPU through ``CUDA_VISIBLE_DEVICES``
     (SLURM, some Kubernetes setups); one ``warning:`` line on stderr says so."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device("auto").type
     if device != "cuda":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -138,6 +153,26 @@ def check_on_main_rank(env: DistEnv, check: Callable[[], None]) -> None:
     message = env.broadcast_object(message)
     if message is not None:
         raise UserError(message)
+
+
+@contextlib.contextmanager
+def rank0_buffers(module: nn.Module, env: DistEnv) -> Iterator[None]:
+    """Rank 0's buffers in ``module`` on every rank within the block (so that every rank evaluates
+    with the statistics a checkpoint holds); this rank's own buffers, bit for bit, afterwards.
+    Nothing happens without a process group or with one process."""
+    if not env.distributed or env.world_size == 1:
+        yield
+        return
+    buffers = list(module.buffers())
+    saved = [buffer.detach().clone() for buffer in buffers]
+    try:
+        for buffer in buffers:
+            dist.broadcast(buffer, src=0)
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, own in zip(buffers, saved):
+                buffer.copy_(own)
 
 
 def destroy_distributed(env: DistEnv) -> None:

@@ -2,6 +2,7 @@
 in subprocesses: tests/cls/test_cls_launch.py)."""
 from __future__ import annotations
 
+import contextlib
 from typing import List
 
 import pytest
@@ -10,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mabn.utils.distributed import (DistEnv, GradientAveraging, average_gradients, check_on_main_rank,
-                                    init_distributed, wrap_data_parallel)
+                                    init_distributed, rank0_buffers, resolve_device, wrap_data_parallel)
 from mabn.utils.errors import UserError
 
 _LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -129,3 +130,62 @@ def test_check_on_main_rank_raises_the_check_error(plain_process):
 
     with pytest.raises(UserError, match="--save x is in use"):
         check_on_main_rank(env, refuse)
+
+
+def _network_with_buffers() -> nn.Module:
+    network = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(3))
+    network[1].running_var.fill_(2.0)
+    network[1].num_batches_tracked.fill_(7)
+    return network
+
+
+def test_rank0_buffers_is_a_no_op_without_a_process_group(monkeypatch):
+    """One process (no group), or a group of one: no collective, the buffers stay as they are."""
+    monkeypatch.setattr(dist, "broadcast", lambda *a, **k: pytest.fail("broadcast without a process group"))
+    network = _network_with_buffers()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    for env in (DistEnv(), DistEnv(world_size=1, backend="gloo")):
+        with rank0_buffers(network, env):
+            network[1].running_var.add_(1.0)  # what an evaluation might do: kept, nothing restores
+    assert torch.equal(network[1].running_var, before["1.running_var"] + 2.0)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_rank0_buffers_broadcasts_every_buffer_and_restores_this_ranks_own(monkeypatch, fail):
+    """Rank 0's buffers inside the block (every buffer broadcast from rank 0, in place), this
+    rank's own bit for bit afterwards, also when the block raises."""
+    sent: List[torch.Tensor] = []
+
+    def fake_broadcast(tensor, src):
+        assert src == 0
+        sent.append(tensor)
+        tensor.fill_(-3)  # "rank 0's" values
+
+    monkeypatch.setattr(dist, "broadcast", fake_broadcast)
+    network = _network_with_buffers()
+    own = {k: v.clone() for k, v in network.named_buffers()}
+    env = DistEnv(rank=1, world_size=2, backend="gloo")
+    with pytest.raises(RuntimeError, match="evaluation failed") if fail else contextlib.nullcontext():
+        with rank0_buffers(network, env):
+            assert [id(t) for t in sent] == [id(b) for b in network.buffers()]
+            assert all(bool((b == -3).all()) for b in network.buffers())
+            if fail:
+                raise RuntimeError("evaluation failed")
+    for name, buffer in network.named_buffers():
+        assert torch.equal(buffer, own[name]) and buffer.dtype == own[name].dtype, name
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match=r"^--device 'gpu': use 'cpu', 'cuda', 'cuda:<k>' or 'auto'$"):
+        resolve_device("gpu", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(UserError, match=rf"^MODEL.DEVICE '{name}' but CUDA is not available here; "
+                                            rf"pass MODEL.DEVICE cpu \(or auto\)$"):
+            resolve_device(name, "MODEL.DEVICE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)

@@ -14,7 +14,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import mabn
 import mabn.utils.checkpoint, mabn.utils.data, mabn.utils.distributed, mabn.utils.errors, mabn.utils.lock
-import mabn.utils.run_log, mabn.utils.signals, mabn.utils.train_loop
+import mabn.utils.run_log, mabn.utils.signals, mabn.utils.train_loop, mabn.utils.yaml_config
 print("ok")
 """
 
