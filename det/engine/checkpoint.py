@@ -23,6 +23,7 @@ naming each key; to fine-tune from a checkpoint with other values, start a new O
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -142,23 +143,23 @@ def restore_training_state(checkpoint: Mapping[str, Any], path: str, cfg: CfgNod
     return iteration
 
 
+@dataclass(eq=False)
 class CheckpointWriter:
     """``writer(name, iteration)`` gathers every rank's buffers and RNG states, checks everything
     for NaN/Inf on every rank (so all of them stop together, writing nothing) and lets rank 0
-    write ``<output_dir>/<name>.pth`` atomically, then ``last_checkpoint``."""
+    write ``<output_dir>/<name>.pth`` atomically, then ``last_checkpoint``. ``last_path`` and
+    ``last_iteration`` name the newest checkpoint of the run (or the one it resumed from)."""
 
-    def __init__(self, output_dir: str, network: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: LambdaLR, scaler, env: DistEnv, config_text: str, log):
-        self.output_dir = output_dir
-        self.network = network
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
-        self.env = env
-        self.config_text = config_text
-        self.log = log
-        self.last_path: Optional[str] = None
-        self.last_iteration: Optional[int] = None
+    output_dir: str
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: Any
+    env: DistEnv
+    config_text: str
+    log: Any
+    last_path: Optional[str] = field(default=None, init=False)
+    last_iteration: Optional[int] = field(default=None, init=False)
 
     def kept(self) -> str:
         """What a stopped run leaves, for its error message."""
