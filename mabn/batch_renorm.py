@@ -75,7 +75,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import cached_constant, check_group_size, compute_dtype, count_groups, grouped_batch_norm, \
+from mabn.groups import cached_constant, check_group_size, check_norm_input, compute_dtype, count_groups, grouped_batch_norm, \
     grouped_moments
 from mabn.running_stats import FiniteRunningStats
 
@@ -84,6 +84,8 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 class _BatchRenorm(FiniteRunningStats, _BatchNorm):
     """Batch Renormalization over dim 1; see the module docstring for the exact definition."""
+
+    _expected_dims: Tuple[int, ...] = ()  # input ranks, set by each subclass
 
     def __init__(
         self,
@@ -148,6 +150,9 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
             for name, values in zip(("slope", "offset", "low", "high"), coefficients))
         return torch.clamp(torch.addcmul(offset, self.num_batches_tracked, slope), low, high)
 
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_norm_input(type(self).__name__, self.num_features, self._expected_dims, input)
+
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """``(rmax_t, dmax_t)`` as 0-dim tensors for the current ``num_batches_tracked``."""
         rmax, dmax, _ = self._limits(compute_dtype(self.running_mean.dtype), self.num_batches_tracked.device)
@@ -155,9 +160,6 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__} expected {self.num_features} channels in "
-                             f"dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})")
         dtype = compute_dtype(input.dtype)
         x = input.to(dtype)
         weight = None if self.weight is None else self.weight.to(dtype)
@@ -216,25 +218,16 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
 class BatchRenorm1d(_BatchRenorm):
     """Batch Renormalization over (N, C) or (N, C, L) input."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"BatchRenorm1d expected 2D (N, C) or 3D (N, C, L) input, got "
-                             f"{input.dim()}D input of shape {tuple(input.shape)}")
+    _expected_dims = (2, 3)
 
 
 class BatchRenorm2d(_BatchRenorm):
     """Batch Renormalization over (N, C, H, W) input."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"BatchRenorm2d expected 4D (N, C, H, W) input, got "
-                             f"{input.dim()}D input of shape {tuple(input.shape)}")
+    _expected_dims = (4,)
 
 
 class BatchRenorm3d(_BatchRenorm):
     """Batch Renormalization over (N, C, D, H, W) input."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"BatchRenorm3d expected 5D (N, C, D, H, W) input, got "
-                             f"{input.dim()}D input of shape {tuple(input.shape)}")
+    _expected_dims = (5,)

@@ -64,6 +64,17 @@ def filled(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Te
                            lambda d: torch.full((n,), value, dtype=dtype, device=d))
 
 
+def check_norm_input(layer_name: str, num_features: int, dims: Tuple[int, ...], input: Tensor) -> None:
+    """``ValueError`` naming the layer when ``input`` is not of a rank in ``dims`` (N, C, ...) or
+    has another channel count than ``num_features``."""
+    if input.dim() not in dims:
+        ranks = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{layer_name} expects {ranks} input (N, C, ...), got shape {tuple(input.shape)}")
+    if input.shape[1] != num_features:
+        raise ValueError(f"{layer_name}({num_features}) got an input with {input.shape[1]} channels "
+                         f"(shape {tuple(input.shape)}); build the layer with num_features={input.shape[1]}")
+
+
 def check_group_size(B: object, *, allow_none: bool = False) -> Optional[int]:
     """``B`` itself when it is a positive int (or None where ``allow_none``); raises otherwise."""
     if B is None and allow_none:

@@ -70,7 +70,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import cached_constant, compute_dtype, count_groups, filled
+from mabn.groups import cached_constant, check_norm_input, compute_dtype, count_groups, filled
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
 
@@ -346,13 +346,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
                 + (", first_batch_running_var=True" if self.first_batch_running_var else ""))
 
     def _check_input_dim(self, input: Tensor) -> None:
-        name = type(self).__name__
-        if input.dim() not in self._expected_dims:
-            dims = " or ".join(f"{d}-D" for d in self._expected_dims)
-            raise ValueError(f"{name} expects {dims} input (N, C, ...), got shape {tuple(input.shape)}")
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"{name}({self.num_features}) got an input with {input.shape[1]} channels "
-                             f"(shape {tuple(input.shape)}); build the layer with num_features={input.shape[1]}")
+        check_norm_input(type(self).__name__, self.num_features, self._expected_dims, input)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
