@@ -110,8 +110,12 @@ def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, 
     """
     size = window.shape[0]
     if values.dim() == 1:
-        # two ops for the new window (unbind's views, one stack) instead of unsqueeze, cat, slice
-        new_window = torch.stack(window.unbind(0)[1:] + (values,))
+        if torch.compiler.is_compiling():
+            # one fused copy for inductor; the stack of W slices below compiles to W kernels
+            new_window = torch.cat([window[1:], values.unsqueeze(0)])
+        else:
+            # two eager ops (unbind's views, one stack) instead of unsqueeze, cat, slice
+            new_window = torch.stack(window.unbind(0)[1:] + (values,))
         moving = new_window.mean(dim=0)
     else:
         stream = torch.cat([window, values])

@@ -260,6 +260,39 @@ def test_training_step_has_no_host_sync():
     assert calls == []
 
 
+# Kernels inductor generates for one compiled training forward + backward of a one-group MABN
+# layer (the benchmark's): a window update that is cheap in eager mode (a stack of W slices) once
+# compiled to a kernel per slot, 52 in all.
+COMPILED_KERNEL_BUDGET = 24
+
+
+def test_compiled_one_group_step_generates_few_kernels_and_matches_eager():
+    from torch._inductor import metrics
+
+    def build():
+        torch.manual_seed(0)
+        return MABN2d(64, 2, 32, warmup_iters=0, r_warmup_iters=0)
+
+    eager, compiled_layer = build(), build()
+    compiled = torch.compile(compiled_layer)
+    x = torch.randn(2, 64, 7, 7, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(2, 64, 7, 7, generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    metrics.reset()
+    try:
+        for _ in range(2):
+            x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+            eager(x_eager).backward(grad)
+            compiled(x_compiled).backward(grad)
+            torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-5, atol=1e-6)
+        kernels = metrics.generated_kernel_count
+    finally:
+        metrics.reset()
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled_layer.buffer_gz, eager.buffer_gz, rtol=1e-5, atol=1e-8)
+    assert kernels <= COMPILED_KERNEL_BUDGET, kernels
+
+
 # aot_eager_decomp_partition runs the min-cut partitioner that decides what the backward
 # recomputes, without a C++ build; inductor is what torch.compile uses by default.
 @pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
