@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from op_counting import training_step_ops
 
 F64 = torch.float64
 
@@ -532,30 +533,7 @@ def test_group_errors_and_repr():
         BatchRenorm2d(3, 1e-5, 0.01, True, 2)  # B is keyword-only
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _training_step_ops(layer, batch):
-    """Dispatched aten ops of one training forward + backward at (batch, 64, 7, 7), after two
-    warm-up steps (gradients accumulate, as in training; the engine's additions count too)."""
-    x = torch.randn(batch, 64, 7, 7, requires_grad=True)
-    for _ in range(2):
-        layer(x).sum().backward()
-    grad = torch.ones_like(x)
-    counter = _OpCounter()
-    with counter:
-        layer(x).backward(grad)
-    return counter.count
-
-
 @pytest.mark.parametrize("B", [2, None])
 def test_training_step_dispatches_few_aten_ops(B):
-    count = _training_step_ops(BatchRenorm2d(64, B=B), 8)
+    count = training_step_ops(BatchRenorm2d(64, B=B), 8)
     assert count <= OP_BUDGET, count

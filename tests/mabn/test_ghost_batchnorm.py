@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from op_counting import training_step_ops
 
 F64 = torch.float64
 
@@ -350,30 +351,7 @@ def test_gradcheck_grouped_forward(shape):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _training_step_ops(layer, batch):
-    """Dispatched aten ops of one training forward + backward at (batch, 64, 7, 7), after two
-    warm-up steps (gradients accumulate, as in training; the engine's additions count too)."""
-    x = torch.randn(batch, 64, 7, 7, requires_grad=True)
-    for _ in range(2):
-        layer(x).sum().backward()
-    grad = torch.ones_like(x)
-    counter = _OpCounter()
-    with counter:
-        layer(x).backward(grad)
-    return counter.count
-
-
 @pytest.mark.parametrize("batch,budget", [(8, OP_BUDGET_FOUR_GROUPS), (2, OP_BUDGET_ONE_GROUP)])
 def test_training_step_dispatches_few_aten_ops(batch, budget):
-    count = _training_step_ops(GhostBatchNorm2d(64, B=2), batch)
+    count = training_step_ops(GhostBatchNorm2d(64, B=2), batch)
     assert count <= budget, count
