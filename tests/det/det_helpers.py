@@ -24,6 +24,14 @@ FAST = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "112", "INPUT.M
         "INPUT.MAX_SIZE_TEST", "112", "MODEL.RPN.PRE_NMS_TOP_N_TRAIN", "200", "MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN", "100",
         "MODEL.RPN.PRE_NMS_TOP_N_TEST", "100", "MODEL.RPN.FPN_POST_NMS_TOP_N_TEST", "50",
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64"]
+# The tools (train_net, test_net) on the MABN tiny config, as run from det/, with 64-pixel images,
+# few proposals, no loader worker, and the dataset names of the COCO layout the tests write.
+TINY_CONFIG = "configs/shapes/mask_rcnn_mabn_tiny.yaml"
+TOOL_OPTIONS = ["DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+                "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.RPN.PRE_NMS_TOP_N_TRAIN", "200",
+                "MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN", "100", "MODEL.RPN.PRE_NMS_TOP_N_TEST", "100",
+                "MODEL.RPN.FPN_POST_NMS_TOP_N_TEST", "50", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+                "DATASETS.TRAIN", '("coco_2017_train",)', "DATASETS.TEST", '("coco_2017_val",)']
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 

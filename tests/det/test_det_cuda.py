@@ -19,21 +19,16 @@ from typing import List, Sequence
 import pytest
 import torch
 
+from det_helpers import REPO, TINY_CONFIG, TOOL_OPTIONS
+
 from det.data.shapes import ensure_shapes_dataset
 from det.engine.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.cuda
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = "configs/shapes/mask_rcnn_mabn_tiny.yaml"  # as written from det/
-# 64-pixel images, few proposals; MABN's warm-ups end early so that its moving averages and r
-# run under float16 within the 20 iterations.
-SMALL = ["DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
-         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.RPN.PRE_NMS_TOP_N_TRAIN", "200",
-         "MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN", "100", "MODEL.RPN.PRE_NMS_TOP_N_TEST", "100",
-         "MODEL.RPN.FPN_POST_NMS_TOP_N_TEST", "50", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
-         "MODEL.MABN.WARMUP_ITERS", "5", "MODEL.MABN.R_WARMUP_ITERS", "10",
-         "DATASETS.TRAIN", '("coco_2017_train",)', "DATASETS.TEST", '("coco_2017_val",)']
+# MABN's warm-ups end early so that its moving averages and r run under float16 within the 20
+# iterations.
+SMALL = [*TOOL_OPTIONS, "MODEL.MABN.WARMUP_ITERS", "5", "MODEL.MABN.R_WARMUP_ITERS", "10"]
 TIMEOUT = 240
 
 

@@ -12,23 +12,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from det_helpers import REPO, TINY_CONFIG, TOOL_OPTIONS
 
 from det.data.shapes import ensure_shapes_dataset
 from det.engine import launch
 from det.engine.checkpoint import find_last_checkpoint, read_checkpoint
 from mabn.utils.lock import FolderLock
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = "configs/shapes/mask_rcnn_mabn_tiny.yaml"  # as written from det/
-SMALL = ["DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
-         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.RPN.PRE_NMS_TOP_N_TRAIN", "200",
-         "MODEL.RPN.FPN_POST_NMS_TOP_N_TRAIN", "100", "MODEL.RPN.PRE_NMS_TOP_N_TEST", "100",
-         "MODEL.RPN.FPN_POST_NMS_TOP_N_TEST", "50", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
-         "DATASETS.TRAIN", '("coco_2017_train",)', "DATASETS.TEST", '("coco_2017_val",)']
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def data_root(tmp_path_factory) -> str:
 
 
 def _opts(data_root: str, output_dir, *extra: str):
-    return SMALL + ["DATASETS.ROOT", data_root, "OUTPUT_DIR", str(output_dir), *extra]
+    return TOOL_OPTIONS + ["DATASETS.ROOT", data_root, "OUTPUT_DIR", str(output_dir), *extra]
 
 
 def _env():
