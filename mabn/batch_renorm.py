@@ -75,8 +75,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import cached_constant, check_group_size, check_norm_input, compute_dtype, count_groups, grouped_batch_norm, \
+from mabn.groups import cached_constant, check_group_size, check_norm_input, count_groups, grouped_batch_norm, \
     grouped_moments
+from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -155,12 +156,12 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """``(rmax_t, dmax_t)`` as 0-dim tensors for the current ``num_batches_tracked``."""
-        rmax, dmax, _ = self._limits(compute_dtype(self.running_mean.dtype), self.num_batches_tracked.device)
+        rmax, dmax, _ = self._limits(statistics_dtype(self.running_mean.dtype), self.num_batches_tracked.device)
         return rmax, dmax
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        dtype = compute_dtype(input.dtype)
+        dtype = statistics_dtype(input.dtype)
         x = input.to(dtype)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)

@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mabn.groups import (cached_constant, check_group_size, compute_dtype, count_groups, grouped_batch_norm,
+from mabn.groups import (cached_constant, check_group_size, count_groups, grouped_batch_norm,
                          grouped_moments)
+from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -98,7 +99,7 @@ class _GhostBatchNormMixin(FiniteRunningStats):
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
                              f"channels in dim 1, got input of shape {tuple(input.shape)}")
         groups = count_groups(type(self).__name__, self.B, input.shape[0])
-        dtype = compute_dtype(input.dtype)
+        dtype = statistics_dtype(input.dtype)
         x = input.to(dtype)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)

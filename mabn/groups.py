@@ -17,17 +17,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mabn.precision import statistics_dtype
-
-__all__ = ["cached_constant", "check_group_size", "compute_dtype", "count_groups", "filled",
+__all__ = ["cached_constant", "check_group_size", "check_norm_input", "count_groups", "filled",
            "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments"]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """:func:`mabn.precision.statistics_dtype` without dispatching ``promote_types`` (an op per call)."""
-    if dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return torch.float32
-    return dtype if dtype == torch.float64 else statistics_dtype(dtype)
 
 
 _CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()

@@ -70,7 +70,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import cached_constant, check_norm_input, compute_dtype, count_groups, filled
+from mabn.groups import cached_constant, check_norm_input, count_groups, filled
+from mabn.precision import statistics_dtype
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
 
@@ -358,7 +359,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
-        zeros = self.running_mean.to(compute_dtype(input.dtype))
+        zeros = self.running_mean.to(statistics_dtype(input.dtype))
         var, u, chi_plus_eps, use_own = _advance_forward_statistics(self, input, zeros, groups, self._ema_weight())
         if groups == 1:
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,

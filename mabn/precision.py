@@ -8,6 +8,12 @@ import torch
 __all__ = ["statistics_dtype"]
 
 
+_FLOATING = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+             torch.float64: torch.float64}
+
+
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision dtypes, the dtype itself for float32/float64."""
-    return torch.promote_types(dtype, torch.float32)
+    """float32 for half-precision dtypes, the dtype itself for float32/float64 (a lookup for these:
+    ``torch.promote_types`` is a dispatched op, a per-call cost on every layer's hot path)."""
+    known = _FLOATING.get(dtype)
+    return known if known is not None else torch.promote_types(dtype, torch.float32)
