@@ -48,7 +48,7 @@ from det.solver import make_lr_scheduler, make_optimizer
 from mabn.utils.amp import Precision
 from mabn.utils.checkpoint import seed_all, write_text_atomic
 from mabn.utils.distributed import (DistEnv, check_on_main_rank, destroy_distributed, init_distributed,
-                                    wrap_data_parallel)
+                                    resolve_device, wrap_data_parallel)
 from mabn.utils.errors import NonFiniteLossError, UserError, report, run_cli
 from mabn.utils.lock import FolderLock
 from mabn.utils.run_log import RunLog
@@ -94,14 +94,14 @@ def parse_args(argv: Optional[Sequence[str]], test: bool) -> argparse.Namespace:
 
 
 def _device_choice(name: str) -> str:
-    """``MODEL.DEVICE`` as :func:`init_distributed` takes it, with a one-line error if absent."""
-    if name in ("cpu", "auto"):
+    """``MODEL.DEVICE`` as :func:`init_distributed` takes it ("cpu", "cuda" or "auto"), with a
+    one-line error for a device this trainer does not run on or CUDA that is absent."""
+    if name == "auto":
         return name
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(f"MODEL.DEVICE {name} but CUDA is not available here; pass MODEL.DEVICE cpu (or auto)")
-        return "cuda"
-    raise UserError(f"MODEL.DEVICE {name!r}: use cpu, cuda or auto")
+    device_type = resolve_device(name, "MODEL.DEVICE").type
+    if device_type not in ("cpu", "cuda"):
+        raise UserError(f"MODEL.DEVICE {name!r}: use cpu, cuda or auto")
+    return device_type
 
 
 def _check_output_dir(output_dir: str) -> None:
