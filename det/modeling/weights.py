@@ -43,6 +43,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mabn.convert import is_mabn, mabn_running_var
+from mabn.utils.checkpoint import describe_error
 from mabn.utils.data import default_cache_dir
 from mabn.utils.errors import UserError
 
@@ -148,16 +149,11 @@ def resolve_weight_path(path: str, what: str = "MODEL.WEIGHT") -> str:
     return _resolve(path, what)[0]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_torch(path: str) -> Dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling and zip errors come in many types
-        raise UserError(f"MODEL.WEIGHT {path}: not a torch file loadable with weights_only=True ({_first_line(exc)}); "
+        raise UserError(f"MODEL.WEIGHT {path}: not a torch file loadable with weights_only=True ({describe_error(exc)}); "
                         f"a Detectron (Caffe2) pickle is read only from a file named *.pkl") from None
     if not isinstance(data, Mapping):
         raise UserError(f"MODEL.WEIGHT {path}: expected a state dict or a checkpoint dict, got {type(data).__name__}")
@@ -242,7 +238,7 @@ def read_detectron_pickle(path: str) -> Dict[Any, Any]:
     except UserError:
         raise
     except Exception as exc:  # truncated or foreign files fail in many ways
-        raise UserError(f"MODEL.WEIGHT {path}: not a readable Detectron pickle ({_first_line(exc)}); pass a "
+        raise UserError(f"MODEL.WEIGHT {path}: not a readable Detectron pickle ({describe_error(exc)}); pass a "
                         f"Detectron .pkl of numpy arrays or a torch weight file") from None
     blobs = data.get("blobs", data) if isinstance(data, Mapping) else data
     if not isinstance(blobs, Mapping):
