@@ -12,7 +12,6 @@ come from :mod:`mabn.utils.train_loop`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -25,9 +24,8 @@ import mabn
 from cls.metrics import Meter, label_smoothing_loss, topk_correct
 from cls.run_log import test_line, train_line
 from mabn.utils.amp import Precision
-from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import DistEnv, rank0_buffers
-from mabn.utils.run_log import RunLog
+from mabn.utils.run_log import MetricsFile, RunLog
 from mabn.utils.signals import StopFlag
 from mabn.utils.train_loop import HookBase, SimpleTrainer
 
@@ -150,33 +148,17 @@ class EpochLogHook(HookBase):
             self.log.scalar("epoch/skipped_updates", skipped, epoch)
 
 
-class MetricsWriter:
+class MetricsWriter(MetricsFile):
     """``<save>/metrics.json``: a list of ``{"epoch": e, "loss": ..., "top1_err": ...,
     "top5_err": ...}`` (completed epochs; errors in percent, as in the TEST line), one entry per
-    epoch evaluated, rewritten atomically after each evaluation by rank 0 (the others write
-    nothing). An evaluation of an epoch already listed replaces its entry; entries after
-    ``start_epoch`` (the resume point) from an earlier run in the folder are dropped."""
+    epoch evaluated (:class:`mabn.utils.run_log.MetricsFile`: rank 0 writes, atomically; a
+    resumed run drops an earlier run's entries after ``start_epoch``)."""
 
     def __init__(self, save: str, start_epoch: int, is_main: bool):
-        self.path = os.path.join(save, METRICS_NAME)
-        self.is_main = is_main
-        self.entries: List[dict] = []
-        if is_main and os.path.isfile(self.path):
-            try:
-                with open(self.path, encoding="utf-8") as stream:
-                    entries = json.load(stream)
-                self.entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("epoch"), int)
-                                and e["epoch"] <= start_epoch]
-            except (OSError, ValueError, TypeError):
-                self.entries = []
+        super().__init__(os.path.join(save, METRICS_NAME), "epoch", start_epoch, is_main)
 
     def __call__(self, epoch: int, meter: Meter) -> None:
-        if not self.is_main:
-            return
-        self.entries = [e for e in self.entries if e.get("epoch") != epoch]
-        self.entries.append({"epoch": epoch, "loss": meter.loss, "top1_err": meter.top1_err,
-                             "top5_err": meter.top5_err})
-        write_text_atomic(self.path, json.dumps(self.entries, indent=1))
+        self.record(epoch, {"loss": meter.loss, "top1_err": meter.top1_err, "top5_err": meter.top5_err})
 
 
 class Evaluator:

@@ -12,7 +12,6 @@ finish the step, save ``model_{iter:07d}.pth`` and exit. The loop and the hook p
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Dict, List, Mapping, Optional
 
@@ -23,10 +22,9 @@ from torch.utils.data import DataLoader
 from det.engine.checkpoint import CheckpointWriter
 from det.engine.metric_logger import MetricLogger, max_memory_mib
 from mabn.utils.amp import Precision
-from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import DistEnv
 from mabn.utils.errors import UserError
-from mabn.utils.run_log import RunLog
+from mabn.utils.run_log import MetricsFile, RunLog
 from mabn.utils.signals import StopFlag
 from mabn.utils.train_loop import CheckpointHook, EvalHook, HookBase, LRSchedulerHook, SimpleTrainer, TrainerBase
 
@@ -130,31 +128,20 @@ class PeriodicCheckpoint:
             self.writer("model_final", iteration)
 
 
-class MetricsWriter:
+class MetricsWriter(MetricsFile):
     """``OUTPUT_DIR/metrics.json``: a list of ``{"iteration": i, "<dataset>": {"bbox": {"AP": ...},
-    "segm": {...}}}``, one entry per evaluation, plus TensorBoard scalars
-    ``eval/<dataset>/<bbox|segm>_<metric>`` (rank 0 writes). Entries after ``start_iter`` from an
-    earlier run that is being resumed are dropped."""
+    "segm": {...}}}``, one entry per evaluation (:class:`mabn.utils.run_log.MetricsFile`: rank 0
+    writes, atomically; a resumed run drops an earlier run's entries after ``start_iter``), plus
+    TensorBoard scalars ``eval/<dataset>/<bbox|segm>_<metric>``."""
 
     def __init__(self, output_dir: str, log: RunLog, start_iter: int, is_main: bool):
-        self.path = os.path.join(output_dir, "metrics.json")
+        super().__init__(os.path.join(output_dir, "metrics.json"), "iteration", start_iter, is_main)
         self.log = log
-        self.is_main = is_main
-        self.entries: List[dict] = []
-        if is_main and os.path.isfile(self.path):
-            try:
-                with open(self.path) as stream:
-                    entries = json.load(stream)
-                self.entries = [e for e in entries if isinstance(e, dict) and e.get("iteration", 0) <= start_iter]
-            except (OSError, ValueError):
-                self.entries = []
 
     def __call__(self, iteration: int, metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
         if not self.is_main:
             return
-        self.entries = [e for e in self.entries if e.get("iteration") != iteration]
-        self.entries.append({"iteration": iteration, **metrics})
-        write_text_atomic(self.path, json.dumps(self.entries, indent=1))
+        self.record(iteration, metrics)
         for dataset, per_type in metrics.items():
             for iou_type, values in per_type.items():
                 self.log.scalars({f"eval/{dataset}/{iou_type}_{name}": value for name, value in values.items()},

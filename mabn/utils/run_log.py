@@ -9,13 +9,16 @@ TensorBoard and tqdm are imported only when used.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["RunLog", "claim_log_path"]
+from mabn.utils.checkpoint import write_text_atomic
+
+__all__ = ["RunLog", "claim_log_path", "MetricsFile"]
 
 _FORMAT = "[%(asctime)s] %(message)s"
 _DATE_FORMAT = "%d %H:%M:%S"  # the published "%d %I:%M:%S", on a 24-hour clock
@@ -119,3 +122,32 @@ class RunLog:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class MetricsFile:
+    """``path`` (a run's ``metrics.json``): a list of ``{key: position, **values}``, one entry per
+    evaluation, rewritten atomically by the main process (the others write nothing). An entry for
+    a position already listed is replaced; entries after ``start`` (the position a resumed run
+    starts from) left by an earlier run, and an unreadable file, are dropped."""
+
+    def __init__(self, path: str, key: str, start: int, is_main: bool):
+        self.path = path
+        self.key = key
+        self.is_main = is_main
+        self.entries: List[Dict[str, Any]] = []
+        if is_main and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as stream:
+                    entries = json.load(stream)
+                self.entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get(key), int)
+                                and e[key] <= start]
+            except (OSError, ValueError, TypeError):
+                self.entries = []
+
+    def record(self, position: int, values: Mapping[str, Any]) -> None:
+        """Add (or replace) the entry of ``position`` and rewrite the file."""
+        if not self.is_main:
+            return
+        self.entries = [e for e in self.entries if e.get(self.key) != position]
+        self.entries.append({self.key: position, **values})
+        write_text_atomic(self.path, json.dumps(self.entries, indent=1))
