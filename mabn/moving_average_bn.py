@@ -31,11 +31,15 @@ backward ``dx = (g - z * psi) / sqrt(chi + eps)`` with ``g = dy * weight * r``, 
 sqrt(chi + eps)``: the averaged ``psi`` replaces the batch one, so this is deliberately NOT the
 autograd gradient of the forward.
 
-The schedule is tensor logic on buffers (no ``.item()``): a training step never synchronizes
-with the device, and ``torch.compile`` traces it once. With one group the step runs BN's own
-inference kernels (forward, and one backward call for the input gradient and the reductions,
-with per-channel variance ``(chi + eps) / r**2`` and mean 0); 36 dispatched ops per forward +
-backward, 61 with four groups (each a kernel launch on a GPU; constant tensors are cached by
+The schedule never reads a buffer on the host (no ``.item()``): a training step never
+synchronizes with the device. Its branches are taken in Python where the step counters are known
+on the host (:mod:`mabn.host_counters`: always on the CPU, on other devices after construction, a
+reset, a load or a move), so a decided branch dispatches nothing; elsewhere, and always under
+``torch.compile`` (which traces it once), it is tensor logic on the buffers. With one group the
+step runs BN's own inference kernels (forward, and one backward call for the input gradient and
+the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 29 dispatched ops
+per forward + backward while groups use their own statistics and 31 once the window is full, 56
+with four groups (each a kernel launch on a GPU; constant tensors are cached by
 :func:`mabn.groups.cached_constant`). The kernels get arguments that both their CPU and CUDA
 implementations accept (``save_mean``/``save_invstd`` given, the backward's ``save_invstd``
 empty in eval mode where the kernels derive it from the running variance, a weight wherever a
@@ -62,7 +66,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +75,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
 from mabn.groups import cached_constant, check_norm_input, count_groups, filled
+from mabn.host_counters import HostCounters, tracing
 from mabn.precision import statistics_dtype
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
@@ -101,13 +106,14 @@ def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
     return moments if groups == 1 else moments.view(groups, -1, channels).sum(dim=1)
 
 
-def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, Tensor]:
+def _windowed(window: Tensor, values: Tensor, use_own: Union[bool, Tensor]) -> Tuple[Tensor, Tensor]:
     """Apply the statistic rule to a stream of per-group values.
 
     ``window`` (W, C) holds the last W values of the stream, oldest first; ``values`` are the
     next G values, (G, C), or (C,) for one group. Returns the value to use for each group (its
     own where ``use_own``, else the mean of the W values ending at it), shaped like ``values``,
-    and the window after appending them.
+    and the window after appending them. ``use_own`` is a bool when the schedule is known on the
+    host (no mean, or no select, is dispatched), else a mask tensor.
     """
     size = window.shape[0]
     if values.dim() == 1:
@@ -117,11 +123,17 @@ def _windowed(window: Tensor, values: Tensor, use_own: Tensor) -> Tuple[Tensor, 
         else:
             # two eager ops (unbind's views, one stack) instead of unsqueeze, cat, slice
             new_window = torch.stack(window.unbind(0)[1:] + (values,))
+        if use_own is True:
+            return values, new_window
         moving = new_window.mean(dim=0)
     else:
         stream = torch.cat([window, values])
         new_window = stream[values.shape[0]:]
+        if use_own is True:
+            return values, new_window
         moving = stream.unfold(0, size, 1)[1:].mean(dim=-1)
+    if use_own is False:
+        return moving, new_window
     return torch.where(use_own, values, moving), new_window
 
 
@@ -135,58 +147,106 @@ def _per_group(coefficients: Tensor) -> Tensor:
     return coefficients.view(coefficients.shape[0], 1, coefficients.shape[1], 1)
 
 
+class _Schedule(NamedTuple):
+    """The branches of one training forward: each group's own statistic (``use_own``), the
+    renormalization on (``r_on``), and the weight of the new value in the ``running_var`` EMA.
+    Python values where the step counters are known on the host (no op is dispatched for a
+    decided branch), else tensors computed from the counter buffers."""
+
+    use_own: Union[bool, Tensor]
+    r_on: Union[bool, Tensor]
+    ema_weight: Union[float, Tensor]
+
+
+def _host_schedule(layer: "_MovingAverageBatchNorm", forwards: int, groups_seen: int, groups: int,
+                   device: torch.device) -> _Schedule:
+    """:class:`_Schedule` from the counters' values: group ``k`` of this forward uses its own
+    statistic while ``groups_seen + k < W`` or the forward is within ``warmup_iters``."""
+    in_warmup = forwards < layer.warmup_iters - 1
+    own = tuple(in_warmup or groups_seen + k < layer.window for k in range(groups))
+    if all(own) or not any(own):
+        use_own: Union[bool, Tensor] = own[0]
+    else:
+        use_own = cached_constant(("own", own), device, lambda d: torch.tensor(own, device=d).unsqueeze(1))
+    first = layer.first_batch_running_var and forwards == 0
+    return _Schedule(use_own, forwards >= layer.r_warmup_iters, 1.0 if first else 1.0 - layer.momentum)
+
+
+def _device_schedule(layer: "_MovingAverageBatchNorm", groups: int, device: torch.device) -> _Schedule:
+    """:class:`_Schedule` as tensors on the counter buffers; comparisons that the configuration
+    decides (a warm-up already over at the first forward) are not dispatched."""
+    window, num_batches_tracked = layer.window, layer.num_batches_tracked
+    if groups == 1:
+        limit = window
+    else:
+        limit = cached_constant(("limits", window, groups), device,
+                                lambda d: torch.arange(window, window - groups, -1, device=d).unsqueeze(1))
+    use_own = layer.groups_seen < limit
+    if layer.warmup_iters > 1:
+        use_own = use_own | (num_batches_tracked < layer.warmup_iters - 1)
+    r_on = True if layer.r_warmup_iters <= 0 else num_batches_tracked >= layer.r_warmup_iters
+    ema_weight: Union[float, Tensor] = 1.0 - layer.momentum
+    if layer.first_batch_running_var:
+        ema_weight = torch.where(num_batches_tracked == 0, layer.running_var.new_ones(()), ema_weight)
+    return _Schedule(use_own, r_on, ema_weight)
+
+
 @torch.no_grad()
-def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zeros: Tensor, groups: int,
-                                ema_weight: Union[float, Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zeros: Tensor,
+                                groups: int) -> Tuple[Tensor, Tensor, Tensor, Union[bool, Tensor]]:
     """One training forward's statistics; advances ``layer``'s buffers (``running_var``,
     ``num_batches_tracked``, ``groups_seen``, ``skipped_updates``, the window ``buffer_x2``) in place,
     except for channels whose statistic is not finite (counted in ``skipped_updates``), following
-    its schedule settings (``warmup_iters``, ``r_warmup_iters``, ``eps``, ``r_max``). ``ema_weight``
-    is the weight of the new value in the ``running_var`` EMA (``1 - momentum``, or a 0-dim tensor).
+    its schedule settings (``warmup_iters``, ``r_warmup_iters``, ``eps``, ``r_max``, ``momentum``,
+    ``first_batch_running_var``).
 
     Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
     denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``
     (with one group an empty tensor: the backward kernel derives it), ``chi + eps``, and the
-    own-statistic mask (0-dim or (G, 1)).
-
-    Conditions that the configuration decides (a warm-up already over at the first forward)
-    dispatch no comparison.
+    own-statistic rule (a bool, or a 0-dim or (G, 1) mask).
     """
-    running_var, num_batches_tracked = layer.running_var, layer.num_batches_tracked
-    groups_seen, skipped_updates, chi_window = layer.groups_seen, layer.skipped_updates, layer.buffer_x2
-    warmup_iters, r_warmup_iters, eps, r_max = layer.warmup_iters, layer.r_warmup_iters, layer.eps, layer.r_max
-    window = chi_window.shape[0]
-    chi = _second_moments(x, groups, zeros)
-    if groups == 1:
-        limit = window
+    running_var, chi_window = layer.running_var, layer.buffer_x2
+    counters = (layer.num_batches_tracked, layer.groups_seen)
+    known = layer.host_counters.known(counters)
+    if known is None:
+        schedule = _device_schedule(layer, groups, x.device)
     else:
-        limit = cached_constant(("limits", window, groups), x.device,
-                                lambda d: torch.arange(window, window - groups, -1, device=d).unsqueeze(1))
-    use_own = groups_seen < limit
-    if warmup_iters > 1:
-        use_own = use_own | (num_batches_tracked < warmup_iters - 1)
-    chi_used, new_window = _windowed(chi_window, chi, use_own)
+        schedule = _host_schedule(layer, known[0], known[1], groups, x.device)
+    chi = _second_moments(x, groups, zeros)
+    chi_used, new_window = _windowed(chi_window, chi, schedule.use_own)
 
     # r = sqrt(chi_plus_eps / (running_var + eps)) clamped to [1/r_max, r_max], so
     # var = chi_plus_eps / r ** 2 is running_var + eps clamped to chi_plus_eps * [1/r_max^2, r_max^2]
+    eps, r_max = layer.eps, layer.r_max
     chi_plus_eps = chi_used + eps
-    var = torch.clamp(running_var + eps, chi_plus_eps * (1.0 / r_max ** 2), chi_plus_eps * r_max ** 2)
-    if r_warmup_iters > 0:
-        var = torch.where(num_batches_tracked >= r_warmup_iters, var, chi_plus_eps)
+    var = chi_plus_eps
+    if schedule.r_on is not False:
+        var = torch.clamp(running_var + eps, chi_plus_eps * (1.0 / r_max ** 2), chi_plus_eps * r_max ** 2)
+        if schedule.r_on is not True:
+            var = torch.where(schedule.r_on, var, chi_plus_eps)
 
     target = chi_used if groups == 1 else chi_used.mean(dim=0)
     finite = target < math.inf  # one kernel; target >= 0 unless NaN
     # .to(): no-ops unless the buffers are in float16/bfloat16 (a model converted as a whole)
-    torch.where(finite, torch.lerp(running_var, target.to(running_var.dtype), ema_weight), running_var,
+    torch.where(finite, torch.lerp(running_var, target.to(running_var.dtype), schedule.ema_weight), running_var,
                 out=running_var)
     torch.where(finite, new_window.to(chi_window.dtype), chi_window, out=chi_window)
-    torch._foreach_add_([num_batches_tracked, groups_seen, skipped_updates], [1, groups, x.shape[1]])
-    skipped_updates.sub_(finite.sum())
+    torch._foreach_add_([*counters, layer.skipped_updates], [1, groups, x.shape[1]])
+    layer.skipped_updates.sub_(finite.sum())
+    if known is not None:
+        layer.host_counters.record(counters, (known[0] + 1, known[1] + groups))
+    use_own = schedule.use_own
     if groups == 1:
         # u is the backward kernel's save_invstd: empty, so that it derives 1 / sqrt(var + 0) from
         # the running statistics itself (eval mode), on CPU and on CUDA (no rsqrt op here)
-        var, chi_plus_eps, use_own = saved_for_backward(var, chi_plus_eps, use_own)
+        if isinstance(use_own, bool):
+            var, chi_plus_eps = saved_for_backward(var, chi_plus_eps)
+        else:
+            var, chi_plus_eps, use_own = saved_for_backward(var, chi_plus_eps, use_own)
         return var, filled(0, 0.0, var.dtype, var.device), chi_plus_eps, use_own
+    if isinstance(use_own, bool):
+        var, u, chi_plus_eps = saved_for_backward(var, var.rsqrt(), chi_plus_eps)
+        return var, u, chi_plus_eps, use_own
     return tuple(saved_for_backward(var, var.rsqrt(), chi_plus_eps, use_own))
 
 
@@ -212,8 +272,11 @@ class _MABNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, zeros: Tensor, var: Tensor, u: Tensor,
-                chi_plus_eps: Tensor, use_own: Tensor, psi_window: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+                chi_plus_eps: Tensor, use_own: Union[bool, Tensor], psi_window: Tensor,
+                grad_scale: Optional[Tensor]) -> Tensor:
         compute_dtype = zeros.dtype
+        ctx.use_own = use_own if isinstance(use_own, bool) else None
+        use_own = None if isinstance(use_own, bool) else use_own
         if var.dim() == 1:
             ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale)
             return torch.native_batch_norm(x, weight.to(compute_dtype), bias.to(compute_dtype), zeros, var,
@@ -228,6 +291,8 @@ class _MABNFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         # var_or_weight_u: var (C,) with one group, weight * u (G, 1, C, 1) with several
         x, weight, zeros, var_or_weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale = ctx.saved_tensors
+        if ctx.use_own is not None:
+            use_own = ctx.use_own
         compute_dtype = zeros.dtype
         one_group = var_or_weight_u.dim() == 1
         groups, channels = (1, x.shape[1]) if one_group else (x.shape[0], x.shape[2])
@@ -334,6 +399,9 @@ class _MovingAverageBatchNorm(_BatchNorm):
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long, device=device))
         # the loss scale the coming backward's gradients carry, None for 1 (mabn.set_grad_scale)
         self.grad_scale: Optional[Tensor] = None
+        # num_batches_tracked and groups_seen as known on the host (mabn.host_counters)
+        self.host_counters = HostCounters()
+        self.host_counters.record(self._step_counters(), (0, 0))
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -342,6 +410,18 @@ class _MovingAverageBatchNorm(_BatchNorm):
             self.buffer_x2.zero_()
             self.buffer_gz.zero_()
             self.skipped_updates.zero_()
+            self.host_counters.record(self._step_counters(), (0, 0))
+
+    def _step_counters(self) -> Tuple[Tensor, Tensor]:
+        return self.num_batches_tracked, self.groups_seen
+
+    def _apply(self, fn, recurse=True):
+        """Moves and conversions keep the counters' values: the host copy follows the buffers."""
+        known = self.host_counters.known(self._step_counters())
+        module = super()._apply(fn, recurse)
+        if known is not None:
+            self.host_counters.record(self._step_counters(), known)
+        return module
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, B={self.B}, real_B={self.real_B}, eps={self.eps}, "
@@ -360,20 +440,12 @@ class _MovingAverageBatchNorm(_BatchNorm):
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
         zeros = self.running_mean.to(statistics_dtype(input.dtype))
-        var, u, chi_plus_eps, use_own = _advance_forward_statistics(self, input, zeros, groups, self._ema_weight())
+        var, u, chi_plus_eps, use_own = _advance_forward_statistics(self, input, zeros, groups)
         if groups == 1:
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
                                        use_own, self.buffer_gz, self.grad_scale)
         return _MABNFunction.apply(_group_view(input, groups), self.weight, self.bias, zeros, var, u,
                                    chi_plus_eps, use_own, self.buffer_gz, self.grad_scale).reshape(input.shape)
-
-    def _ema_weight(self) -> Union[float, Tensor]:
-        """Weight of the new statistic in the ``running_var`` EMA: ``1 - momentum``, and 1 at the
-        first training forward when ``first_batch_running_var`` (on the device: no host sync)."""
-        if not self.first_batch_running_var:
-            return 1.0 - self.momentum
-        first = self.num_batches_tracked == 0
-        return torch.where(first, self.running_var.new_ones(()), 1.0 - self.momentum)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -381,6 +453,10 @@ class _MovingAverageBatchNorm(_BatchNorm):
         state_dict.setdefault(prefix + "skipped_updates", torch.zeros((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        counters = self._step_counters()
+        if counters[0].device.type not in ("cpu", "meta") and not tracing(counters[0].device):
+            # read once here (a device sync at load time), so that training steps need none
+            self.host_counters.record(counters, [int(t) for t in counters])
 
     def _upgrade_published_state(self, state_dict: dict, prefix: str) -> None:
         """Rewrite the published MABN checkpoints into this layer's buffers, in place.
