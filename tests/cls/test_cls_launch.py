@@ -14,10 +14,10 @@ import pytest
 import torch
 from cls_helpers import REPO, TINY_DATA, TRAIN_SCRIPT, describe, run_python, subprocess_env, torchrun
 
-# The issue's command line (plus the tiny dataset and no loader workers).
-ISSUE_RUN = ["--arch", "resnet20", "--image_size", "32", "--batch_size", "16", "--norm", "mabn", "--norm_batch", "2",
-             "--ma_batch", "8", "--total_epoch", "2", "--iters_per_epoch", "3", "--gpu_num", "2",
-             "--workers", "0", "--no-progress", *TINY_DATA]
+# The two-process torchrun command line of docs/cls.md (plus the tiny dataset and no loader workers).
+DOCS_RUN = ["--arch", "resnet20", "--image_size", "32", "--batch_size", "16", "--norm", "mabn", "--norm_batch", "2",
+            "--ma_batch", "8", "--total_epoch", "2", "--iters_per_epoch", "3", "--gpu_num", "2",
+            "--workers", "0", "--no-progress", *TINY_DATA]
 
 
 def _without_gpu_num(argv):
@@ -39,7 +39,7 @@ def _test_line(text: str) -> str:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     save = tmp_path_factory.mktemp("torchrun")
-    result = torchrun(2, [*ISSUE_RUN, "--save", str(save)])
+    result = torchrun(2, [*DOCS_RUN, "--save", str(save)])
     assert result.returncode == 0, describe(result)
     return save, result
 
@@ -50,7 +50,7 @@ def test_two_process_gloo_run_then_test_only(two_rank_run):
     assert result.stdout.count("TRAIN Epoch") == 2
     checkpoint = torch.load(save / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["world_size"] == 2
-    tested = torchrun(2, [*ISSUE_RUN, "--save", str(save), "--test_only", "--checkpoint_dir",
+    tested = torchrun(2, [*DOCS_RUN, "--save", str(save), "--test_only", "--checkpoint_dir",
                           str(save / "checkpoint.pth")])
     assert tested.returncode == 0, describe(tested)
     # Whole validation set, sharded over 2 ranks and reduced: the same numbers as after training.
@@ -87,7 +87,7 @@ def test_syncbn_statistics_agree_across_ranks(tmp_path):
 def test_published_launch_line_from_cls_directory(two_rank_run, tmp_path):
     """``python -m torch.distributed.launch --nproc_per_node=1 train.py --gpu_num=1 ... --test_only`` from cls/."""
     save, result = two_rank_run
-    argv = _without_gpu_num(ISSUE_RUN)
+    argv = _without_gpu_num(DOCS_RUN)
     tested = torchrun(1, [*argv, "--gpu_num=1", "--save", str(tmp_path), "--checkpoint_dir", str(save / "checkpoint.pth"),
                           "--test_only"], cwd=REPO / "cls", launcher="torch.distributed.launch", script="train.py")
     assert tested.returncode == 0, describe(tested)
@@ -98,7 +98,7 @@ def test_published_launch_line_from_cls_directory(two_rank_run, tmp_path):
 
 def test_module_and_file_entry_points(two_rank_run, tmp_path):
     save, result = two_rank_run
-    argv = _without_gpu_num(ISSUE_RUN)
+    argv = _without_gpu_num(DOCS_RUN)
     as_module = run_python(["-m", "cls.train", *argv, "--save", str(tmp_path / "m"), "--test_only",
                             "--checkpoint_dir", str(save)], cwd=REPO)
     assert as_module.returncode == 0, describe(as_module)
