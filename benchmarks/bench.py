@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.bench --quick                # about 3 min on 2 CPU cores
+    python -m benchmarks.bench --quick                # ResNet-50 at 112 px, fewer rounds
     python -m benchmarks.bench --json bench.json      # full run (ResNet-50 at 224 px)
     python -m benchmarks.bench --quick --device cuda  # GPU: CUDA-event timing, kernel launches
     python -m benchmarks.bench --rounds 20 --threads 4 --device cuda
@@ -86,14 +86,18 @@ BASELINE_VARIANTS = (GHOST, BRN_GROUPED)           # added at the baseline shape
 TRAIN_VARIANTS = (BN, MABN_CENCONV, GN)
 INFER_VARIANTS = (NO_NORM, MABN_FOLDED)
 
-OPS_LIMIT, OPS_MOONSHOT = 24, 12
-SMALL_LIMIT, FULL_LIMIT = 1.3, 1.0
-GN_GOAL, COPIES_GOAL = 1.0, 6.0
+OPS_LIMITS = {MABN: 20, SPLIT: 30, GHOST: 30, BRN: 40, BRN_GROUPED: 40}
+OPS_MOONSHOT = 10                  # BN's 7 plus 3
+SMALL_LIMITS = {(2, 64, 7, 7): 1.6}   # other small shapes: SMALL_LIMIT
+SMALL_LIMIT, FULL_LIMIT, FULL_GN_LIMIT = 1.2, 1.0, 1.2
+COPIES_GOAL = 6.0
 BASELINE_LIMIT = 1.5
-TRAIN_LIMITS = {2: (1.10, 1.05)}   # batch -> (target, goal); other batches: TRAIN_LIMIT
-TRAIN_LIMIT = 1.0
+TRAIN_LIMITS = {2: 1.05}           # batch -> limit of MABN+CenConv vs BN; other batches are reported only
 SAVED_LIMIT = 1.10
 FOLDED_SPEED_LIMIT = 0.97
+COMPILED_KERNELS_LIMIT = 10
+REPEAT_AGREEMENT = 0.05            # every ratio of a repeat within 5% of the first pass
+RATIO_KEYS = ("ratio_to_bn", "ratio_to_gn", "ratio_to_no_norm")
 
 
 @dataclass(frozen=True)
@@ -116,19 +120,20 @@ class BenchConfig:
     infer_rounds: int = 15
     resnet_warmup: int = 2
     compile_kernels: bool = True
+    repeat: int = 2                # passes over the timed sections; the first is reported, the rest check it
 
     def with_rounds(self, rounds: int) -> "BenchConfig":
         return dataclasses.replace(self, layer_rounds=rounds, train_rounds=rounds, infer_rounds=rounds)
 
 
 FULL = BenchConfig()
-QUICK = dataclasses.replace(FULL, name="quick", layer_rounds=7, layer_warmup=1, resolution=112, train_rounds=4,
-                            infer_rounds=5, resnet_warmup=1)
+QUICK = dataclasses.replace(FULL, name="quick", layer_rounds=15, layer_warmup=3, resolution=112, train_rounds=6,
+                            infer_rounds=8, resnet_warmup=2)
 # Seconds-long smoke run for the tests (hidden ``--tiny`` flag): numbers are meaningless.
 TINY = dataclasses.replace(FULL, name="tiny", op_shape=(2, 8, 4, 4), small_shapes=((2, 8, 4, 4),),
                            full_shapes=((4, 8, 6, 6),), baseline_shapes=((4, 8, 6, 6),), layer_rounds=2,
                            layer_warmup=1, arch="resnet18", resolution=32, train_batches=(2,), train_rounds=1,
-                           infer_batch=2, infer_rounds=1, resnet_warmup=1, compile_kernels=False)
+                           infer_batch=2, infer_rounds=1, resnet_warmup=1, compile_kernels=False, repeat=1)
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -355,25 +360,27 @@ def _value(row: Optional[dict], key: str) -> Optional[float]:
     return None if row is None else row.get(key)
 
 
-def evaluate_targets(results: dict, config: BenchConfig) -> List[Target]:
-    """Every target and goal of the run, in report order."""
-    targets: List[Target] = []
-    ops = results.get("ops", [])
-    for variant in (MABN, SPLIT):
+def _ops_targets(ops: List[dict]) -> List[Target]:
+    targets = []
+    for variant, limit in OPS_LIMITS.items():
         row = _row(ops, variant)
         name = f"{variant} ops per fwd+bwd {_shape_str(row['shape']) if row else ''}"
-        targets.append(check(name, _value(row, "ops"), "<=", OPS_LIMIT, unit="ops"))
-        targets.append(check(name + " (moonshot)", _value(row, "ops"), "<=", OPS_MOONSHOT, "goal", "ops"))
-    layers = results.get("layers", [])
+        targets.append(check(name, _value(row, "ops"), "<=", limit, unit="ops"))
+        if variant == MABN:
+            targets.append(check(name + " (moonshot)", _value(row, "ops"), "<=", OPS_MOONSHOT, "goal", "ops"))
+    return targets
+
+
+def _layer_targets(layers: List[dict], config: BenchConfig) -> List[Target]:
+    targets = []
     for shape in config.small_shapes:
         row = _row(layers, MABN, shape=list(shape))
-        targets.append(check(f"MABN layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=", SMALL_LIMIT))
+        targets.append(check(f"MABN layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=",
+                             SMALL_LIMITS.get(tuple(shape), SMALL_LIMIT)))
     for shape in config.full_shapes:
         row = _row(layers, MABN, shape=list(shape))
         targets.append(check(f"MABN layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=", FULL_LIMIT))
-    for shape in config.full_shapes:
-        row = _row(layers, MABN, shape=list(shape))
-        targets.append(check(f"MABN layer {_shape_str(shape)} vs GN", _value(row, "ratio_to_gn"), "<=", GN_GOAL, "goal"))
+        targets.append(check(f"MABN layer {_shape_str(shape)} vs GN", _value(row, "ratio_to_gn"), "<=", FULL_GN_LIMIT))
         targets.append(check(f"MABN layer {_shape_str(shape)} in input copies", _value(row, "copies"), "<=",
                              COPIES_GOAL, "goal", "copies"))
     for shape in config.baseline_shapes:
@@ -381,15 +388,22 @@ def evaluate_targets(results: dict, config: BenchConfig) -> List[Target]:
             row = _row(layers, variant, shape=list(shape))
             targets.append(check(f"{variant} layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=",
                                  BASELINE_LIMIT))
+    return targets
+
+
+def evaluate_targets(results: dict, config: BenchConfig) -> List[Target]:
+    """Every target and goal of the run, in report order."""
+    targets = _ops_targets(results.get("ops", [])) + _layer_targets(results.get("layers", []), config)
+    if config.compile_kernels:
+        targets.append(check("inductor kernels per MABN fwd+bwd", results.get("compiled_mabn_kernels"), "<=",
+                             COMPILED_KERNELS_LIMIT, unit="kernels"))
     train = results.get("train", [])
     where = f"{config.arch} {config.resolution}px"
     for batch in config.train_batches:
-        row = _row(train, MABN_CENCONV, batch=batch)
-        limit, goal = TRAIN_LIMITS.get(batch, (TRAIN_LIMIT, None))
-        name = f"{where} train step b{batch} MABN+CenConv vs BN"
-        targets.append(check(name, _value(row, "ratio_to_bn"), "<=", limit))
-        if goal is not None:
-            targets.append(check(name, _value(row, "ratio_to_bn"), "<=", goal, "goal"))
+        if batch in TRAIN_LIMITS:
+            row = _row(train, MABN_CENCONV, batch=batch)
+            targets.append(check(f"{where} train step b{batch} MABN+CenConv vs BN", _value(row, "ratio_to_bn"), "<=",
+                                 TRAIN_LIMITS[batch]))
     batch = min(config.train_batches)
     row = _row(train, MABN_CENCONV, batch=batch)
     targets.append(check(f"{where} b{batch} activation memory saved for backward MABN+CenConv vs BN",
@@ -398,7 +412,34 @@ def evaluate_targets(results: dict, config: BenchConfig) -> List[Target]:
     ratio = _value(row, "ratio_to_no_norm")
     targets.append(check(f"{where} b{config.infer_batch} inference speed MABN folded vs no norm",
                          None if ratio is None else 1.0 / ratio, ">=", FOLDED_SPEED_LIMIT))
+    agreement = results.get("repeat_agreement")
+    if agreement is not None:
+        targets.append(check(f"largest ratio change between {config.repeat} passes", agreement["max_change"], "<=",
+                             REPEAT_AGREEMENT, unit="fraction"))
     return targets
+
+
+def _ratio_changes(first: List[dict], other: List[dict], section: str) -> List[dict]:
+    """Relative change of every ratio of ``other`` against the same row and ratio of ``first``."""
+    changes = []
+    for row, again in zip(first, other):
+        for key in RATIO_KEYS:
+            if row.get(key) and again.get(key) and row["variant"] not in (BN, NO_NORM):
+                label = " ".join(str(row[k]) for k in ("shape", "batch") if k in row)
+                changes.append(dict(section=section, row=f"{row['variant']} {label}".strip(), ratio=key,
+                                    first=row[key], repeat=again[key], change=abs(again[key] / row[key] - 1.0)))
+    return changes
+
+
+def repeat_agreement(passes: List[Dict[str, List[dict]]]) -> Optional[dict]:
+    """The largest relative change of any ratio between the first pass and a later one, with the
+    ratio it belongs to; None with one pass."""
+    changes = [change for later in passes[1:] for section in ("layers", "train", "infer")
+               for change in _ratio_changes(passes[0][section], later[section], section)]
+    if not changes:
+        return None
+    worst = max(changes, key=lambda c: c["change"])
+    return {"passes": len(passes), "max_change": worst["change"], "worst": worst, "changes": changes}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -421,6 +462,18 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def _timed_sections(config: BenchConfig, device: torch.device, index: int) -> Dict[str, List[dict]]:
+    """One pass over the layer, training and inference timings."""
+    if config.repeat > 1:
+        log(f"timed pass {index + 1} of {config.repeat}")
+    sections: Dict[str, List[dict]] = {"layers": bench_layers(config, device), "train": []}
+    for batch in config.train_batches:
+        sections["train"] += bench_train(config, batch, device)
+        gc.collect()
+    sections["infer"] = bench_infer(config, device)
+    return sections
+
+
 def run_benchmark(config: BenchConfig, device: torch.device) -> dict:
     """Every section of ``config``; returns the JSON-ready results, targets included."""
     started = time.perf_counter()
@@ -438,12 +491,10 @@ def run_benchmark(config: BenchConfig, device: torch.device) -> dict:
     results["ops"] = bench_ops(config, device)
     if device.type == "cuda" and any(row["kernels"] is None for row in results["ops"]):
         results["notes"].append("kernel launches not counted: this torch profiler cannot trace CUDA (no CUPTI)")
-    results["layers"] = bench_layers(config, device)
-    results["train"] = []
-    for batch in config.train_batches:
-        results["train"] += bench_train(config, batch, device)
-        gc.collect()
-    results["infer"] = bench_infer(config, device)
+    passes = [_timed_sections(config, device, index) for index in range(config.repeat)]
+    results.update(passes[0])
+    results["repeats"] = passes[1:]
+    results["repeat_agreement"] = repeat_agreement(passes)
     results["compiled_mabn_kernels"] = None
     if config.compile_kernels:
         log("torch.compile kernel count")
@@ -485,6 +536,18 @@ def _ops_table(rows: Sequence[dict]) -> List[str]:
                         for r in rows]
     lines = ["| variant | input | ops | of which views |", "|---|---|---:|---:|"]
     return lines + [f"| {r['variant']} | {_shape_str(r['shape'])} | {r['ops']} | {r['views']} |" for r in rows]
+
+
+def _repeat_lines(agreement: Optional[dict]) -> List[str]:
+    """The largest ratio changes between the first timed pass and the repeats."""
+    if agreement is None:
+        return []
+    changes = sorted(agreement["changes"], key=lambda c: -c["change"])
+    lines = ["", f"## Repeat: {agreement['passes']} passes over the timed sections", "",
+             "The largest relative changes of a ratio between the first pass (reported above) and a repeat:", "",
+             "| section | row | ratio | first | repeat | change |", "|---|---|---|---:|---:|---:|"]
+    return lines + [f"| {c['section']} | {c['row']} | {c['ratio']} | {c['first']:.3f} | {c['repeat']:.3f} | "
+                    f"{100 * c['change']:.1f}% |" for c in changes[:8]]
 
 
 def format_markdown(results: dict) -> str:
@@ -530,6 +593,7 @@ def format_markdown(results: dict) -> str:
         for r in infer:
             diff = f" (max rel diff to unfolded {r['max_rel_diff_to_unfolded']:.1e})" if "max_rel_diff_to_unfolded" in r else ""
             lines.append(f"| {r['variant']}{diff} | {r['median_ms']:.1f} | {_x(r['ratio_to_no_norm'])} | {r['iqr_pct']:.0f}% |")
+    lines += _repeat_lines(results.get("repeat_agreement"))
     lines += [""] + [f"- note: {note}" for note in results["notes"]]
     lines += ["", f"## Targets ({config['name']} sizes)", ""]
     lines += [format_target(Target(**{k: v for k, v in t.items() if k != "passed"})) for t in results["targets"]]
@@ -541,18 +605,22 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="fewer rounds, ResNet-50 at 112 px (about 3 min on 2 CPU cores; "
-                             "estimated 1.5-2 min on one H100)")
+                        help="fewer rounds, ResNet-50 at 112 px")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long smoke run for tests
     parser.add_argument("--json", metavar="PATH", help="write every number, the targets and machine info to PATH")
     parser.add_argument("--rounds", type=int, metavar="N", help="timed rounds of every section")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) (default: torch's)")
+    parser.add_argument("--repeat", type=int, metavar="N",
+                        help="passes over the timed sections (default 2; the first is reported, the others give "
+                             "the ratios' repeat agreement)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     args = parser.parse_args(argv)
     if args.quick and args.tiny:
         parser.error("--quick and --tiny exclude each other; pass one")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.repeat is not None and args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -573,6 +641,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     config = TINY if args.tiny else QUICK if args.quick else FULL
     if args.rounds is not None:
         config = config.with_rounds(args.rounds)
+    if args.repeat is not None:
+        config = dataclasses.replace(config, repeat=args.repeat)
     log(f"device {device}, {torch.get_num_threads()} threads, {config.name} run")
     results = run_benchmark(config, device)
     print(format_markdown(results), flush=True)

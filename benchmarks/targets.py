@@ -43,8 +43,10 @@ def check(name: str, measured: Optional[float], rule: str, limit: float, kind: s
 def _number(value: float, unit: str) -> str:
     if unit == "x":
         return f"{value:.3f}x"
-    if unit == "ops":
-        return f"{value:.0f} ops"
+    if unit in ("ops", "kernels"):
+        return f"{value:.0f} {unit}"
+    if unit == "fraction":
+        return f"{100 * value:.1f}%"
     return f"{value:.2f} {unit}"
 
 

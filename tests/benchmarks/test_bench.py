@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from benchmarks import bench
@@ -63,8 +64,27 @@ def test_targets_cover_every_configured_shape_and_batch():
     names = [t.name for t in bench.evaluate_targets({}, bench.FULL)]
     for shape in bench.FULL.small_shapes + bench.FULL.full_shapes + bench.FULL.baseline_shapes:
         assert any(bench._shape_str(shape) in name for name in names)
-    assert sum("train step b8" in name for name in names) == 1
-    assert sum("train step b2" in name for name in names) == 2   # the target and the goal
+    assert sum("train step b8" in name for name in names) == 0   # reported, not judged
+    assert sum("train step b2" in name for name in names) == 1
+    assert any(name.startswith("inductor kernels") for name in names)
+    for variant in bench.OPS_LIMITS:
+        assert any(name.startswith(f"{variant} ops") for name in names)
+
+
+def test_repeat_agreement_reports_the_largest_ratio_change():
+    def rows(ratio):
+        return [dict(variant=bench.BN, shape=[2, 8, 4, 4], ratio_to_bn=1.0),
+                dict(variant=bench.MABN, shape=[2, 8, 4, 4], ratio_to_bn=ratio, ratio_to_gn=None)]
+
+    first = {"layers": rows(2.0), "train": [], "infer": []}
+    again = {"layers": rows(2.1), "train": [], "infer": []}
+    agreement = bench.repeat_agreement([first, again])
+    assert agreement["passes"] == 2 and agreement["max_change"] == pytest.approx(0.05)
+    assert agreement["worst"]["row"] == "MABN [2, 8, 4, 4]" and agreement["worst"]["ratio"] == "ratio_to_bn"
+    assert bench.repeat_agreement([first]) is None
+    results = {"repeat_agreement": agreement}
+    target = next(t for t in bench.evaluate_targets(results, bench.QUICK) if "passes" in t.name)
+    assert target.limit == bench.REPEAT_AGREEMENT and target.measured == pytest.approx(0.05)
 
 
 def test_full_and_quick_configs_time_the_resnet50_batch_2_step():
