@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import gc
 import math
+import re
 import statistics
 import sys
 import time
@@ -37,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["Case", "Timer", "Times", "PERF_COUNTER", "CUDA_EVENT", "CUDA_SAMPLE_S", "MAX_REPEATS",
            "perf_counter_seconds", "cuda_event_seconds", "select_timer", "repeats_for", "calibrate_repeats",
            "interleaved_times", "summarize", "OpCounter", "count_ops", "KernelLaunches", "kernel_launches",
-           "count_kernel_launches", "SavedTensorBytes", "saved_bytes", "compiled_kernel_count", "log"]
+           "count_kernel_launches", "SavedTensorBytes", "saved_bytes", "CompiledKernels", "compiled_kernels", "log"]
 
 PERF_COUNTER, CUDA_EVENT = "perf_counter", "cuda_event"
 CUDA_SAMPLE_S = 1e-3     # shortest CUDA-event sample the calibration aims for
@@ -350,18 +351,34 @@ def saved_bytes(case: Case) -> int:
     return counter.total
 
 
-def compiled_kernel_count(fn: Callable[[], object]) -> int:
+class CompiledKernels(NamedTuple):
+    """Kernels of a compiled call: ``fused`` is how many the compiled graphs define and run (one
+    launch each on a GPU; one C++ function call each on the CPU); ``codegen`` is inductor's
+    ``generated_kernel_count``, which on the CPU also counts the vectorized and scalar loop
+    variants it writes inside one function."""
+
+    fused: int
+    codegen: int
+
+
+_KERNEL_DEFINITION = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.MULTILINE)
+
+
+def compiled_kernels(fn: Callable[[], object]) -> CompiledKernels:
     """Kernels inductor generates to compile ``fn`` (which calls a ``torch.compile``-d module).
 
-    Reads ``torch._inductor.metrics.generated_kernel_count`` around one call and resets dynamo's
-    caches afterwards, so nothing compiled here leaks into later measurements.
+    Reads the generated code and ``torch._inductor.metrics.generated_kernel_count`` around one
+    call and resets dynamo's caches afterwards, so nothing compiled here leaks into later
+    measurements.
     """
     from torch._inductor import metrics
+    from torch._inductor.utils import run_and_get_code
 
     metrics.reset()
     try:
-        fn()
-        return metrics.generated_kernel_count
+        _, sources = run_and_get_code(fn)
+        fused = sum(len(_KERNEL_DEFINITION.findall(source)) for source in sources)
+        return CompiledKernels(fused, metrics.generated_kernel_count)
     finally:
         metrics.reset()
         torch._dynamo.reset()

@@ -7,7 +7,7 @@ from torch import nn
 from torch.autograd import DeviceType
 
 from benchmarks.harness import (CUDA_EVENT, MAX_REPEATS, PERF_COUNTER, Case, OpCounter, Timer, calibrate_repeats,
-                                compiled_kernel_count, count_kernel_launches, count_ops, cuda_event_seconds,
+                                compiled_kernels, count_kernel_launches, count_ops, cuda_event_seconds,
                                 interleaved_times, kernel_launches, perf_counter_seconds, repeats_for, saved_bytes,
                                 select_timer, summarize)
 
@@ -152,9 +152,10 @@ def test_saved_bytes_excludes_parameters():
     assert saved_bytes(case) == 2 * 2 ** 20
 
 
-def test_compiled_kernel_count_counts_and_resets():
-    compiled = torch.compile(lambda t: (t * 2).sin() + 1)
-    x = torch.randn(8)
-    assert compiled_kernel_count(lambda: compiled(x)) >= 1
+def test_compiled_kernels_counts_fused_kernels_and_resets():
+    compiled = torch.compile(lambda t: (t * 2).sin().sum() + t.cos().amax())
+    x = torch.randn(64)
+    kernels = compiled_kernels(lambda: compiled(x))
+    assert 1 <= kernels.fused <= kernels.codegen
     from torch._inductor import metrics
     assert metrics.generated_kernel_count == 0
