@@ -66,7 +66,7 @@ def test_targets_cover_every_configured_shape_and_batch():
         assert any(bench._shape_str(shape) in name for name in names)
     assert sum("train step b8" in name for name in names) == 0   # reported, not judged
     assert sum("train step b2" in name for name in names) == 1
-    assert any(name.startswith("inductor kernels") for name in names)
+    assert any(name.startswith("inductor fused kernels") for name in names)
     for variant in bench.OPS_LIMITS:
         assert any(name.startswith(f"{variant} ops") for name in names)
 
