@@ -23,12 +23,18 @@ from torch import Tensor
 __all__ = ["HostCounters", "tracing"]
 
 
-def tracing(device: torch.device) -> bool:
-    """A compiler, a fake-tensor trace or a CUDA graph capture is on: host-side values must not
-    decide anything (the trace would bake them in)."""
-    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+_TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional
+
+
+def tracing(tensor: Tensor) -> bool:
+    """A compiler, a tracing dispatch mode (fake, proxy, functional), a tensor subclass or a CUDA
+    graph capture is at work on ``tensor``: host-side values must not decide anything (a trace
+    would bake them in). A few cheap checks: this runs in every training forward."""
+    if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor:
         return True
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES):
+        return True
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class HostCounters:
@@ -51,7 +57,7 @@ class HostCounters:
     def known(self, tensors: Sequence[Tensor]) -> Optional[Tuple[int, ...]]:
         """The values of ``tensors`` without a device sync, or None when they cannot be known so
         (then the caller computes on the tensors)."""
-        if tracing(tensors[0].device):
+        if tracing(tensors[0]):
             return None
         if (self._values is not None and len(tensors) == len(self._tensors)
                 and all(t is mine and t._version == version

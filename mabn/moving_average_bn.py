@@ -454,7 +454,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         counters = self._step_counters()
-        if counters[0].device.type not in ("cpu", "meta") and not tracing(counters[0].device):
+        if counters[0].device.type not in ("cpu", "meta") and not tracing(counters[0]):
             # read once here (a device sync at load time), so that training steps need none
             self.host_counters.record(counters, [int(t) for t in counters])
 
