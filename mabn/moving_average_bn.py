@@ -37,13 +37,14 @@ on the host (:mod:`mabn.host_counters`: always on the CPU, on other devices afte
 reset, a load or a move), so a decided branch dispatches nothing; elsewhere, and always under
 ``torch.compile`` (which traces it once), it is tensor logic on the buffers. With one group the
 step runs BN's own inference kernels (forward, and one backward call for the input gradient and
-the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 29 dispatched ops
-per forward + backward while groups use their own statistics and 31 once the window is full, 56
-with four groups (each a kernel launch on a GPU; constant tensors are cached by
-:func:`mabn.groups.cached_constant`). The kernels get arguments that both their CPU and CUDA
-implementations accept (``save_mean``/``save_invstd`` given, the backward's ``save_invstd``
-empty in eval mode where the kernels derive it from the running variance, a weight wherever a
-weight gradient is requested, float32 parameters next to float16/bfloat16 input).
+the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 33 dispatched ops
+per forward + backward (4 of them views, which launch nothing on a GPU), 56 with four groups.
+Constant operands are cached 0-dim tensors (:func:`mabn.groups.cached_constant`: a Python number
+costs a tensor construction in every call) and dtype casts are skipped where nothing changes.
+The kernels get arguments that both their CPU and CUDA implementations accept
+(``save_mean``/``save_invstd`` given, the backward's ``save_invstd`` empty in eval mode where the
+kernels derive it from the running variance, a weight wherever a weight gradient is requested,
+float32 parameters next to float16/bfloat16 input).
 
 Loss scaling: ``grad_scale`` (set by :func:`mabn.set_grad_scale` before the forward; None for 1)
 is the factor the incoming gradients carry. ``psi`` enters the window divided by it, so the
@@ -81,6 +82,21 @@ from mabn.precision import statistics_dtype
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
 
 
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim tensor: an operand that costs less per op than a Python number, which every
+    call wraps into a new tensor (same values: the number is rounded to ``dtype`` either way)."""
+    return cached_constant(("scalar", value, dtype), device, lambda d: torch.tensor(value, dtype=dtype, device=d))
+
+
+def _long(value: int, device: torch.device) -> Tensor:
+    """A cached 0-dim long tensor (a counter increment)."""
+    return cached_constant(("long", value), device, lambda d: torch.tensor(value, dtype=torch.long, device=d))
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no call at all when it is already (``Tensor.to`` costs one even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
 
 def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
     """Mean of ``x ** 2`` per channel, (C,), or per group and channel, (G, C), in the dtype of
@@ -117,12 +133,9 @@ def _windowed(window: Tensor, values: Tensor, use_own: Union[bool, Tensor]) -> T
     """
     size = window.shape[0]
     if values.dim() == 1:
-        if torch.compiler.is_compiling():
-            # one fused copy for inductor; the stack of W slices below compiles to W kernels
-            new_window = torch.cat([window[1:], values.unsqueeze(0)])
-        else:
-            # two eager ops (unbind's views, one stack) instead of unsqueeze, cat, slice
-            new_window = torch.stack(window.unbind(0)[1:] + (values,))
+        # one kernel (the slice and unsqueeze are views); on the CPU a third of the time of stacking
+        # W unbound rows, and one fused copy when compiled
+        new_window = torch.cat([window[1:], values[None]])
         if use_own is True:
             return values, new_window
         moving = new_window.mean(dim=0)
@@ -162,6 +175,8 @@ def _host_schedule(layer: "_MovingAverageBatchNorm", forwards: int, groups_seen:
                    device: torch.device) -> _Schedule:
     """:class:`_Schedule` from the counters' values: group ``k`` of this forward uses its own
     statistic while ``groups_seen + k < W`` or the forward is within ``warmup_iters``."""
+    if groups_seen >= layer.window and forwards >= layer.settled_after:
+        return _Schedule(False, True, 1.0 - layer.momentum)
     in_warmup = forwards < layer.warmup_iters - 1
     own = tuple(in_warmup or groups_seen + k < layer.window for k in range(groups))
     if all(own) or not any(own):
@@ -217,21 +232,27 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
 
     # r = sqrt(chi_plus_eps / (running_var + eps)) clamped to [1/r_max, r_max], so
     # var = chi_plus_eps / r ** 2 is running_var + eps clamped to chi_plus_eps * [1/r_max^2, r_max^2]
-    eps, r_max = layer.eps, layer.r_max
-    chi_plus_eps = chi_used + eps
+    dtype, device, r_max = chi_used.dtype, x.device, layer.r_max
+    chi_plus_eps = torch.add(chi_used, _scalar(layer.eps, dtype, device))
     var = chi_plus_eps
     if schedule.r_on is not False:
-        var = torch.clamp(running_var + eps, chi_plus_eps * (1.0 / r_max ** 2), chi_plus_eps * r_max ** 2)
+        var = torch.clamp(torch.add(running_var, _scalar(layer.eps, running_var.dtype, device)),
+                          torch.mul(chi_plus_eps, _scalar(1.0 / r_max ** 2, dtype, device)),
+                          torch.mul(chi_plus_eps, _scalar(r_max ** 2, dtype, device)))
         if schedule.r_on is not True:
             var = torch.where(schedule.r_on, var, chi_plus_eps)
 
     target = chi_used if groups == 1 else chi_used.mean(dim=0)
-    finite = target < math.inf  # one kernel; target >= 0 unless NaN
-    # .to(): no-ops unless the buffers are in float16/bfloat16 (a model converted as a whole)
-    torch.where(finite, torch.lerp(running_var, target.to(running_var.dtype), schedule.ema_weight), running_var,
+    finite = torch.lt(target, _scalar(math.inf, dtype, device))  # one kernel; target >= 0 unless NaN
+    ema_weight = schedule.ema_weight
+    if not isinstance(ema_weight, Tensor):
+        ema_weight = _scalar(ema_weight, running_var.dtype, device)
+    # _cast: no op unless the buffers are in float16/bfloat16 (a model converted as a whole)
+    torch.where(finite, torch.lerp(running_var, _cast(target, running_var.dtype), ema_weight), running_var,
                 out=running_var)
-    torch.where(finite, new_window.to(chi_window.dtype), chi_window, out=chi_window)
-    torch._foreach_add_([*counters, layer.skipped_updates], [1, groups, x.shape[1]])
+    torch.where(finite, _cast(new_window, chi_window.dtype), chi_window, out=chi_window)
+    steps = [_long(1, device), _long(groups, device), _long(x.shape[1], device)]
+    torch._foreach_add_([*counters, layer.skipped_updates], steps)
     layer.skipped_updates.sub_(finite.sum())
     if known is not None:
         layer.host_counters.record(counters, (known[0] + 1, known[1] + groups))
@@ -279,13 +300,13 @@ class _MABNFunction(torch.autograd.Function):
         use_own = None if isinstance(use_own, bool) else use_own
         if var.dim() == 1:
             ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale)
-            return torch.native_batch_norm(x, weight.to(compute_dtype), bias.to(compute_dtype), zeros, var,
+            return torch.native_batch_norm(x, _cast(weight, compute_dtype), _cast(bias, compute_dtype), zeros, var,
                                            False, 0.0, 0.0)[0]
         # x is the (G, B, C, S) view of the input; the output takes its layout (channels-last stays so)
-        weight_u = _per_group(weight.to(compute_dtype) * u)  # saved: the backward scales dy by it too
+        weight_u = _per_group(_cast(weight, compute_dtype) * u)  # saved: the backward scales dy by it too
         ctx.save_for_backward(x, weight, zeros, weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale)
-        y = torch.addcmul(bias.to(compute_dtype).view(1, 1, -1, 1), x.to(compute_dtype), weight_u)
-        return y.to(x.dtype)
+        y = torch.addcmul(_cast(bias, compute_dtype).view(1, 1, -1, 1), _cast(x, compute_dtype), weight_u)
+        return _cast(y, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -297,7 +318,7 @@ class _MABNFunction(torch.autograd.Function):
         one_group = var_or_weight_u.dim() == 1
         groups, channels = (1, x.shape[1]) if one_group else (x.shape[0], x.shape[2])
         count = x.numel() // (channels * groups)
-        weight_c = weight.to(compute_dtype)
+        weight_c = _cast(weight, compute_dtype)
         weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
         if one_group:
             # BN's inference backward with mean 0 and variance var (eps 0): dy * weight * u, and
@@ -306,14 +327,14 @@ class _MABNFunction(torch.autograd.Function):
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, weight_c, zeros, var_or_weight_u, zeros, u, False, 0.0, [True, True, True])
             psi = torch.addcmul(zeros, grad_weight, weight_unscaled, value=1.0 / count)
-            finite = psi.abs() < math.inf
+            finite = torch.lt(psi.abs(), _scalar(math.inf, compute_dtype, x.device))
             psi_used, new_window = _windowed(psi_window, psi, use_own)
             coefficient = psi_used / chi_plus_eps
             if grad_scale is not None:
                 coefficient = coefficient * grad_scale
             grad_x.addcmul_(x, coefficient.view((channels,) + (1,) * (x.dim() - 2)), value=-1.0)
         else:
-            x4, grad4 = x.to(compute_dtype), grad_out.to(compute_dtype)
+            x4, grad4 = _cast(x, compute_dtype), _cast(grad_out, compute_dtype)
             rows = x4.shape[0] * x4.shape[1] * channels
             planes = (1, rows, x4.shape[3])
             # per (sample, channel) row: sum(dy * x) and sum(dy) (invstd 1, cached); the weight
@@ -326,15 +347,16 @@ class _MABNFunction(torch.autograd.Function):
             grad_weight = per_group.sum(dim=0)
             grad_bias = grad_sums.view(-1, channels).sum(dim=0)
             psi = torch.addcmul(zeros, per_group, weight_unscaled, value=1.0 / count)
-            finite = torch.linalg.vector_norm(psi, math.inf, dim=0) < math.inf  # NaN stays NaN
+            finite = torch.lt(torch.linalg.vector_norm(psi, math.inf, dim=0),  # NaN stays NaN
+                              _scalar(math.inf, compute_dtype, x.device))
             psi_used, new_window = _windowed(psi_window, psi, use_own)
             coefficient = psi_used / chi_plus_eps
             if grad_scale is not None:
                 coefficient = coefficient * grad_scale
             grad_x = (grad4 * var_or_weight_u).addcmul_(x4, _per_group(coefficient), value=-1.0)
-            grad_x = grad_x.to(x.dtype)
-        torch.where(finite, new_window.to(psi_window.dtype), psi_window, out=psi_window)
-        return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype),
+            grad_x = _cast(grad_x, x.dtype)
+        torch.where(finite, _cast(new_window, psi_window.dtype), psi_window, out=psi_window)
+        return (grad_x, _cast(grad_weight, weight.dtype), _cast(grad_bias, weight.dtype),
                 None, None, None, None, None, None, None)
 
 
@@ -412,6 +434,11 @@ class _MovingAverageBatchNorm(_BatchNorm):
             self.skipped_updates.zero_()
             self.host_counters.record(self._step_counters(), (0, 0))
 
+    @property
+    def settled_after(self) -> int:
+        """Training forwards after which the schedule no longer changes (once the window is full)."""
+        return max(self.warmup_iters - 1, self.r_warmup_iters, 1 if self.first_batch_running_var else 0)
+
     def _step_counters(self) -> Tuple[Tensor, Tensor]:
         return self.num_batches_tracked, self.groups_seen
 
@@ -439,7 +466,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
-        zeros = self.running_mean.to(statistics_dtype(input.dtype))
+        zeros = _cast(self.running_mean, statistics_dtype(input.dtype))
         var, u, chi_plus_eps, use_own = _advance_forward_statistics(self, input, zeros, groups)
         if groups == 1:
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
