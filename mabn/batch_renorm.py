@@ -50,11 +50,18 @@ average over groups::
     std += momentum * (mean_g(sqrt(var_B_unbiased)) - std)
 
 Implementation: the output is ``x_hat * (weight * r) + (weight * d + bias)`` per group and
-channel, computed by :func:`mabn.groups.grouped_batch_norm` (shared with ghost BN: no copy
-of the input, per-group coefficients broadcast over its (G, B, C, S) view, batch norm's
-backward written out, first order only); the schedule's limits are one affine map of the
-counter and one clamp on cached constants;
-``r`` and ``d`` are saved for the backward, never recomputed (:mod:`mabn.compile_barrier`).
+channel. With one group (``B`` None or equal to the batch) that is torch's batch-norm kernel
+with scale ``weight * r`` and shift ``weight * d + bias``: one ``native_batch_norm`` call forward,
+one ``native_batch_norm_backward`` call backward. With several groups it is
+:func:`mabn.groups.grouped_batch_norm` (shared with ghost BN: no copy of the input, per-group
+coefficients broadcast over its channels-last (G, B, S, C) view, batch norm's backward written
+out, first order only). Either way the statistics broadcast against the (C,) running
+statistics as they are; the five square roots of a step (``sigma_B`` and its inverse,
+``sigma``, and the two standard deviations of the update) are one ``_foreach_pow``, the two
+EMAs one ``_foreach_lerp``; the schedule's limits are one affine map of the counter and one
+clamp on cached constants; ``r`` and ``d`` are saved for the backward, never recomputed
+(:mod:`mabn.compile_barrier`). A training forward + backward dispatches 31 ops with one group
+and 48 with four (the autograd engine's three gradient accumulations included).
 
 Non-finite statistics (a NaN or inf in the input, or a variance that overflows) never enter the
 running statistics: the whole update of that forward is skipped (``num_batches_tracked`` too, so
@@ -72,11 +79,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import cached_constant, check_group_size, check_norm_input, count_groups, grouped_batch_norm, \
-    grouped_moments
+from mabn.groups import (cached_constant, check_group_size, check_norm_input, count_groups,
+                         grouped_batch_norm, grouped_moments, grouped_view)
 from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
@@ -175,45 +183,95 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
     def _train_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         """Renormalized output; updates the running statistics and the step counter.
 
-        Everything per group and channel is shaped (G, 1, C, 1) and broadcasts over the
-        (G, B, C, S) view of ``x`` (no copies); the running statistics enter as (C, 1) views."""
+        One group goes through torch's batch-norm kernels (one forward and one backward call),
+        several through :func:`mabn.groups.grouped_batch_norm` on the (G, B, S, C) view of ``x``
+        with statistics shaped (G, 1, 1, C); either way every per-channel tensor broadcasts
+        against the statistics as it is."""
         groups = count_groups(type(self).__name__, self.B, x.shape[0])
         if x.numel() == 0:  # nothing to normalize; statistics and counters stay as they are
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        channels = x.shape[1]
-        count = x.numel() // (channels * groups)  # values per channel in one group
+        count = x.numel() // (x.shape[1] * groups)  # values per channel in one group
         if count < 2:
             raise ValueError(f"{type(self).__name__} expects more than 1 value per channel when "
                              f"training, got input of shape {tuple(x.shape)}"
                              + ("" if self.B is None else f" split into groups of B={self.B}"))
-        x4 = x.reshape(groups, -1, channels, count * groups // x.shape[0])
-        mean_b, var_unbiased = grouped_moments(x4, correction=1)  # (G, 1, C, 1), no gradient
-        eps = cached_constant(("eps", self.eps, x.dtype), x.device,
-                              lambda d: torch.tensor(self.eps, dtype=x.dtype, device=d))
-        sigma_b = torch.add(eps, var_unbiased, alpha=(count - 1) / count).sqrt_()  # biased variance + eps
         with torch.no_grad():
-            running_mean = self.running_mean.to(x.dtype).view(channels, 1)
-            running_std = torch.add(self.running_var.to(x.dtype).view(channels, 1), self.eps).sqrt_()
-            rmax, dmax, dmin = self._limits(x.dtype, x.device)
-            r = torch.clamp(sigma_b / running_std, rmax.reciprocal(), rmax)
-            d = torch.clamp((mean_b - running_mean).div_(running_std), dmin, dmax)
-            r, d = saved_for_backward(r, d)
-            self._update_running_stats(mean_b, var_unbiased)
+            if groups == 1:
+                dims = [0, *range(2, x.dim())]
+                var_unbiased, mean_b = torch.var_mean(x, dim=dims, correction=1)  # (C,)
+            else:
+                x_p = grouped_view(x, groups)
+                mean_b, var_unbiased = grouped_moments(x_p, correction=1)  # (G, 1, 1, C)
+            invstd_b, r, d = self._factors(mean_b, var_unbiased, count)
         # y = weight * (x_hat * r + d) + bias: per-group scale weight * r and shift
         # weight * d + bias; r and d are constants, so the gradient is the paper's.
-        return grouped_batch_norm(x4, mean_b, sigma_b.reciprocal(), weight, bias, r, d).reshape(x.shape)
+        if groups == 1:
+            return _WholeBatchRenorm.apply(x, weight, bias, r, d, self.eps)
+        return grouped_batch_norm(x, x_p, mean_b, invstd_b, weight, bias, r, d)
 
-    def _update_running_stats(self, mean_b: Tensor, var_unbiased: Tensor) -> None:
+    def _factors(self, mean_b: Tensor, var_unbiased: Tensor,
+                 count: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(1 / sigma_B, r, d)`` for the batch statistics (each (C,) or (G, 1, 1, C), from
+        ``count`` values per channel and group); updates the running statistics.
+
+        The five square roots (``sigma_B`` and its inverse, ``sigma`` of the running variance,
+        and the standard deviations for the update) are one ``_foreach_pow``."""
+        eps = cached_constant(("eps", self.eps, mean_b.dtype), mean_b.device,
+                              lambda dev: torch.tensor(self.eps, dtype=mean_b.dtype, device=dev))
+        running_mean = self.running_mean.to(mean_b.dtype)
+        running_var = self.running_var.to(mean_b.dtype)
+        var_b = torch.add(eps, var_unbiased, alpha=(count - 1) / count)  # biased variance + eps
+        sigma_b, invstd_b, sigma, running_std, std_b = torch._foreach_pow(
+            [var_b, var_b, torch.add(running_var, eps), running_var, var_unbiased],
+            [0.5, -0.5, 0.5, 0.5, 0.5])
+        rmax, dmax, dmin = self._limits(mean_b.dtype, mean_b.device)
+        r = torch.clamp(sigma_b / sigma, rmax.reciprocal(), rmax)
+        d = torch.clamp((mean_b - running_mean).div_(sigma), dmin, dmax)
+        r, d = saved_for_backward(r, d)
+        self._update_running_stats(running_mean, running_std, mean_b, std_b)
+        return invstd_b, r, d
+
+    def _update_running_stats(self, running_mean: Tensor, running_std: Tensor, mean_b: Tensor,
+                              std_b: Tensor) -> None:
         """EMA of the mean and of the (eps-free) standard deviation; advances the counter.
 
-        ``mean_b`` and ``var_unbiased`` are (G, 1, C, 1) per-group statistics; the EMAs take
-        their average over groups (of the means, and of the standard deviations). A non-finite
-        result skips the whole update (see the module docstring).
+        ``mean_b`` and ``std_b`` (the unbiased one) are the batch's, (C,), or per group, (G, 1, 1,
+        C): the EMAs then take their average over groups. A non-finite result skips the whole
+        update (see the module docstring).
         """
-        mean = self.running_mean.to(mean_b.dtype).lerp(mean_b.mean(dim=(0, 1, 3)), self.momentum)
-        std = self.running_var.to(mean_b.dtype).sqrt().lerp(var_unbiased.sqrt().mean(dim=(0, 1, 3)),
-                                                             self.momentum)
+        if mean_b.dim() > 1:
+            mean_b, std_b = mean_b.mean(dim=(0, 1, 2)), std_b.mean(dim=(0, 1, 2))
+        mean, std = torch._foreach_lerp([running_mean, running_std], [mean_b, std_b], self.momentum)
         self._commit_running_stats(mean, std.square_())
+
+
+class _WholeBatchRenorm(torch.autograd.Function):
+    """Batch norm of the whole batch with scale ``weight * r`` and shift ``weight * d + bias``
+    for constant (C,) ``r`` and ``d``: one ``native_batch_norm`` call forward and one
+    ``native_batch_norm_backward`` call backward (given the scale as weight, as CUDA requires
+    wherever a weight gradient is asked for), whose scale and shift gradients give the weight's
+    as ``grad_scale * r + grad_shift * d``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor,
+                eps: float) -> Tensor:
+        scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
+        out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            x, scale, shift, None, None, True, 0.0, eps)
+        ctx.save_for_backward(x, scale, save_mean, save_invstd, r, d)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+        x, scale, save_mean, save_invstd, r, d = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
+            dy, x, scale, None, None, save_mean, save_invstd, True, ctx.eps,
+            [needs[0], needs[1], needs[1] or needs[2]])
+        grad_weight = torch.addcmul(grad_scale.mul_(r), grad_shift, d) if needs[1] else None
+        return dx, grad_weight, grad_shift if needs[2] else None, None, None, None
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -13,11 +13,13 @@ per-channel mean and biased variance::
 
 The gradient is the gradient of this per-group batch norm (each group's statistics depend only
 on that group). With ``G > 1`` the layer makes no copy of the input: it works on the
-(G, B, C, S) view, the statistics come from one reduction over it
-(:func:`mabn.groups.grouped_moments`), and the backward is batch norm's, written out in
-:func:`mabn.groups.grouped_batch_norm` (two reductions and three fused element-wise passes,
-every per-group coefficient broadcast); it is first-order only (no double backward). Batch
-Renormalization shares these two functions.
+channels-last (G, B, S, C) view (:func:`mabn.groups.grouped_view`), the statistics come from
+one reduction over it (:func:`mabn.groups.grouped_moments`), and the backward is batch norm's,
+written out in :func:`mabn.groups.grouped_batch_norm` (two reductions and three fused
+element-wise passes, every per-group coefficient broadcast); it is first-order only (no double
+backward). Batch Renormalization shares these functions. Both running statistics advance in one
+``_foreach_lerp``. A training forward + backward dispatches 33 ops at four groups (the autograd
+engine's three gradient accumulations included), 15 with one group.
 
 Running statistics are updated ONCE per forward with torch's BatchNorm rule applied to the
 average over groups of the group means and of the group unbiased variances::
@@ -54,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mabn.groups import (cached_constant, check_group_size, count_groups, grouped_batch_norm,
-                         grouped_moments)
+                         grouped_moments, grouped_view)
 from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
@@ -112,21 +114,22 @@ class _GhostBatchNormMixin(FiniteRunningStats):
         update = self.training and self.track_running_stats
         if groups == 1:
             return self._whole_batch_forward(x, weight, bias, update).to(input.dtype)
-        x4 = x.reshape(groups, -1, x.shape[1], per_group // self.B)
-        mean, var_unbiased = grouped_moments(x4, correction=1)  # (G, 1, C, 1)
-        eps = cached_constant(("eps", self.eps, dtype), x.device,
-                              lambda d: torch.tensor(self.eps, dtype=dtype, device=d))
-        invstd = torch.add(eps, var_unbiased, alpha=(per_group - 1) / per_group).rsqrt_()  # biased + eps
-        out = grouped_batch_norm(x4, mean, invstd, weight, bias).reshape(x.shape)
+        with torch.no_grad():
+            x_p = grouped_view(x, groups)
+            mean, var_unbiased = grouped_moments(x_p, correction=1)  # (G, 1, 1, C)
+            eps = cached_constant(("eps", self.eps, dtype), x.device,
+                                  lambda d: torch.tensor(self.eps, dtype=dtype, device=d))
+            invstd = torch.add(eps, var_unbiased, alpha=(per_group - 1) / per_group).rsqrt_()  # biased + eps
+        out = grouped_batch_norm(x, x_p, mean, invstd, weight, bias)
         if update:
             with torch.no_grad():
                 # torch's update is linear in the batch statistics: average them over groups
-                factor = (1.0 / (self.num_batches_tracked + 1).to(dtype) if self.momentum is None
-                          else self.momentum)
-                batch_mean = mean.mean(dim=(0, 1, 3))
-                batch_var = var_unbiased.mean(dim=(0, 1, 3))
-                self._commit_running_stats(torch.lerp(self.running_mean.to(dtype), batch_mean, factor),
-                                           torch.lerp(self.running_var.to(dtype), batch_var, factor))
+                factor = self.momentum
+                if factor is None:  # cumulative average, one weight tensor per statistic
+                    factor = [1.0 / (self.num_batches_tracked + 1).to(dtype)] * 2
+                running = [self.running_mean.to(dtype), self.running_var.to(dtype)]
+                batch = [mean.mean(dim=(0, 1, 2)), var_unbiased.mean(dim=(0, 1, 2))]
+                self._commit_running_stats(*torch._foreach_lerp(running, batch, factor))
         return out.to(input.dtype)
 
     def _whole_batch_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

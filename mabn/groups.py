@@ -3,40 +3,40 @@
 MABN (``split_batch=True``), Batch Renormalization and ghost BN all simulate a small
 normalization batch ``B`` inside a larger SGD batch. The checks live here once, and so do the
 per-group statistics and the grouped batch norm (with its hand-written backward) that ghost BN
-and Batch Renormalization share. Both work on the (G, B, C, S) view of the input with
-statistics shaped (G, 1, C, 1), so that every per-group coefficient broadcasts without a copy:
-at tiny batches a layer's cost is its number of dispatched ops (kernel launches on a GPU), and
-:func:`cached_constant` keeps constant tensors from costing one per call.
+and Batch Renormalization share. Both work on the channels-last (G, B, S, C) view of an
+(N, C, *S) input (:func:`grouped_view`, one ``as_strided``) with statistics shaped (G, 1, 1, C):
+every per-group coefficient broadcasts over the view without a copy, and every per-channel
+tensor (weight, bias, running statistics, all (C,)) broadcasts against the statistics without a
+reshape. At tiny batches a layer's cost is its number of dispatched ops (kernel launches on a
+GPU, and views count too), and :func:`cached_constant` keeps constant tensors from costing one
+per call.
 """
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mabn.tracing import tracing
+
 __all__ = ["cached_constant", "check_group_size", "check_norm_input", "count_groups", "filled",
-           "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments"]
+           "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments", "grouped_view"]
 
 
 _CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
 _MAX_CONSTANTS = 256
 
 
-def _tracing(device: torch.device) -> bool:
-    """A compiler, a fake-tensor trace or a CUDA graph capture is on: constants are built in place."""
-    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
-        return True
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def cached_constant(key: tuple, device: torch.device, build: Callable[[torch.device], Tensor]) -> Tensor:
     """``build(device)``, built once per ``key`` and device in eager mode (each build is a dispatched
     op, a kernel launch on a GPU, in every call otherwise). The tensors are read-only inputs of the
     kernels: never modify one. ``key`` must determine the tensor (shape, dtype, values)."""
-    if _tracing(device):
+    if tracing(device):
         return build(device)
     key = key + (device,)
     tensor = _CONSTANTS.get(key)
@@ -86,24 +86,73 @@ def count_groups(layer_name: str, B: Optional[int], batch: int) -> int:
     return batch // B
 
 
-def _grouped(t: Tensor, groups: int) -> Tensor:
-    """(N, C, *S) as (G, N / G, C, prod(S)); a view for contiguous and channels-last tensors."""
-    return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1)
+def _group_strides(t: Tensor, groups: int) -> Optional[List[int]]:
+    """Strides of the (G, B, S, C) view of (N, C, *spatial) ``t``; None where its spatial dims
+    do not merge into one."""
+    spatial_stride, expected = 1, None
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return None
+        if expected is None:
+            spatial_stride = stride
+        expected = stride * size
+    batch_stride = t.stride(0)
+    return [batch_stride * (t.shape[0] // groups), batch_stride, spatial_stride, t.stride(1)]
 
 
-def grouped_moments(x4: Tensor, correction: int = 0) -> Tuple[Tensor, Tensor]:
+def grouped_view(t: Tensor, groups: int) -> Tensor:
+    """(N, C, *spatial) ``t`` as (G, B, S, C), channels last: one ``as_strided`` where the spatial
+    dims merge, else a reshape (a copy only then) and a transpose; plain views while tracing."""
+    shape = [groups, t.shape[0] // groups, math.prod(t.shape[2:]), t.shape[1]]
+    strides = None if tracing(t.device) else _group_strides(t, groups)
+    if strides is None:
+        return t.reshape(shape[0], shape[1], shape[3], shape[2]).transpose(2, 3)
+    return t.as_strided(shape, strides)
+
+
+def _ungrouped(t: Tensor, shape: torch.Size) -> Tensor:
+    """The (N, C, *spatial) ``shape`` view of a (G, B, S, C) tensor: one ``as_strided`` where
+    groups and samples merge into one batch dim, else a transpose and a reshape."""
+    groups, per_group = t.shape[0], t.shape[1]
+    group_stride, sample_stride, stride, channel_stride = t.stride()
+    if tracing(t.device) or (groups > 1 and per_group > 1 and group_stride != sample_stride * per_group):
+        return t.transpose(2, 3).reshape(shape)
+    spatial = []
+    for size in reversed(shape[2:]):
+        spatial.append(stride)
+        stride *= size
+    batch_stride = sample_stride if per_group > 1 else group_stride
+    return t.as_strided(shape, [batch_stride, channel_stride, *reversed(spatial)])
+
+
+def _output_like(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
+    """A new tensor shaped like ``x`` (in its memory layout where that has a grouped view, else
+    contiguous) and its (G, B, S, C) view, for kernels to write into: the tensor returned from
+    the forward is then no view (a view would forbid in-place ops on the layer's output)."""
+    if _group_strides(x, groups) is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty_like(x)
+    return out, grouped_view(out, groups)
+
+
+def grouped_moments(x_p: Tensor, correction: int = 0) -> Tuple[Tensor, Tensor]:
     """Mean and variance (biased, or with Bessel's ``correction=1``) of each group and channel of
-    a (G, B, C, S) view, each (G, 1, C, 1) (broadcasting over the view), without gradient: one
-    reduction kernel over the non-adjacent dims B and S (Welford's, exact for ``|mean| >> std``)."""
+    a (G, B, S, C) view, each (G, 1, 1, C) (broadcasting over the view and against (C,)
+    tensors), without gradient: one reduction kernel over the samples and positions of a group
+    (Welford's, exact for ``|mean| >> std``)."""
     with torch.no_grad():
-        var, mean = torch.var_mean(x4, dim=(1, 3), correction=correction, keepdim=True)
+        var, mean = torch.var_mean(x_p, dim=(1, 2), correction=correction, keepdim=True)
     return mean, var
 
 
 def group_statistics(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     """Per-group, per-channel mean and biased variance of (N, C, *S) ``x``, each (G, C), from
-    one reduction over the (G, B, C, S) view (no copy for contiguous or channels-last input)."""
-    mean, var = grouped_moments(_grouped(x, groups))
+    one reduction over its grouped view (no copy for contiguous or channels-last input)."""
+    with torch.no_grad():
+        mean, var = grouped_moments(grouped_view(x, groups))
     return mean.view(groups, -1), var.view(groups, -1)
 
 
@@ -111,71 +160,90 @@ def _product(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return a if b is None else b if a is None else a * b
 
 
+def _affine(x_hat: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+            out: Optional[Tensor] = None) -> Tensor:
+    """``x_hat * scale + shift`` (None: absent) in one kernel, into ``out`` when given."""
+    if scale is None and shift is None:
+        return x_hat if out is None else out.copy_(x_hat)
+    if scale is None:
+        return torch.add(x_hat, shift, out=out)
+    if shift is None:
+        return torch.mul(x_hat, scale, out=out)
+    return torch.addcmul(shift, x_hat, scale, out=out)
+
+
 class _GroupBatchNorm(torch.autograd.Function):
-    """``y = x_hat * scale + shift`` on a (G, B, C, S) view ``x``, with ``x_hat = (x - mean) *
-    invstd`` for its (G, 1, C, 1) group statistics (from :func:`grouped_moments`), ``scale =
-    weight * r`` and ``shift = weight * d + bias``: ``weight`` and ``bias`` (C,), ``r`` and ``d``
-    broadcasting like (G, 1, C, 1), each None when absent (1 or 0). The backward is batch
-    norm's, through the statistics too, with the parameter gradients reduced to (C,) here (no
-    autograd ops for the products). ``x_hat`` is saved instead of ``x``."""
+    """``y = x_hat * scale + shift`` on (N, C, *S) ``x`` whose (G, B, S, C) view ``x_p`` is given,
+    with ``x_hat = (x_p - mean) * invstd`` for its (G, 1, 1, C) group statistics (from
+    :func:`grouped_moments`), ``scale = weight * r`` and ``shift = weight * d + bias``: ``weight``
+    and ``bias`` (C,), ``r`` and ``d`` broadcasting like (G, 1, 1, C), each None when absent
+    (1 or 0). The backward is batch norm's, through the statistics too, with the parameter
+    gradients reduced to (C,) here (no autograd ops for the products). ``x_hat`` is saved
+    instead of ``x``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                r: Optional[Tensor], d: Optional[Tensor]) -> Tensor:
-        x_hat = (x - mean).mul_(invstd)
-        w4 = None if weight is None else weight.view(1, 1, -1, 1)
-        b4 = None if bias is None else bias.view(1, 1, -1, 1)
-        scale = _product(w4, r)
+    def forward(ctx, x: Tensor, x_p: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                bias: Optional[Tensor], r: Optional[Tensor], d: Optional[Tensor]) -> Tensor:
+        x_hat = (x_p - mean).mul_(invstd)
+        scale = _product(weight, r)
         if d is None:
-            shift = b4
-        elif w4 is None:
-            shift = d if b4 is None else d + b4
+            shift = bias
+        elif weight is None:
+            shift = d if bias is None else d + bias
         else:
-            shift = w4 * d if b4 is None else torch.addcmul(b4, w4, d)
-        ctx.save_for_backward(x_hat, invstd, scale, w4, r, d)
-        if scale is None:
-            return x_hat.clone() if shift is None else x_hat + shift
-        return x_hat * scale if shift is None else torch.addcmul(shift, x_hat, scale)
+            shift = weight * d if bias is None else torch.addcmul(bias, weight, d)
+        ctx.save_for_backward(x_hat, invstd, scale, weight, r, d)
+        ctx.shape = x.shape
+        out, out_p = _output_like(x, x_p.shape[0])
+        if tracing(x.device):  # Dynamo takes no strided out= tensor
+            out_p.copy_(_affine(x_hat, scale, shift))
+        else:
+            _affine(x_hat, scale, shift, out_p)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x_hat, invstd, scale, w4, r, d = ctx.saved_tensors
-        count = x_hat.shape[1] * x_hat.shape[3]  # values per channel and group
-        sum_dy = dy.sum(dim=(1, 3), keepdim=True)
-        sum_dy_xhat = (dy * x_hat).sum(dim=(1, 3), keepdim=True)
+        x_hat, invstd, scale, weight, r, d = ctx.saved_tensors
+        dy_p = grouped_view(dy, x_hat.shape[0])
+        count = x_hat.shape[1] * x_hat.shape[2]  # values per channel and group
+        sum_dy = dy_p.sum(dim=(1, 2), keepdim=True)
+        sum_dy_xhat = (dy_p * x_hat).sum(dim=(1, 2), keepdim=True)
         # dx = scale * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
-        dx = torch.addcmul(dy, x_hat, sum_dy_xhat, value=-1.0 / count).add_(sum_dy, alpha=-1.0 / count)
-        dx.mul_(invstd if scale is None else scale * invstd)
+        dx = torch.addcmul(dy_p, x_hat, sum_dy_xhat, value=-1.0 / count).add_(sum_dy, alpha=-1.0 / count)
+        dx = _ungrouped(dx.mul_(invstd if scale is None else scale * invstd), ctx.shape)
         needs = ctx.needs_input_grad
         grad_weight = grad_bias = grad_r = grad_d = None
-        if needs[3]:  # sum(dy * x_hat) * r + sum(dy) * d, over groups too
+        if needs[4]:  # sum(dy * x_hat) * r + sum(dy) * d, over groups too
             per_group = _product(sum_dy_xhat, r)
             if d is not None:
                 per_group = torch.addcmul(per_group, sum_dy, d)
-            grad_weight = per_group.sum(dim=(0, 1, 3))
-        if needs[4]:
-            grad_bias = sum_dy.sum(dim=(0, 1, 3))
+            grad_weight = per_group.sum(dim=(0, 1, 2))
         if needs[5]:
-            grad_r = _product(sum_dy_xhat, w4)
+            grad_bias = sum_dy.sum(dim=(0, 1, 2))
         if needs[6]:
-            grad_d = _product(sum_dy, w4)
-        return dx, None, None, grad_weight, grad_bias, grad_r, grad_d
+            grad_r = _product(sum_dy_xhat, weight)
+        if needs[7]:
+            grad_d = _product(sum_dy, weight)
+        return dx, None, None, None, grad_weight, grad_bias, grad_r, grad_d
 
 
-def grouped_batch_norm(x4: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor] = None,
+def grouped_batch_norm(x: Tensor, x_p: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None, r: Optional[Tensor] = None,
                        d: Optional[Tensor] = None) -> Tensor:
-    """``(x4 - mean) * invstd * (weight * r) + (weight * d + bias)`` on a (G, B, C, S) view with
-    (G, 1, C, 1) group statistics, (C,) ``weight``/``bias`` and ``r``/``d`` broadcasting like
-    (G, 1, C, 1) (None: absent); returns the (G, B, C, S) output. Gradients as if the
-    statistics were computed by autograd."""
-    return _GroupBatchNorm.apply(x4, mean, invstd, weight, bias, r, d)
+    """``(x - mean) * invstd * (weight * r) + (weight * d + bias)`` per group of (N, C, *S) ``x``,
+    given its (G, B, S, C) view ``x_p`` (:func:`grouped_view`, made without gradient), (G, 1, 1, C)
+    group statistics, (C,) ``weight``/``bias`` and ``r``/``d`` broadcasting like (G, 1, 1, C)
+    (None: absent); returns a new tensor shaped like ``x``. Gradients as if the statistics were
+    computed by autograd."""
+    return _GroupBatchNorm.apply(x, x_p, mean, invstd, weight, bias, r, d)
 
 
 def group_batch_norm(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """Normalize each group of (N, C, *S) ``x`` with its (G, C) statistics, then ``* scale +
     shift`` per group and channel; gradients as if the statistics were computed by autograd."""
-    shape = (mean.shape[0], 1, mean.shape[1], 1)
-    return grouped_batch_norm(_grouped(x, mean.shape[0]), mean.view(shape), invstd.view(shape),
-                              r=scale.view(shape), d=shift.view(shape)).reshape(x.shape)
+    shape = (mean.shape[0], 1, 1, mean.shape[1])
+    with torch.no_grad():
+        x_p = grouped_view(x, mean.shape[0])
+    return grouped_batch_norm(x, x_p, mean.view(shape), invstd.view(shape), r=scale.view(shape),
+                              d=shift.view(shape))

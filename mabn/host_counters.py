@@ -20,21 +20,15 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from mabn.tracing import tracing as device_tracing
+
 __all__ = ["HostCounters", "tracing"]
 
 
-_TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional
-
-
 def tracing(tensor: Tensor) -> bool:
-    """A compiler, a tracing dispatch mode (fake, proxy, functional), a tensor subclass or a CUDA
-    graph capture is at work on ``tensor``: host-side values must not decide anything (a trace
-    would bake them in). A few cheap checks: this runs in every training forward."""
-    if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor:
-        return True
-    if any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES):
-        return True
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    """:func:`mabn.tracing.tracing` on the tensor's device, or ``tensor`` is a tensor subclass
+    (fake, functional, distributed): host-side values must not decide anything."""
+    return type(tensor) is not torch.Tensor or device_tracing(tensor.device)
 
 
 class HostCounters:

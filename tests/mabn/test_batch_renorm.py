@@ -14,10 +14,10 @@ from op_counting import training_step_ops
 
 F64 = torch.float64
 
-# Dispatched aten ops per training forward + backward at (8, 64, 7, 7): groups of B = 2, and the
-# whole batch (B = None, one group). Each is a kernel launch on a GPU; lower the numbers with
-# every cut so that a regression fails.
-OP_BUDGET = 56
+# Dispatched aten ops per training forward + backward at (8, 64, 7, 7): groups of B = 2 (four
+# groups), and the whole batch (B = None, one group: torch's batch-norm kernels). Each is a kernel
+# launch on a GPU; lower the numbers with every cut so that a regression fails.
+OP_BUDGET = {2: 48, None: 31}
 
 
 def _view(v: torch.Tensor, dim: int) -> torch.Tensor:
@@ -536,4 +536,4 @@ def test_group_errors_and_repr():
 @pytest.mark.parametrize("B", [2, None])
 def test_training_step_dispatches_few_aten_ops(B):
     count = training_step_ops(BatchRenorm2d(64, B=B), 8)
-    assert count <= OP_BUDGET, count
+    assert count <= OP_BUDGET[B], count

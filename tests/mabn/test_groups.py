@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics
+from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics, grouped_view
 
 F64 = torch.float64
 
@@ -71,3 +71,54 @@ def test_group_batch_norm_gradcheck():
     scale = (torch.rand(2, 2, dtype=F64) + 0.5).requires_grad_(True)
     shift = torch.randn(2, 2, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (x, scale, shift))
+
+
+def _odd_layout(shape):
+    """(N, C, H, W) whose spatial dims do not merge into one (memory order N, H, C, W)."""
+    n, c, h, w = shape
+    return torch.randn(n, h, c, w, dtype=F64).permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "unmerged", "sliced"])
+def test_grouped_view_is_the_channels_last_group_split(layout):
+    x = torch.randn(6, 3, 4, 5, dtype=F64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "unmerged":
+        x = _odd_layout((6, 3, 4, 5))
+    elif layout == "sliced":
+        x = torch.randn(6, 3, 4, 10, dtype=F64)[..., ::2]
+    view = grouped_view(x, 3)
+    assert view.shape == (3, 2, 20, 3)
+    assert torch.equal(view, x.reshape(3, 2, 3, 20).transpose(2, 3))
+    assert (view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()) == (layout != "unmerged")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "unmerged"])
+def test_group_batch_norm_on_other_layouts(layout):
+    torch.manual_seed(3)
+    base = torch.randn(6, 3, 4, 5, dtype=F64)
+    other = (base.to(memory_format=torch.channels_last) if layout == "channels_last"
+             else _odd_layout(base.shape))
+    with torch.no_grad():
+        other.copy_(base)
+    scale = torch.rand(3, 3, dtype=F64) + 0.5
+    shift = torch.randn(3, 3, dtype=F64)
+    results = []
+    for x in (base.clone().requires_grad_(True), other.requires_grad_(True)):
+        mean, var = group_statistics(x, 3)
+        y = group_batch_norm(x, mean, torch.rsqrt(var + 1e-5), scale, shift)
+        y.sum().backward()  # an expanded upstream gradient (all strides 0)
+        results.append((y, x.grad))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_group_batch_norm_output_takes_in_place_ops():
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    mean, var = group_statistics(x, 2)
+    scale, shift = torch.ones(2, 2, dtype=F64), torch.zeros(2, 2, dtype=F64)
+    y = group_batch_norm(x, mean, torch.rsqrt(var + 1e-5), scale, shift)
+    assert not y._is_view()
+    torch.relu_(y).sum().backward()
+    assert x.grad.shape == x.shape
