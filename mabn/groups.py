@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from collections import OrderedDict
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,10 +32,11 @@ _CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
 _MAX_CONSTANTS = 256
 
 
-def cached_constant(key: tuple, device: torch.device, build: Callable[[torch.device], Tensor]) -> Tensor:
-    """``build(device)``, built once per ``key`` and device in eager mode (each build is a dispatched
-    op, a kernel launch on a GPU, in every call otherwise). The tensors are read-only inputs of the
-    kernels: never modify one. ``key`` must determine the tensor (shape, dtype, values)."""
+def cached_constant(key: tuple, device: torch.device, build: Callable[[torch.device], Any]) -> Any:
+    """``build(device)`` (a tensor, or a tuple of tensors), built once per ``key`` and device in eager
+    mode (each build is a dispatched op, a kernel launch on a GPU, in every call otherwise). The
+    tensors are read-only inputs of the kernels: never modify one. ``key`` must determine them
+    (shapes, dtypes, values)."""
     if tracing(device):
         return build(device)
     key = key + (device,)

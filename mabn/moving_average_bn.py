@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +88,34 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return cached_constant(("scalar", value, dtype), device, lambda d: torch.tensor(value, dtype=dtype, device=d))
 
 
-def _long(value: int, device: torch.device) -> Tensor:
-    """A cached 0-dim long tensor (a counter increment)."""
-    return cached_constant(("long", value), device, lambda d: torch.tensor(value, dtype=torch.long, device=d))
+class _Operands(NamedTuple):
+    """The constant operands of one training forward, as 0-dim tensors cached together (one cache
+    lookup per forward): ``eps`` in the statistics and in the buffer dtype, the bounds
+    ``1 / r_max ** 2`` and ``r_max ** 2`` of the variance ratio, inf, the EMA weight
+    ``1 - momentum`` and the counter increments (1 forward, G groups, C channels)."""
+
+    eps: Tensor
+    buffer_eps: Tensor
+    low: Tensor
+    high: Tensor
+    inf: Tensor
+    ema_weight: Tensor
+    steps: List[Tensor]
+
+
+def _operands(layer: "_MovingAverageBatchNorm", dtype: torch.dtype, groups: int, device: torch.device) -> _Operands:
+    buffer_dtype, channels = layer.running_var.dtype, layer.num_features
+    eps, r_max, momentum = layer.eps, layer.r_max, layer.momentum
+
+    def build(d: torch.device) -> _Operands:
+        def scalar(value: float, kind: torch.dtype) -> Tensor:
+            return torch.tensor(value, dtype=kind, device=d)
+
+        return _Operands(scalar(eps, dtype), scalar(eps, buffer_dtype), scalar(1.0 / r_max ** 2, dtype),
+                         scalar(r_max ** 2, dtype), scalar(math.inf, dtype), scalar(1.0 - momentum, buffer_dtype),
+                         [scalar(n, torch.long) for n in (1, groups, channels)])
+
+    return cached_constant(("operands", eps, r_max, momentum, dtype, buffer_dtype, groups, channels), device, build)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -232,27 +257,25 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
 
     # r = sqrt(chi_plus_eps / (running_var + eps)) clamped to [1/r_max, r_max], so
     # var = chi_plus_eps / r ** 2 is running_var + eps clamped to chi_plus_eps * [1/r_max^2, r_max^2]
-    dtype, device, r_max = chi_used.dtype, x.device, layer.r_max
-    chi_plus_eps = torch.add(chi_used, _scalar(layer.eps, dtype, device))
+    operands = _operands(layer, chi_used.dtype, groups, x.device)
+    chi_plus_eps = torch.add(chi_used, operands.eps)
     var = chi_plus_eps
     if schedule.r_on is not False:
-        var = torch.clamp(torch.add(running_var, _scalar(layer.eps, running_var.dtype, device)),
-                          torch.mul(chi_plus_eps, _scalar(1.0 / r_max ** 2, dtype, device)),
-                          torch.mul(chi_plus_eps, _scalar(r_max ** 2, dtype, device)))
+        var = torch.clamp(torch.add(running_var, operands.buffer_eps), torch.mul(chi_plus_eps, operands.low),
+                          torch.mul(chi_plus_eps, operands.high))
         if schedule.r_on is not True:
             var = torch.where(schedule.r_on, var, chi_plus_eps)
 
     target = chi_used if groups == 1 else chi_used.mean(dim=0)
-    finite = torch.lt(target, _scalar(math.inf, dtype, device))  # one kernel; target >= 0 unless NaN
+    finite = torch.lt(target, operands.inf)  # one kernel; target >= 0 unless NaN
     ema_weight = schedule.ema_weight
-    if not isinstance(ema_weight, Tensor):
-        ema_weight = _scalar(ema_weight, running_var.dtype, device)
+    if not isinstance(ema_weight, Tensor):  # 1 - momentum, or 1 at the first forward
+        ema_weight = operands.ema_weight if ema_weight != 1.0 else _scalar(1.0, running_var.dtype, x.device)
     # _cast: no op unless the buffers are in float16/bfloat16 (a model converted as a whole)
     torch.where(finite, torch.lerp(running_var, _cast(target, running_var.dtype), ema_weight), running_var,
                 out=running_var)
     torch.where(finite, _cast(new_window, chi_window.dtype), chi_window, out=chi_window)
-    steps = [_long(1, device), _long(groups, device), _long(x.shape[1], device)]
-    torch._foreach_add_([*counters, layer.skipped_updates], steps)
+    torch._foreach_add_([*counters, layer.skipped_updates], operands.steps)
     layer.skipped_updates.sub_(finite.sum())
     if known is not None:
         layer.host_counters.record(counters, (known[0] + 1, known[1] + groups))
