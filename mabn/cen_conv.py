@@ -26,8 +26,17 @@ __all__ = ["CONV_TYPES", "CenConv1d", "CenConv2d", "CenConv3d", "centralize_weig
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _filter_means(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.mean(dim=tuple(range(1, tensor.dim())), keepdim=True)
+
+
 def _subtract_filter_means(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor - tensor.mean(dim=tuple(range(1, tensor.dim())), keepdim=True)
+    return tensor - _filter_means(tensor)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, without a call where it already is (``Tensor.to`` costs one)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _Centralize(torch.autograd.Function):
@@ -68,9 +77,10 @@ class _CentralizedConvolution(torch.autograd.Function):
     """``convolution(input, centralize(weight), bias)`` saving the input and the RAW weight.
 
     Composing ``_Centralize`` with ``F.conv2d`` would make the conv save the centralized weight,
-    a new tensor per call (tens of MiB for a ResNet-50). Here the backward recomputes it (one
-    cheap kernel) and projects the weight gradient, so a CenConv saves what an ``nn.ConvNd``
-    saves. Each call keeps its own context, so a conv applied several times before one backward
+    a new tensor per call (tens of MiB for a ResNet-50). Here the forward saves the filter means
+    (one value per output channel), the backward recomputes the centralized weight from them (one
+    subtraction, no second reduction over the weight) and projects the weight gradient, so a
+    CenConv saves what an ``nn.ConvNd`` saves. Each call keeps its own context, so a conv applied several times before one backward
     (shared heads, FPN) accumulates correct gradients.
 
     Autocast is resolved here rather than inside ``torch.convolution``: the forward casts the
@@ -84,15 +94,16 @@ class _CentralizedConvolution(torch.autograd.Function):
     def forward(ctx, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 stride: Tuple[int, ...], padding: Tuple[int, ...], dilation: Tuple[int, ...],
                 groups: int) -> torch.Tensor:
-        ctx.save_for_backward(input, weight)
+        means = _filter_means(weight)
+        ctx.save_for_backward(input, weight, means)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.device_type = input.device.type
-        centralized = _subtract_filter_means(weight)
+        centralized = weight - means
         dtype = _autocast_dtype(input)
         if dtype is not None:
-            input, centralized = input.to(dtype), centralized.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+            input, centralized = _cast(input, dtype), _cast(centralized, dtype)
+            bias = None if bias is None else _cast(bias, dtype)
         output_padding = [0] * (weight.dim() - 2)
         with _autocast_disabled(ctx.device_type):
             output = torch.convolution(input, centralized, bias, stride, padding, dilation,
@@ -102,22 +113,22 @@ class _CentralizedConvolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        input, weight = ctx.saved_tensors
+        input, weight, means = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         dtype = ctx.compute_dtype
         has_bias = ctx.bias_dtype is not None
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         with _autocast_disabled(ctx.device_type):
             grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_output.to(dtype), input.to(dtype), _subtract_filter_means(weight).to(dtype),
+                _cast(grad_output, dtype), _cast(input, dtype), _cast(weight - means, dtype),
                 [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
                 [0] * (weight.dim() - 2), groups, [needs_input, needs_weight, needs_bias and has_bias])
             if grad_input is not None:
-                grad_input = grad_input.to(input.dtype)
+                grad_input = _cast(grad_input, input.dtype)
             if grad_weight is not None:
-                grad_weight = _subtract_filter_means(grad_weight.to(weight.dtype))
+                grad_weight = _subtract_filter_means(_cast(grad_weight, weight.dtype))
             if grad_bias is not None:
-                grad_bias = grad_bias.to(ctx.bias_dtype)
+                grad_bias = _cast(grad_bias, ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
