@@ -24,10 +24,11 @@ from mabn.utils.yaml_config import load_yaml_unique_keys
 __all__ = ["ARCHS", "NORMS", "MABN_DEFAULT_NORM_BATCH", "build_parser", "config_tokens", "explicit_flags", "layer_default",
            "parse_args", "resolve"]
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet20")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet8", "resnet14", "resnet20")
 # --norm takes the core's norm names (mabn.NORM_NAMES), lower-cased and case-insensitive; no "none".
 NORMS = tuple(name.lower() for name in mabn.NORM_NAMES if name)
 DATASETS = ("imagefolder", "synthetic")
+DIFFICULTY_NAMES = ("hard", "easy")  # the levels of cls.embedded_dataset.DIFFICULTIES (not imported: OpenCV)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -173,6 +174,8 @@ def _add_run_flags(add: _Add) -> None:
     add("--synthetic_train_per_class", type=_positive_int, default=600, help="embedded training images per class")
     add("--synthetic_val_per_class", type=_positive_int, default=100, help="embedded validation images per class")
     add("--synthetic_image_size", type=_positive_int, default=40, help="side of the embedded images (pixels)")
+    add("--synthetic_difficulty", type=_lower, choices=DIFFICULTY_NAMES, default="hard",
+        help="clutter of the embedded images: hard (distractors, lines, any rotation) or easy (one upright target)")
     add("--export_folded", type=str, default=None, help="write the folded inference model (mabn.fold) to PATH")
     add("--stat_channel", type=_non_negative_int, default=0, help="channel logged by --record_statistics")
     add("--stat_interval", type=_positive_int, default=1, help="--record_statistics every N iterations")
@@ -308,7 +311,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
         cache = args.data_cache if args.data_cache is not None else str(default_cache_dir())
         name = dataset_name(args.data_seed, args.synthetic_classes, args.synthetic_train_per_class,
-                            args.synthetic_val_per_class, args.synthetic_image_size)
+                            args.synthetic_val_per_class, args.synthetic_image_size, args.synthetic_difficulty)
         written = os.path.isfile(os.path.join(os.path.expanduser(cache), name, "meta.json"))
         if not written:  # a finished dataset is only read: a read-only cache is fine then
             _check_writable_dir("--data_cache", cache)

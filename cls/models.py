@@ -4,7 +4,8 @@
 the 3x3 conv of the bottleneck) built with ``norm_layer``, so published checkpoints load by
 name. ``resnet20`` is the CIFAR network of He et al. (3 stages of 16/32/64 channels, 3 basic
 blocks each, a 3x3 stem without max-pooling; projection shortcuts) for 32-pixel inputs and CPU
-runs, assembled from torchvision's ``BasicBlock``. Weight-centralized convs come from
+runs, assembled from torchvision's ``BasicBlock``; ``resnet14`` and ``resnet8`` are the same
+network with 2 and 1 blocks per stage, for the shortest CPU runs. Weight-centralized convs come from
 ``mabn.convert_conv``.
 
 Initialization as published: convolutions Kaiming-normal (fan_out, ReLU), norm weights 1 and
@@ -78,13 +79,16 @@ ARCH_BUILDERS = {
     "resnet34": _torchvision_resnet("resnet34"),
     "resnet50": _torchvision_resnet("resnet50"),
     "resnet101": _torchvision_resnet("resnet101"),
+    "resnet8": lambda n, norm: CifarResNet(1, n, norm),
+    "resnet14": lambda n, norm: CifarResNet(2, n, norm),
     "resnet20": lambda n, norm: CifarResNet(3, n, norm),
 }
 
 
 # How much each network downsamples its input: the last feature map of an image_size input is
 # ceil(image_size / stride) pixels on a side.
-OUTPUT_STRIDES = {"resnet18": 32, "resnet34": 32, "resnet50": 32, "resnet101": 32, "resnet20": 4}
+OUTPUT_STRIDES = {"resnet18": 32, "resnet34": 32, "resnet50": 32, "resnet101": 32, "resnet8": 4, "resnet14": 4,
+                  "resnet20": 4}
 
 
 def min_image_size(arch: str, single_value_norm: bool = False) -> int:

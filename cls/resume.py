@@ -43,7 +43,7 @@ REFUSED_FLAGS = frozenset({
     "batch_size", "seed", "arch", "norm", "norm_batch", "ma_batch", "warmup_iters", "mabn_r_warmup",
     "mabn_first_batch_var", "brn_warmup", "brn_r_ramp_end", "brn_d_ramp_end", "brn_r_max", "brn_d_max", "gn_groups",
     "num_classes", "image_size", "dataset", "data_seed", "synthetic_classes", "synthetic_train_per_class",
-    "synthetic_val_per_class", "synthetic_image_size",
+    "synthetic_val_per_class", "synthetic_image_size", "synthetic_difficulty",
 })
 MODEL_FLAGS = frozenset({"arch", "norm", "norm_batch", "ma_batch", "gn_groups", "num_classes"})
 # Flags of one invocation, and values derived from others: never compared.

@@ -80,7 +80,8 @@ def _datasets(args: argparse.Namespace, env: DistEnv):
         root = ensure_embedded_dataset(args.data_cache, args.data_seed, args.synthetic_classes,
                                        args.synthetic_train_per_class, args.synthetic_val_per_class,
                                        args.synthetic_image_size,
-                                       log=(print if env.local_rank == 0 else (lambda *_: None)))
+                                       log=(print if env.local_rank == 0 else (lambda *_: None)),
+                                       difficulty=args.synthetic_difficulty)
         train_dir, val_dir = str(root / "train"), str(root / "val")
         args.train_dir_used, args.val_dir_used = train_dir, val_dir
         train = None if args.test_only else open_image_folder(train_dir, "embedded train set")

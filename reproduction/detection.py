@@ -17,12 +17,20 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from reproduction.schedules import BRN_SCHEDULE, scale_schedule
 
-__all__ = ["DET_NORMS", "REPO_ROOT", "TinySchedule", "config_file", "det_tools_available", "det_opts", "det_commands",
-           "norm_schedule", "read_coco_results", "draw_predictions", "tiny_schedule"]
+__all__ = ["DET_EVAL_SECONDS", "DET_NORMS", "DET_SECONDS_PER_ITER", "REPO_ROOT", "TinySchedule", "config_file",
+           "det_tools_available", "det_opts", "det_commands", "norm_schedule", "read_coco_results", "draw_predictions",
+           "tiny_schedule"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DET_NORMS = ("bn", "brn", "mabn", "syncbn")
 IMAGES_PER_PROCESS = 2
+DET_SECONDS_PER_ITER = 0.3
+"""Seconds per training iteration of a tiny config at one thread, start-up included: the CPU time
+of MABN's 1000-iteration ``train_net`` run (295 s; BN: 247 s) over its iterations (docs/det.md),
+for the time estimates."""
+DET_EVAL_SECONDS = 15.0
+"""Wall seconds of ``test_net`` on the 80 validation images at one thread, start-up included
+(11 s for MABN, 15 s for BN; docs/det.md)."""
 
 
 class TinySchedule(NamedTuple):
@@ -119,7 +127,7 @@ def read_coco_results(output_dir: str) -> Optional[Dict[str, Dict[str, float]]]:
 
 
 MAX_DRAWN = 8   # highest-scoring detections drawn per image
-DRAW_SCALE = 3  # the 128-pixel images are enlarged so that the labels stay readable
+DRAW_SCALE = 4  # the 96-pixel images are enlarged so that the labels stay readable
 
 
 def _top(detections: Dict[str, "np.ndarray"], count: int) -> Dict[str, "np.ndarray"]:

@@ -1,53 +1,64 @@
-"""Gather the numbers of a reproduction run and write ``results.json``, ``results.md`` and figures."""
+"""Gather the numbers of a reproduction run and write ``results.json``, ``results.md`` and figures.
+
+``python -m reproduction.report --markdown results/results.json [--readme README.md]`` prints the
+README's results block made from a run's ``results.json`` (or rewrites that block of the README
+in place, see :mod:`reproduction.readme`).
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from mabn.utils.checkpoint import write_text_atomic
+from reproduction.figures import FIGURES
+from reproduction.markdown import DISPLAY_NAMES
 
-__all__ = ["collect", "write_outputs", "versions"]
+__all__ = ["collect", "write_outputs", "versions", "main"]
 
-FIGURES = "figures"
-MAX_DRAWN_NOTE = "highest-scoring detections per image, up to 8,"
 DRAW_THRESHOLDS = (0.5, 0.3, 0.1)
-DISPLAY_NAMES = {"bn": "BN", "brn": "BRN", "gn": "GN", "mabn": "MABN", "syncbn": "SyncBN"}
 
 
-def versions() -> Dict[str, Optional[str]]:
-    """Python, torch, torchvision, numpy and the repository's git commit (``+dirty`` with local changes)."""
+def _git(*arguments: str) -> str:
+    from reproduction.detection import REPO_ROOT
+
+    return subprocess.run(["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+
+
+def versions() -> Dict[str, object]:
+    """Python, torch, torchvision, numpy, the repository's commit (``git rev-parse HEAD``) and whether
+    tracked files had local changes (``git_dirty``); None where git does not answer."""
     import numpy
     import torch
     import torchvision
 
-    from reproduction.detection import REPO_ROOT
-
-    commit = None
+    commit, dirty = None, None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit and dirty:
-            commit += "+dirty"
+        commit = _git("rev-parse", "HEAD") or None
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
     except (OSError, subprocess.SubprocessError):
         pass
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "git_commit": commit}
+            "numpy": numpy.__version__, "git_commit": commit, "git_dirty": dirty}
 
 
 def _mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) >= 2 else None,
             "n": len(values)}
 
 
 def _classification(plan, results, budget) -> dict:
+    """Every run's numbers, and per row the values of each seed with their mean and sd."""
     from reproduction.classification import PAPER_TOP1, cls_schedule_flags, read_final_metrics
 
     runs, failures = [], []
@@ -59,8 +70,8 @@ def _classification(plan, results, budget) -> dict:
                      seconds=None if status is None else status.seconds, **(numbers or {}))
         runs.append(entry)
         if numbers is None or status is None or status.returncode != 0:
-            log = status.log_path if status else "-"
-            failures.append(f"{name}: no result (exit status {entry['returncode']}, log {log})")
+            failures.append(f"{name}: no result (exit status {entry['returncode']}, "
+                            f"log {status.log_path if status else '-'})")
     summary: Dict[str, dict] = {}
     for run in runs:
         if "top1_err" not in run:
@@ -75,20 +86,39 @@ def _classification(plan, results, budget) -> dict:
         item["top5_err"] = _mean_std(item["top5"])
         item["paper_top1_err"] = PAPER_TOP1.get(item["key"])
     schedules = {norm: cls_schedule_flags(norm, budget.cls_iters) for norm in ("brn", "mabn")}
-    return {"runs": runs, "summary": list(summary.values()), "schedules": schedules, "failures": failures}
+    return {"runs": runs, "summary": list(summary.values()), "schedules": schedules, "failures": failures,
+            "setup": _classification_setup()}
+
+
+def _classification_setup() -> Dict[str, object]:
+    """What every classification run shares, as the results describe it."""
+    from reproduction import classification
+
+    arch = getattr(classification, "ARCH", "resnet20")
+    return {"network": arch.replace("resnet", "ResNet-"), "image_size": getattr(classification, "IMAGE_SIZE", 32),
+            "sgd_batch": classification.SGD_BATCH, "epochs": classification.EPOCHS,
+            "lr_milestones": list(classification.LR_MILESTONES), "learning_rate": classification.LEARNING_RATE}
 
 
 def _speed(plan, results) -> Optional[dict]:
+    """speed.json with the round-by-round comparison of folded MABN with folded BN."""
+    from reproduction.claims import speed_comparison
+    from reproduction.speed import BN_FOLDED
+
     if plan.speed_json is None:
         return None
     if not os.path.isfile(plan.speed_json):
         status = results.get("inference speed")
         return {"failure": f"inference speed: no result (log {status.log_path if status else '-'})"}
     with open(plan.speed_json, encoding="utf-8") as handle:
-        return json.load(handle)
+        speed = json.load(handle)
+    times = {row["variant"]: row["times_ms"] for row in speed["rows"]}
+    speed["comparison"] = speed_comparison(times[BN_FOLDED], times["MABN folded"])
+    return speed
 
 
 def _statistics(plan, results, out: str) -> Optional[dict]:
+    """The statistics figures and per-statistic summary; each statistic's fluctuation ratio batch 2 / 32."""
     from reproduction.statistics import plot_grid, statistics_folder, summarize_runs
 
     if not plan.stat_runs:
@@ -101,83 +131,111 @@ def _statistics(plan, results, out: str) -> Optional[dict]:
         from cls.statistics_plot import plot_runs
 
         per_statistic = plot_runs(folders, os.path.join(out, FIGURES, "statistics"), layers=[layer])
-        return {"layer": layer, "figure": os.path.relpath(figure, out),
-                "figures": [os.path.relpath(p, out) for p in per_statistic],
-                "summary": summarize_runs(folders, labels, layer)}
+        summary = summarize_runs(folders, labels, layer)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         return {"failure": f"statistics: {exc}"}
+    ratios = None
+    if {"batch 2", "batch 32"} <= set(summary):
+        ratios = {stat: _ratio(values["fluctuation"], summary["batch 32"][stat]["fluctuation"])
+                  for stat, values in summary["batch 2"].items()}
+    return {"layer": layer, "figure": os.path.relpath(figure, out),
+            "figures": [os.path.relpath(p, out) for p in per_statistic], "summary": summary,
+            "fluctuation_ratio": ratios}
 
 
-def _detection(plan, results, out: str) -> Optional[dict]:
-    from reproduction.detection import draw_predictions, norm_schedule, read_coco_results
+def _ratio(numerator: float, denominator: float) -> Optional[float]:
+    return numerator / denominator if denominator and math.isfinite(denominator) else None
 
-    if not plan.det_runs:
-        return None
+
+def _detection_rows(plan, results) -> List[dict]:
+    from reproduction.detection import norm_schedule, read_coco_results
+
     rows = []
     for run in plan.det_runs:
-        status = results.get(f"det {run['norm']}")
+        status = results.get(f"det {run['norm']} seed {run['seed']}")
         metrics = read_coco_results(run["folder"])
-        row = {"norm": run["norm"], "processes": run["processes"], "iterations": run["iterations"],
+        row = {"norm": run["norm"], "seed": run["seed"], "processes": run["processes"], "iterations": run["iterations"],
                "schedule": norm_schedule(run["norm"], run["iterations"]),
                "returncode": None if status is None else status.returncode,
                "seconds": None if status is None else status.seconds, "metrics": metrics}
         if metrics is None:
-            row["failure"] = f"det {run['norm']}: no COCO results (log {status.log_path if status else '-'})"
+            row["failure"] = (f"det {run['norm']} seed {run['seed']}: no COCO results "
+                              f"(log {status.log_path if status else '-'})")
         rows.append(row)
-    drawing = None
+    return rows
+
+
+def _detection_drawing(plan, rows: List[dict], out: str) -> Optional[dict]:
+    """Predictions of the first MABN run with a result, drawn on validation images."""
+    from reproduction.detection import draw_predictions
+
     drawn = next((r for r in rows if r["norm"] == "mabn" and r["metrics"] is not None), None)
-    if drawn is not None:
-        path = os.path.join(out, FIGURES, "detection_mabn_predictions.png")
-        try:
-            run = next(run for run in plan.det_runs if run["norm"] == "mabn")
-            drawing = dict(draw_predictions("mabn", run["iterations"], os.path.abspath(run["folder"]), path,
-                                            thresholds=DRAW_THRESHOLDS), figure=os.path.relpath(path, out))
-        except (OSError, RuntimeError, ValueError) as exc:
-            drawing = {"failure": f"drawing the predictions: {exc}"}
-    return {"rows": rows, "drawing": drawing}
+    if drawn is None:
+        return None
+    path = os.path.join(out, FIGURES, "detection_mabn_predictions.png")
+    run = next(run for run in plan.det_runs if run["norm"] == "mabn" and run["seed"] == drawn["seed"])
+    try:
+        return dict(draw_predictions("mabn", run["iterations"], os.path.abspath(run["folder"]), path,
+                                     thresholds=DRAW_THRESHOLDS), figure=os.path.relpath(path, out), seed=run["seed"],
+                    thresholds=list(DRAW_THRESHOLDS))
+    except (OSError, RuntimeError, ValueError) as exc:
+        return {"failure": f"drawing the predictions: {exc}"}
 
 
-def _figures(report: dict, out: str) -> None:
-    """Bar chart of the classification table; error against normalization batch when swept."""
-    import matplotlib
+def _detection(plan, results, out: str) -> Optional[dict]:
+    """Per run the COCO metrics; per norm each seed's box and mask AP with mean and sd; the figures."""
+    from reproduction.figures import detection_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if not plan.det_runs:
+        return None
+    rows = _detection_rows(plan, results)
+    summary = []
+    for norm in dict.fromkeys(row["norm"] for row in rows):
+        done = [row for row in rows if row["norm"] == norm and row["metrics"] is not None]
+        item = {"norm": norm, "seeds": [row["seed"] for row in done]}
+        for iou_type in ("bbox", "segm"):
+            item[f"{iou_type}_AP"] = [row["metrics"][iou_type]["AP"] for row in done]
+            item[f"{iou_type}_AP_stats"] = _mean_std(item[f"{iou_type}_AP"])
+        summary.append(item)
+    figure = detection_figure(summary, [DISPLAY_NAMES.get(i["norm"], i["norm"]) for i in summary], out)
+    return {"rows": rows, "summary": summary, "figure": figure, "drawing": _detection_drawing(plan, rows, out)}
 
-    summary = [s for s in report["classification"]["summary"]] if report.get("classification") else []
-    table = [s for s in summary if s["in_table"]]
+
+def _classification_figures(report: dict, out: str) -> None:
+    from reproduction.figures import classification_figure, sweep_figure
+
+    summary = report["classification"]["summary"] if report.get("classification") else []
+    table = [item for item in summary if item["in_table"]]
     if table:
-        figure, axis = plt.subplots(figsize=(7, 4))
-        means = [s["top1_err"]["mean"] for s in table]
-        errors = [s["top1_err"]["std"] or 0.0 for s in table]
-        axis.bar([s["key"] for s in table], means, yerr=errors, capsize=4, color="#4c72b0")
-        axis.set_ylabel("top-1 error (%)")
-        axis.set_title(f"ResNet-20, embedded data, {report['budget']['cls_iters']} iterations")
-        axis.grid(axis="y", alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(os.path.join(out, FIGURES, "classification.png"), dpi=100)
-        plt.close(figure)
-        report["classification"]["figure"] = os.path.join(FIGURES, "classification.png")
-    sweep = [s for s in summary if s["norm"] in ("bn", "brn", "mabn")]
+        report["classification"]["figure"] = classification_figure(
+            table, report["classification"]["setup"]["network"], report["budget"]["cls_iters"], out)
+    sweep = [item for item in summary if item["norm"] in ("bn", "brn", "mabn")]
     if report["budget"]["sweep"] and sweep:
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for norm in ("bn", "brn", "mabn"):
-            points = sorted((s["norm_batch"], s["top1_err"]["mean"], s["top1_err"]["std"] or 0.0)
-                            for s in sweep if s["norm"] == norm)
-            if points:
-                axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                              marker="o", capsize=3, label=norm.upper())
-        axis.set_xscale("log", base=2)
-        axis.set_xticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32"])
-        axis.set_xlabel("normalization batch")
-        axis.set_ylabel("top-1 error (%)")
-        axis.set_title("Error vs normalization batch (ResNet-20, embedded data)")
-        axis.grid(alpha=0.3)
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(os.path.join(out, FIGURES, "error_vs_norm_batch.png"), dpi=100)
-        plt.close(figure)
-        report["classification"]["sweep_figure"] = os.path.join(FIGURES, "error_vs_norm_batch.png")
+        report["classification"]["sweep_figure"] = sweep_figure(sweep, report["classification"]["setup"]["network"], out)
+
+
+def _failures(report: dict) -> List[str]:
+    failures = list(report["classification"]["failures"]) if report["classification"] else []
+    for part in ("speed", "statistics"):
+        if report[part] and "failure" in report[part]:
+            failures.append(report[part]["failure"])
+    if report["detection"]:
+        failures += [row["failure"] for row in report["detection"]["rows"] if "failure" in row]
+        drawing = report["detection"]["drawing"]
+        if drawing and "failure" in drawing:
+            failures.append(drawing["failure"])
+    return failures
+
+
+def _claims(report: dict, budget) -> List[dict]:
+    from reproduction.claims import check_claims
+
+    top1 = {item["key"]: item["top1"] for item in report["classification"]["summary"] if item["in_table"]} \
+        if report["classification"] else {}
+    speed = report["speed"].get("comparison") if report["speed"] else None
+    det = report["detection"]
+    box_ap = {item["norm"]: item["bbox_AP"] for item in det["summary"]} if det else None
+    return check_claims(top1, speed, box_ap, budget.det_seeds)
 
 
 def collect(plan, results, budget, args, started_at: str, wall_time_s: float) -> dict:
@@ -187,14 +245,16 @@ def collect(plan, results, budget, args, started_at: str, wall_time_s: float) ->
     import torch
 
     from benchmarks.bench import machine_info
-    from reproduction.claims import check_claims, margin
+    from reproduction.claims import RULE, SPEED_RULE
     from reproduction.schedules import BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE
 
     out = args.out
     os.makedirs(os.path.join(out, FIGURES), exist_ok=True)
     report: dict = {"mode": budget.name, "budget": dataclasses.asdict(budget), "command_line": getattr(args, "argv", None),
-                    "started": started_at, "machine": machine_info(torch.device("cpu")), "versions": versions(),
-                    "jobs": args.jobs, "threads_per_run": 1, "load_at_start": getattr(args, "load_at_start", None), "notes": list(plan.notes), "failures": []}
+                    "started": started_at, "date": started_at[:10], "machine": machine_info(torch.device("cpu")),
+                    "versions": versions(), "jobs": args.jobs, "threads_per_run": 1,
+                    "load_at_start": getattr(args, "load_at_start", None), "notes": list(plan.notes),
+                    "rule": RULE, "speed_rule": SPEED_RULE}
     report["published_schedules"] = [
         {"method": s.method, "source": s.source, "run_length": s.run_length, "iterations": dict(s.iterations),
          "fractions": s.fractions()} for s in (BRN_SCHEDULE, MABN_CLS_SCHEDULE, MABN_DET_SCHEDULE)]
@@ -205,211 +265,12 @@ def collect(plan, results, budget, args, started_at: str, wall_time_s: float) ->
     report["speed"] = _speed(plan, results)
     report["statistics"] = _statistics(plan, results, out)
     report["detection"] = _detection(plan, results, out)
-    top1, per_seed = {}, {}
-    if report["classification"]:
-        report["failures"] += report["classification"]["failures"]
-        for item in report["classification"]["summary"]:
-            if item["in_table"]:
-                top1[item["key"]] = item["top1_err"]["mean"]
-                per_seed[item["key"]] = item["top1"]
-    speed_ratio = None
-    if report["speed"] and "rows" in report["speed"]:
-        speed_ratio = next(r["ratio_to_bn"] for r in report["speed"]["rows"] if r["variant"] == "MABN folded")
-    for part in ("speed", "statistics"):
-        if report[part] and "failure" in report[part]:
-            report["failures"].append(report[part]["failure"])
-    if report["detection"]:
-        report["failures"] += [r["failure"] for r in report["detection"]["rows"] if "failure" in r]
-        if report["detection"]["drawing"] and "failure" in report["detection"]["drawing"]:
-            report["failures"].append(report["detection"]["drawing"]["failure"])
-    report["claims_margin"] = margin(per_seed) if per_seed else None
-    report["claims"] = check_claims(top1, per_seed, speed_ratio)
-    _figures(report, out)
+    report["failures"] = _failures(report)
+    report["claims"] = _claims(report, budget)
+    _classification_figures(report, out)
     report["wall_time_s"] = wall_time_s
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report
-
-
-def _fmt(value: Optional[float], digits: int = 2) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _mean_pm(stat: Mapping[str, Optional[float]]) -> str:
-    return _fmt(stat["mean"]) + (f" ± {stat['std']:.2f}" if stat.get("std") is not None else "")
-
-
-def _markdown(report: dict) -> str:
-    """results.md: the run's header, the claims, then one section per part that ran."""
-    sections = (_header_section, _claims_section, _classification_section, _speed_section, _statistics_section,
-                _detection_section, _schedules_and_runs_section)
-    return "\n".join(line for section in sections for line in section(report)) + "\n"
-
-
-def _header_section(report: dict) -> List[str]:
-    """Title, machine, versions, timing, notes and failures."""
-    machine, versions_ = report["machine"], report["versions"]
-    lines: List[str] = [f"# MABN miniature reproduction ({report['mode']})", ""]
-    start_load = report.get("load_at_start")
-    load = (f", 1-min load {start_load:.1f} at the start and {machine['load_average'][0]:.1f} at the end"
-            if start_load is not None and machine.get("load_average") else "")
-    lines += [f"- machine: {machine.get('cpu_model')} ({machine.get('cpu_count')} CPUs{load}), {report['jobs']} runs "
-              f"at once, 1 thread each",
-              f"- versions: Python {versions_['python']}, torch {versions_['torch']}, torchvision "
-              f"{versions_['torchvision']}, numpy {versions_['numpy']}, commit {versions_['git_commit']}",
-              f"- started {report['started']}, finished {report['finished']}, wall time "
-              f"{report['wall_time_s'] / 60:.1f} min", ""]
-    for note in report["notes"]:
-        lines += [f"> note: {note}", ""]
-    if report["failures"]:
-        lines += ["**Failures:**", ""] + [f"- {failure}" for failure in report["failures"]] + [""]
-
-    return lines
-
-
-def _claims_section(report: dict) -> List[str]:
-    lines: List[str] = []
-    lines += ["## Paper claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['verdict']} | {c['evidence']} |" for c in report["claims"]]
-    lines += ["", "A difference counts when it exceeds the margin: the larger of 2 points and twice the pooled "
-                  "seed-to-seed standard deviation (when several seeds ran).", ""]
-
-    return lines
-
-
-def _classification_section(report: dict) -> List[str]:
-    from reproduction.classification import EPOCHS, LEARNING_RATE, LR_MILESTONES, SGD_BATCH
-
-    budget = report["budget"]
-    lines: List[str] = []
-    cls = report["classification"]
-    if cls:
-        lines += ["## Classification (embedded data, ResNet-20)", "",
-                  f"ResNet-20 at 32 px on the embedded 16-class dataset, SGD batch {SGD_BATCH} in one process, "
-                  f"{budget['cls_iters']} iterations ({EPOCHS} epochs of {budget['cls_iters'] // EPOCHS}), learning rate "
-                  f"{LEARNING_RATE} x0.1 after epochs {LR_MILESTONES[0]} and {LR_MILESTONES[1]}, seeds "
-                  f"{', '.join(map(str, budget['seeds']))}; the same for every row. Errors in % on the "
-                  f"{report['cls_val_images']} validation images"
-                  f"{' (mean ± standard deviation over seeds)' if len(budget['seeds']) > 1 else ''}.", "",
-                  "| Norm batch | Norm | Top-1 err | Top-5 err | paper Top-1 err (ResNet-50, ImageNet) |",
-                  "|---|---|---|---|---|"]
-        for item in cls["summary"]:
-            if item["in_table"]:
-                batch = "—¹" if item["norm_batch"] is None else str(item["norm_batch"])
-                lines.append(f"| {batch} | {item['norm'].upper()} | {_mean_pm(item['top1_err'])} | "
-                             f"{_mean_pm(item['top5_err'])} | {_fmt(item['paper_top1_err'])} |")
-        brn, mabn_flags = cls["schedules"]["brn"], cls["schedules"]["mabn"]
-        lines += ["", "¹ GN normalizes each image over channel groups: its result does not depend on the batch "
-                      "(SGD batch 32 as every row).", "",
-                  f"Schedules scaled to {budget['cls_iters']} iterations (same fraction of the run as published, "
-                  f"see below): BRN `--brn_warmup {brn['brn_warmup']} --brn_r_ramp_end {brn['brn_r_ramp_end']} "
-                  f"--brn_d_ramp_end {brn['brn_d_ramp_end']}` (r_max 3, d_max 5); MABN `--warmup_iters "
-                  f"{mabn_flags['warmup_iters']} --mabn_r_warmup {mabn_flags['mabn_r_warmup']}` (moving-average "
-                  f"batch 32).", ""]
-        if cls.get("figure"):
-            lines += [f"![classification]({cls['figure']})", ""]
-        if budget["sweep"] and cls.get("sweep_figure"):
-            lines += ["### Error vs normalization batch", "", "| Norm | " + " | ".join(
-                f"b={b}" for b in (2, 4, 8, 16, 32)) + " |", "|---|" + "---|" * 5]
-            for norm in ("bn", "brn", "mabn"):
-                cells = {s["norm_batch"]: _mean_pm(s["top1_err"]) for s in cls["summary"] if s["norm"] == norm}
-                lines.append(f"| {norm.upper()} | " + " | ".join(cells.get(b, "—") for b in (2, 4, 8, 16, 32)) + " |")
-            lines += ["", f"![error vs normalization batch]({cls['sweep_figure']})", ""]
-
-    return lines
-
-
-def _speed_section(report: dict) -> List[str]:
-    lines: List[str] = []
-    speed = report["speed"]
-    if speed and "rows" in speed:
-        lines += ["## Inference speed (ResNet-50)", "",
-                  f"Eval-mode forward of torchvision's ResNet-50 with each norm on this CPU ({speed['threads']} "
-                  f"thread), batch {speed['batch']} at {speed['resolution']} px"
-                  f"{' (small batch and resolution: quick mode)' if report['mode'] == 'quick' else ''}, median of "
-                  f"{speed['rounds']} interleaved rounds (benchmarks' harness). it/s = forwards per second.", "",
-                  "| Norm | it/s | images/s | ratio to BN | spread (IQR, %) | paper it/s (GPU) |",
-                  "|---|---|---|---|---|---|"]
-        for row in speed["rows"]:
-            lines.append(f"| {row['variant']} | {row['it_per_s']:.2f} | {row['images_per_s']:.1f} | "
-                         f"{row['ratio_to_bn']:.3f} | {row['iqr_pct']:.1f} | {_fmt(row['paper_it_per_s'])} |")
-        lines += ["", "MABN folded: MABN + CenConv converted and folded into the convs with `mabn.fold_norms`. "
-                      "The paper's column is the published GPU measurement, not comparable in absolute terms.", ""]
-
-    return lines
-
-
-def _statistics_section(report: dict) -> List[str]:
-    budget = report["budget"]
-    lines: List[str] = []
-    stats = report["statistics"]
-    if stats and "summary" in stats:
-        lines += ["## Batch statistics (BN, batch 2 vs 32)", "",
-                  f"`{stats['layer']}` of ResNet-20 with plain BN, channel 0, every iteration of "
-                  f"{budget['stat_iters']} (`cls.train --record_statistics`, plotted with `cls.statistics_plot`).", "",
-                  "| run | statistic | mean | std over iterations | min | max |", "|---|---|---|---|---|---|"]
-        for label, per_stat in stats["summary"].items():
-            for stat, values in per_stat.items():
-                lines.append(f"| {label} | {stat} | {values['mean']:.4g} | {values['std']:.4g} | "
-                             f"{values['min']:.4g} | {values['max']:.4g} |")
-        lines += ["", f"![batch statistics]({stats['figure']})", ""]
-
-    return lines
-
-
-def _detection_section(report: dict) -> List[str]:
-    lines: List[str] = []
-    det = report["detection"]
-    if det:
-        lines += ["## Detection (embedded COCO-format shapes, tiny Mask R-CNN)", "",
-                  "R-18-FPN tiny configs (`configs/det/shapes/`), 2 images per process (SyncBN: 2 processes), "
-                  "evaluated with `det/tools/test_net.py` on the validation images. AP in %.", "",
-                  "| Norm | processes | iterations | train + test seconds | AP^b | AP^b_50 | AP^b_75 | AP^m | AP^m_50 "
-                  "| AP^m_75 |", "|---|---|---|---|---|---|---|---|---|---|"]
-        schedules = []
-        for row in det["rows"]:
-            m = row["metrics"]
-            cells = ["—"] * 6 if m is None else [_fmt(m[t][k]) for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
-            name = DISPLAY_NAMES.get(row["norm"], row["norm"])
-            seconds = "—" if row["seconds"] is None else f"{row['seconds']:.0f}"
-            lines.append(f"| {name} | {row['processes']} | {row['iterations']} | {seconds} | " + " | ".join(cells) + " |")
-            if row["schedule"]:
-                prefix = f"MODEL.{row['norm'].upper()}"
-                schedules.append(f"{name} `" + " ".join(f"{prefix}.{key} {value}" for key, value in row["schedule"].items())
-                                 + "`")
-        lines += ["", "Learning rate: the tiny configs' schedule (warm-up and steps), scaled to the same fractions "
-                      "when the run is shortened with `--det_iters`. BRN's published schedule is scaled to the run; "
-                      "MABN keeps the config's warm-ups (counted against its window of REAL_B / B iterations). "
-                      + ("Norm schedules: " + "; ".join(schedules) + "." if schedules else ""), ""]
-        drawing = det["drawing"]
-        if drawing and "figure" in drawing:
-            if sum(drawing["drawn_detections"]):
-                lines.append(f"Predictions of the MABN model on validation images (the {MAX_DRAWN_NOTE} "
-                             f"scoring >= {drawing['score_threshold']}):")
-            else:
-                lines.append(f"The MABN model made no detection scoring >= {min(DRAW_THRESHOLDS)} on these "
-                             f"validation images, so they are shown without "
-                             f"predictions:")
-            lines += ["", f"![detections]({drawing['figure']})", ""]
-
-    return lines
-
-
-def _schedules_and_runs_section(report: dict) -> List[str]:
-    """The published schedules with their fractions, and every run's exit status."""
-    lines: List[str] = []
-    lines += ["## Published schedules and their fractions", "", "| method | source | run length | iterations | fraction |",
-              "|---|---|---|---|---|"]
-    for item in report["published_schedules"]:
-        for name, value in item["iterations"].items():
-            lines.append(f"| {item['method']} {name} | {item['source']} | {item['run_length']} | {value} | "
-                         f"{item['fractions'][name]:.5f} |")
-    lines += ["", "Each count is scaled to round(fraction x miniature iterations), at least 1. r_max and d_max "
-                  "keep their published values.", "", "## Runs", "", "| run | exit status | seconds | log |",
-              "|---|---|---|---|"]
-    for name, task in report["tasks"].items():
-        lines.append(f"| {name} | {task['returncode']} | {task['seconds']:.0f} | {task['log']} |")
-    lines += ["", "Every number is in `results.json`."]
-    return lines
 
 
 def _finite(value):
@@ -424,5 +285,39 @@ def _finite(value):
 
 
 def write_outputs(out: str, report: dict) -> None:
+    from reproduction.markdown import results_markdown
+
     write_text_atomic(os.path.join(out, "results.json"), json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
-    write_text_atomic(os.path.join(out, "results.md"), _markdown(report))
+    write_text_atomic(os.path.join(out, "results.md"), results_markdown(report))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the README block of a run's results.json, or rewrite it in a README (0; 2: bad input)."""
+    from mabn.utils.errors import UserError, run_cli
+    from reproduction.readme import readme_block, replace_block
+
+    parser = argparse.ArgumentParser(prog="python -m reproduction.report", description=main.__doc__)
+    parser.add_argument("--markdown", required=True, metavar="RESULTS_JSON",
+                        help="a run's results.json: print the README results block made from it")
+    parser.add_argument("--readme", default=None, help="rewrite the results block of this README in place instead")
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        try:
+            with open(args.markdown, encoding="utf-8") as handle:
+                report = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--markdown {args.markdown}: {exc}") from None
+        block = readme_block(report)
+        if args.readme is None:
+            sys.stdout.write(block)
+        else:
+            replace_block(args.readme, block)
+            print(f"rewrote the results block of {args.readme}", file=sys.stderr)
+        return 0
+
+    return run_cli(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,18 +1,22 @@
 """Run subprocess tasks a few at a time, one thread each, with a progress bar and an ETA.
 
 Each :class:`Task` is a sequence of commands run one after another (e.g. train, then evaluate),
-with its output in a log file and an estimate of its duration. The bar advances with the
-estimated share of every running task (capped below its whole share until it ends), so the ETA
-moves smoothly between task ends; a finished task counts its whole share.
+with its output in a log file, an estimate of its duration and, per command, a
+:class:`~reproduction.progress.Stage` that may read the command's progress from the log. The bar
+shows the elapsed share of the expected wall time, and the ETA is the remaining time of the
+schedule as :func:`reproduction.progress.eta` predicts it from the paces observed so far.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
+from reproduction.progress import TAIL_BYTES, RunningState, Snapshot, Stage, eta, stage_done
 
 __all__ = ["Task", "TaskResult", "single_thread_env", "run_tasks"]
 
@@ -22,13 +26,20 @@ REFRESH_SECONDS = {True: 1.0, False: 30.0}  # bar redraws on a terminal / into a
 
 @dataclass
 class Task:
-    """Commands run in order until one fails; ``cores`` is how many of the ``jobs`` slots it takes."""
+    """Commands run in order until one fails; ``cores`` is how many of the ``jobs`` slots it takes
+    (``jobs`` or more: it runs alone). ``stages``: one per command, for the progress read from the log."""
 
     name: str
     commands: Sequence[Sequence[str]]
     log_path: str
     estimate_s: float
     cores: int = 1
+    stages: Sequence[Stage] = ()
+
+    @property
+    def kind(self) -> str:
+        """The first word of the name (``cls``, ``det``, ...): tasks of one kind share a pace."""
+        return self.name.split()[0]
 
 
 @dataclass
@@ -56,7 +67,18 @@ class _Running:
     log: object
     started: float
     command_index: int = 0
-    durations: List[float] = field(default_factory=list)
+
+
+@dataclass
+class _State:
+    """The runner's bookkeeping between polls."""
+
+    pending: List[Task]
+    jobs: int
+    env: Dict[str, str]
+    running: List[_Running] = field(default_factory=list)
+    results: Dict[str, TaskResult] = field(default_factory=dict)
+    finished: List[tuple] = field(default_factory=list)  # (kind, estimate, seconds) of the tasks that succeeded
 
 
 def _start(task: Task, index: int, log_handle, env: Dict[str, str]) -> subprocess.Popen:
@@ -66,61 +88,100 @@ def _start(task: Task, index: int, log_handle, env: Dict[str, str]) -> subproces
                             stdin=subprocess.DEVNULL, env=env)
 
 
+def _launch_ready(state: _State) -> None:
+    """Start pending tasks in order while their slots are free (one always starts when none runs)."""
+    busy = sum(min(r.task.cores, state.jobs) for r in state.running)
+    while state.pending and (busy + min(state.pending[0].cores, state.jobs) <= state.jobs or not state.running):
+        task = state.pending.pop(0)
+        os.makedirs(os.path.dirname(task.log_path) or ".", exist_ok=True)
+        handle = open(task.log_path, "w", encoding="utf-8")
+        state.running.append(_Running(task, _start(task, 0, handle, state.env), handle, time.monotonic()))
+        busy += min(task.cores, state.jobs)
+
+
+def _poll(state: _State, report) -> None:
+    """Advance tasks whose command ended: start the next command, or record the task's result."""
+    for item in list(state.running):
+        code = item.process.poll()
+        if code is None:
+            continue
+        if code == 0 and item.command_index + 1 < len(item.task.commands):
+            item.command_index += 1
+            item.process = _start(item.task, item.command_index, item.log, state.env)
+            continue
+        item.log.close()
+        seconds = time.monotonic() - item.started
+        failed = None if code == 0 else list(item.task.commands[item.command_index])
+        state.results[item.task.name] = TaskResult(item.task.name, code, seconds, item.task.log_path, failed)
+        state.running.remove(item)
+        if code == 0:
+            state.finished.append((item.task.kind, item.task.estimate_s, seconds))
+        else:
+            report(f"{item.task.name}: exit status {code} (log: {item.task.log_path})")
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - TAIL_BYTES))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _snapshot(state: _State, now: float) -> Snapshot:
+    """The runner's state as :func:`reproduction.progress.eta` reads it."""
+    running = []
+    for item in state.running:
+        done = stage_done(item.task.stages, item.command_index, _log_tail(item.task.log_path)) \
+            if item.task.stages else None
+        running.append(RunningState(item.task.kind, item.task.estimate_s, item.task.cores, now - item.started, done))
+    pending = [(task.kind, task.estimate_s, task.cores) for task in state.pending]
+    return Snapshot(list(state.finished), running, pending, state.jobs)
+
+
+def _refresh(bar, state: _State, started: float, now: float) -> None:
+    remaining = eta(_snapshot(state, now)) if (state.pending or state.running) else 0.0
+    elapsed = now - started
+    bar.n = 100.0 * elapsed / max(elapsed + remaining, 1e-9)
+    names = ", ".join(r.task.name for r in state.running)
+    bar.set_postfix_str(f"ETA {datetime.timedelta(seconds=round(remaining))}" + (f"; {names}" if names else ""),
+                        refresh=False)
+    bar.refresh()
+
+
+def _stop(running: Sequence[_Running]) -> None:
+    """Terminate (then kill) the processes this runner started and close their logs."""
+    for item in running:
+        item.process.terminate()
+        try:
+            item.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            item.process.kill()
+        item.log.close()
+
+
 def run_tasks(tasks: Sequence[Task], jobs: int, env: Dict[str, str], progress: bool = True,
               description: str = "reproduce") -> Dict[str, TaskResult]:
-    """Run ``tasks`` in order, at most ``jobs`` cores busy at once; results by task name."""
+    """Run ``tasks`` in order, at most ``jobs`` slots busy at once; results by task name."""
     from tqdm import tqdm
 
-    total = sum(t.estimate_s for t in tasks) or 1.0
-    bar = tqdm(total=round(total), desc=description, unit="s(est)", disable=not progress, file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining} {postfix}")
-    pending = list(tasks)
-    running: List[_Running] = []
-    results: Dict[str, TaskResult] = {}
-    done_share = 0.0
+    bar = tqdm(total=100.0, desc=description, disable=not progress, file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}")
+    state = _State(list(tasks), jobs, env)
+    started = time.monotonic()
     refresh_every = REFRESH_SECONDS[sys.stderr.isatty()]
-    last_refresh = 0.0
+    last_refresh = -refresh_every
     try:
-        while pending or running:
-            busy = sum(r.task.cores for r in running)
-            while pending and (busy + min(pending[0].cores, jobs) <= jobs or not running):
-                task = pending.pop(0)
-                os.makedirs(os.path.dirname(task.log_path) or ".", exist_ok=True)
-                handle = open(task.log_path, "w", encoding="utf-8")
-                running.append(_Running(task, _start(task, 0, handle, env), handle, time.monotonic()))
-                busy += min(task.cores, jobs)
+        while state.pending or state.running:
+            _launch_ready(state)
             time.sleep(POLL_SECONDS)
-            for item in list(running):
-                code = item.process.poll()
-                if code is None:
-                    continue
-                if code == 0 and item.command_index + 1 < len(item.task.commands):
-                    item.command_index += 1
-                    item.process = _start(item.task, item.command_index, item.log, env)
-                    continue
-                item.log.close()
-                failed = None if code == 0 else list(item.task.commands[item.command_index])
-                results[item.task.name] = TaskResult(item.task.name, code, time.monotonic() - item.started,
-                                                     item.task.log_path, failed)
-                running.remove(item)
-                done_share += item.task.estimate_s
-                if code != 0:
-                    bar.write(f"{item.task.name}: exit status {code} (log: {item.task.log_path})")
+            _poll(state, lambda message: bar.write(message, file=sys.stderr))
             now = time.monotonic()
-            if now - last_refresh >= refresh_every or not (pending or running):
+            if progress and (now - last_refresh >= refresh_every or not (state.pending or state.running)):
                 last_refresh = now
-                partial = sum(min(0.95, (now - r.started) / max(r.task.estimate_s, 1e-9)) * r.task.estimate_s
-                              for r in running)
-                bar.n = round(min(total, done_share + partial))
-                bar.set_postfix_str(", ".join(r.task.name for r in running), refresh=False)
-                bar.refresh()
+                _refresh(bar, state, started, now)
     finally:
-        for item in running:  # interrupted: stop what this function started
-            item.process.terminate()
-            try:
-                item.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                item.process.kill()
-            item.log.close()
+        _stop(state.running)  # empty unless interrupted
         bar.close()
-    return results
+    return state.results

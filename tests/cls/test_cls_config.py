@@ -329,6 +329,15 @@ def test_read_only_cache_holding_the_dataset_is_fine(tmp_path, monkeypatch):
     assert _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(cache)]).data_cache == str(cache)
     with pytest.raises(UserError, match="is not writable"):
         _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(cache), "--data_seed", "1"])
+    with pytest.raises(UserError, match="is not writable"):  # another difficulty: another dataset to write
+        _resolve(["--save", str(tmp_path / "run"), "--data_cache", str(cache), "--synthetic_difficulty", "easy"])
+
+
+def test_synthetic_difficulty_choices():
+    assert parse_args([]).synthetic_difficulty == "hard"
+    assert parse_args(["--synthetic_difficulty", "EASY"]).synthetic_difficulty == "easy"
+    with pytest.raises(UserError, match="invalid choice: 'medium'"):
+        parse_args(["--synthetic_difficulty", "medium"])
 
 
 def test_export_folded_path(tmp_path):

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from cls.data import open_image_folder
-from cls.embedded_dataset import CLASS_NAMES, dataset_name, ensure_embedded_dataset, render_image
+from cls.config import DIFFICULTY_NAMES
+from cls.embedded_dataset import CLASS_NAMES, DIFFICULTIES, dataset_name, ensure_embedded_dataset, render_image
 
 
 def _digest(root: Path) -> str:
@@ -32,6 +35,26 @@ def test_render_is_a_function_of_its_arguments():
     assert not np.array_equal(a, render_image(1, "train", 3, 7, 40))
     assert not np.array_equal(a, render_image(0, "val", 3, 7, 40))
     assert not np.array_equal(a, render_image(0, "train", 3, 8, 40))
+
+
+def test_difficulty_changes_the_images_and_the_cache_name():
+    hard = render_image(0, "train", 3, 7, 28)
+    easy = render_image(0, "train", 3, 7, 28, "easy")
+    assert np.array_equal(hard, render_image(0, "train", 3, 7, 28, "hard"))
+    assert np.array_equal(easy, render_image(0, "train", 3, 7, 28, "easy")) and not np.array_equal(hard, easy)
+    # hard keeps the name its caches were written under; other levels add theirs.
+    assert dataset_name(0, 16, 600, 100, 40) == dataset_name(0, 16, 600, 100, 40, "hard") == \
+        "embedded-shapes-v2-seed0-c16-train600-val100-px40"
+    assert dataset_name(0, 16, 600, 100, 28, "easy") == "embedded-shapes-v2-seed0-c16-train600-val100-px28-easy"
+    assert tuple(DIFFICULTIES) == DIFFICULTY_NAMES  # the trainer's --synthetic_difficulty choices
+    with pytest.raises(ValueError, match="hard, easy"):
+        render_image(0, "train", 3, 7, 28, "medium")
+
+
+def test_easy_level_has_no_clutter():
+    easy = DIFFICULTIES["easy"]
+    assert easy.lines == (0, 0) and easy.distractors == (0, 0)
+    assert easy.object_rotation[1] - easy.object_rotation[0] < DIFFICULTIES["hard"].object_rotation[1]
 
 
 def test_written_dataset_is_deterministic(tmp_path):
@@ -84,6 +107,17 @@ def test_concurrent_writers_produce_one_dataset(tmp_path):
     assert len({r for r in results if r != "wrote"}) == 1
 
 
-def test_bad_class_count(tmp_path):
+def test_bad_class_count_and_difficulty(tmp_path):
     with pytest.raises(ValueError):
         ensure_embedded_dataset(tmp_path, classes=len(CLASS_NAMES) + 1)
+    with pytest.raises(ValueError, match="difficulty"):
+        ensure_embedded_dataset(tmp_path, difficulty="medium")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_easy_dataset_records_its_difficulty(tmp_path):
+    root = ensure_embedded_dataset(tmp_path, 0, 2, 1, 1, 16, log=lambda *_: None, difficulty="easy")
+    assert root.name == dataset_name(0, 2, 1, 1, 16, "easy")
+    assert json.loads((root / "meta.json").read_text())["difficulty"] == "easy"
+    assert np.array_equal(cv2.imread(str(root / "val" / CLASS_NAMES[1] / "00000.png")),
+                          render_image(0, "val", 1, 0, 16, "easy"))

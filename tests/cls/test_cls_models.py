@@ -134,6 +134,16 @@ def test_imagenet_resnets_keep_published_names():
     assert out.shape == (2, 7)
 
 
+@pytest.mark.parametrize("arch, blocks", [("resnet8", 1), ("resnet14", 2), ("resnet20", 3)])
+def test_cifar_resnets_have_their_blocks_per_stage(arch, blocks):
+    choice = norm_choice("mabn", 8, 2)
+    model = build_model(arch, 16, choice, choice.conv)
+    assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3)] == [blocks] * 3
+    assert len(_norm_layers(model)) == 6 * blocks + 3  # stem, two per block, two projections
+    assert all(isinstance(m, mabn.CenConv2d) for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert model(torch.randn(8, 3, 24, 24)).shape == (8, 16)
+
+
 def test_unknown_arch_and_norm():
     with pytest.raises(UserError, match="resnet20"):
         build_model("vgg", 10, norm_choice("bn", 2))

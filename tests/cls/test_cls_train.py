@@ -141,7 +141,8 @@ BAD_INPUTS = {
     "corrupt image in a worker": (["--train_dir", "{tmp}/bad", "--val_dir", "{tmp}/good", "--batch_size", "4",
                                    "--norm", "bn", "--workers", "1"], "cannot decode image file '{tmp}/bad/b/1.png'"),
     "unknown norm": (["--norm", "batchnorm"], "argument --norm: invalid choice: 'batchnorm' (choose from "),
-    "unknown arch": (["--arch", "vgg16"], "invalid choice: 'vgg16' (choose from resnet18, resnet34, resnet50, resnet101, resnet20)"),
+    "unknown arch": (["--arch", "vgg16"], "invalid choice: 'vgg16' (choose from resnet18, resnet34, resnet50, "
+                                          "resnet101, resnet8, resnet14, resnet20)"),
     "norm batch": (["--batch_size", "16", "--norm", "bn", "--norm_batch", "5"], "not divisible by --norm_batch 5"),
     "gpu_num": (["--gpu_num", "2"], "--gpu_num=2 but the world size is 1"),
     "test_only without checkpoint": (["--test_only"], "--test_only needs --checkpoint_dir"),

@@ -41,22 +41,22 @@ def test_config_numbers_reach_torchvision_modules():
     layer = model.backbone.body.bn1
     assert (layer.B, layer.window, layer.warmup_iters, layer.momentum, layer.r_warmup_iters) == (1, 8, 7, 0.9, 11)
     rpn, roi = model.rpn, model.roi_heads
-    assert rpn._pre_nms_top_n == {"training": 600, "testing": 300}
-    assert rpn._post_nms_top_n == {"training": 300, "testing": 100}
+    assert rpn._pre_nms_top_n == {"training": 300, "testing": 200}
+    assert rpn._post_nms_top_n == {"training": 100, "testing": 50}
     assert (rpn.nms_thresh, rpn.min_size, rpn.fg_bg_sampler.batch_size_per_image) == (0.65, 2.0, 128)
     assert rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
     assert rpn.anchor_generator.aspect_ratios[0] == (0.5, 1.0, 2.0)
     assert (roi.score_thresh, roi.nms_thresh, roi.detections_per_img) == (0.1, 0.5, 30)
-    assert roi.fg_bg_sampler.batch_size_per_image == 128 and roi.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert roi.fg_bg_sampler.batch_size_per_image == 32 and roi.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
     assert roi.box_roi_pool.featmap_names == ["0", "1", "2", "3"] and roi.box_roi_pool.output_size == (7, 7)
     assert roi.box_roi_pool.sampling_ratio == 2 and roi.mask_roi_pool.output_size == (14, 14)
     assert roi.box_predictor.cls_score.out_features == 4
     transform = model.transform
-    assert (transform.min_size, transform.max_size) == ((128,), 213)
+    assert (transform.min_size, transform.max_size) == ((96,), 160)
     model.eval()
-    assert (transform.min_size, transform.max_size) == ((128,), 213) and transform.size_divisible == 32
+    assert (transform.min_size, transform.max_size) == ((96,), 160) and transform.size_divisible == 32
     brn = build_detection_model(tiny_config("brn", fast=False)).backbone.body.bn1
-    assert (brn.warmup_steps, brn.r_ramp_end, brn.d_ramp_end, brn.r_max, brn.d_max) == (200, 1500, 1000, 3.0, 5.0)
+    assert (brn.warmup_steps, brn.r_ramp_end, brn.d_ramp_end, brn.r_max, brn.d_max) == (89, 667, 444, 3.0, 5.0)
     gn = build_detection_model(tiny_config("gn", fast=False)).backbone.body.bn1
     assert gn.num_groups == 16
 
