@@ -7,17 +7,18 @@ same rounds. The garbage collector runs between rounds and is off during them (m
 by reference counting), so no collection lands inside a timed sample; ``Case.prepare`` (zeroing
 gradients) runs untimed before each sample.
 
-The clock depends on the device (:func:`select_timer`). On the CPU a sample is one call timed
-with ``time.perf_counter``. On CUDA a sample is ``k`` calls issued back to back between two
-``torch.cuda.Event`` records on the current stream, divided by ``k``: the events time the GPU
-timeline, so a sample covers kernel time plus any gap in which the GPU waits for the host to
-launch (what a training loop of small layers sees), not the host's synchronize latency. ``k``
-is calibrated per case once per :func:`interleaved_times` call, after the warm-up, so that each
-sample lasts at least ``CUDA_SAMPLE_S`` (1 ms, far above the events' resolution of about a
-microsecond, and long enough to amortize the few microseconds before the first kernel starts);
-a per-case ``k`` keeps a slow variant from running hundreds of times per sample just because a
-fast one needs that. Between the ``k`` calls of one sample ``prepare`` runs inside the window:
-it is host-only work here (gradients set to ``None``).
+The clock depends on the device (:func:`select_timer`). A sample is ``k`` calls issued back to
+back, divided by ``k``: on the CPU timed with ``time.perf_counter``, on CUDA between two
+``torch.cuda.Event`` records on the current stream (the events time the GPU timeline, so a
+sample covers kernel time plus any gap in which the GPU waits for the host to launch, what a
+training loop of small layers sees, not the host's synchronize latency). ``k`` is calibrated per
+case once per :func:`interleaved_times` call, after the warm-up, so that each sample lasts at
+least ``CPU_SAMPLE_S`` (5 ms: a sub-millisecond call alone is at the mercy of a timer interrupt
+or a cache miss, and its ratios move by 10-20% between passes) or ``CUDA_SAMPLE_S`` (1 ms, far
+above the events' resolution of about a microsecond, and long enough to amortize the few
+microseconds before the first kernel starts); a per-case ``k`` keeps a slow variant from running
+hundreds of times per sample just because a fast one needs that. Between the ``k`` calls of one
+sample ``prepare`` runs inside the window: it is host-only work here (gradients set to ``None``).
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Case", "Timer", "Times", "PERF_COUNTER", "CUDA_EVENT", "CUDA_SAMPLE_S", "MAX_REPEATS",
+__all__ = ["Case", "Timer", "Times", "PERF_COUNTER", "CUDA_EVENT", "CPU_SAMPLE_S", "CUDA_SAMPLE_S", "MAX_REPEATS",
            "perf_counter_seconds", "cuda_event_seconds", "select_timer", "repeats_for", "calibrate_repeats",
            "interleaved_times", "summarize", "OpCounter", "count_ops", "KernelLaunches", "kernel_launches",
            "count_kernel_launches", "SavedTensorBytes", "saved_bytes", "CompiledKernels", "compiled_kernels", "log"]
 
 PERF_COUNTER, CUDA_EVENT = "perf_counter", "cuda_event"
 CUDA_SAMPLE_S = 1e-3     # shortest CUDA-event sample the calibration aims for
+CPU_SAMPLE_S = 5e-3      # shortest perf_counter sample the calibration aims for
 MAX_REPEATS = 256        # most calls in one sample (a 4 us layer reaches 1 ms)
 
 
@@ -179,8 +181,9 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
                       label: str = "", repeats: Optional[int] = None) -> Times:
     """Seconds per call of every case: ``warmup`` untimed rounds, then ``rounds`` timed rounds.
 
-    ``repeats`` is the calls per timed sample of every case; ``None`` means one on the CPU and
-    :func:`calibrate_repeats` on CUDA (after the warm-up). Warm-up samples are single calls.
+    ``repeats`` is the calls per timed sample of every case; ``None`` means
+    :func:`calibrate_repeats` (after the warm-up) to samples of ``CPU_SAMPLE_S`` or
+    ``CUDA_SAMPLE_S``. Warm-up samples are single calls.
     """
     names = list(cases)
     timer = select_timer(device)
@@ -197,8 +200,9 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
             if index == warmup and names:
                 if repeats is not None:
                     times.repeats = {name: repeats for name in names}
-                elif timer.name == CUDA_EVENT:
-                    times.repeats = calibrate_repeats(cases, device, timer)
+                else:
+                    target = CUDA_SAMPLE_S if timer.name == CUDA_EVENT else CPU_SAMPLE_S
+                    times.repeats = calibrate_repeats(cases, device, timer, target_s=target)
                 if label and max(times.repeats.values()) > 1:
                     log(f"{label}: calls per {timer.name} sample " + ", ".join(
                         f"{name} {k}" for name, k in times.repeats.items()))
