@@ -33,15 +33,14 @@ divides two medians measured in the same rounds. Sections, in order:
 ``--quick`` runs the same sections and reports the same targets: the layer shapes are the real
 ones with fewer rounds; ResNet-50 runs at 112 px with fewer rounds, which the report says.
 
-On CUDA (``--device cuda``, or ``auto`` on a GPU machine) the timed samples are CUDA events
-(:func:`benchmarks.harness.select_timer`): a sample is ``k`` calls issued back to back between
-two events on the current stream, divided by ``k``, with ``k`` calibrated per variant and
-section so that a sample lasts at least 1 ms (``k`` is in the layer table, the section headings
-and the JSON as ``repeats``). CUDA runs the same rounds as the CPU: 1 ms samples make every
-round precise, and the rounds cost little next to startup, model building and the inductor
-(Triton) compile, so a ``--quick`` run is estimated at 1.5-2 min on one H100. The header names
-the GPU. On the CPU each sample is one call on ``time.perf_counter`` and the ``ops`` section
-reports dispatched operators only: kernel launches exist only on CUDA.
+A sample is ``k`` calls issued back to back, divided by ``k``, with ``k`` calibrated per variant
+and section (:func:`benchmarks.harness.interleaved_times`; ``k`` is in the layer table, the
+section headings and the JSON as ``repeats``) so that a sample lasts at least 5 ms on the CPU
+(``time.perf_counter``) or 1 ms on CUDA (``--device cuda``, or ``auto`` on a GPU machine: CUDA
+events on the current stream, :func:`benchmarks.harness.select_timer`). CUDA runs the same rounds
+as the CPU; the header names the GPU. On the CPU the ``ops`` section reports dispatched
+operators only: kernel launches exist only on CUDA. ``--repeat`` passes (default 2) check that
+the ratios hold on a second pass.
 """
 from __future__ import annotations
 
