@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List, Mapping, Optional, Sequence
 
-__all__ = ["fmt", "mean_pm", "commit_text", "results_markdown"]
+__all__ = ["fmt", "mean_pm", "commit_text", "classification_table", "results_markdown"]
 
 MAX_DRAWN_NOTE = "highest-scoring detections per image, up to 8,"
 DISPLAY_NAMES = {"bn": "BN", "brn": "BRN", "gn": "GN", "mabn": "MABN", "syncbn": "SyncBN"}
@@ -20,6 +20,20 @@ def mean_pm(stat: Mapping[str, Optional[float]]) -> str:
 
 def _values(values: Sequence[float]) -> str:
     return ", ".join(f"{value:.2f}" for value in values)
+
+
+def classification_table(summary: Sequence[dict], per_seed: bool, gn_mark: str = "") -> List[str]:
+    """The classification rows of the table (mean ± sd per row), with each seed's top-1 error when
+    ``per_seed``; GN's normalization batch cell is "—" followed by ``gn_mark``."""
+    seeds_header = " Top-1 err per seed |" if per_seed else ""
+    lines = [f"| Norm batch | Norm | Top-1 err | Top-5 err |{seeds_header} paper Top-1 err (ResNet-50, ImageNet) |",
+             "|---|---|---|---|" + ("---|" if per_seed else "") + "---|"]
+    for item in (item for item in summary if item["in_table"]):
+        batch = "—" + gn_mark if item["norm_batch"] is None else str(item["norm_batch"])
+        seeds = f" {_values(item['top1'])} |" if per_seed else ""
+        lines.append(f"| {batch} | {item['norm'].upper()} | {mean_pm(item['top1_err'])} | {mean_pm(item['top5_err'])} |"
+                     f"{seeds} {fmt(item['paper_top1_err'])} |")
+    return lines
 
 
 def commit_text(versions: Mapping[str, object]) -> str:
@@ -76,13 +90,8 @@ def _classification_section(report: dict) -> List[str]:
              f"{budget['cls_iters'] // epochs}), learning rate {setup['learning_rate']} x0.1 after epochs "
              f"{' and '.join(map(str, milestones))}, seeds "
              f"{', '.join(map(str, budget['seeds']))}; the same for every row. Errors in % on the "
-             f"{report['cls_val_images']} validation images, mean ± standard deviation over seeds.", "",
-             "| Norm batch | Norm | Top-1 err | Top-5 err | Top-1 err per seed | paper Top-1 err (ResNet-50, ImageNet) |",
-             "|---|---|---|---|---|---|"]
-    for item in (item for item in cls["summary"] if item["in_table"]):
-        batch = "—¹" if item["norm_batch"] is None else str(item["norm_batch"])
-        lines.append(f"| {batch} | {item['norm'].upper()} | {mean_pm(item['top1_err'])} | {mean_pm(item['top5_err'])} | "
-                     f"{_values(item['top1'])} | {fmt(item['paper_top1_err'])} |")
+             f"{report['cls_val_images']} validation images, mean ± standard deviation over seeds.", ""]
+    lines += classification_table(cls["summary"], per_seed=True, gn_mark="¹")
     brn, mabn_flags = cls["schedules"]["brn"], cls["schedules"]["mabn"]
     lines += ["", "¹ GN normalizes each image over channel groups: its result does not depend on the batch "
                   f"(SGD batch {setup['sgd_batch']} as every row).", "",

@@ -10,7 +10,7 @@ import os
 from typing import List
 
 from mabn.utils.errors import UserError
-from reproduction.markdown import DISPLAY_NAMES, commit_text, fmt, mean_pm
+from reproduction.markdown import DISPLAY_NAMES, classification_table, commit_text, fmt, mean_pm
 
 __all__ = ["BEGIN", "END", "COMMAND", "readme_block", "replace_block"]
 
@@ -34,14 +34,8 @@ def _classification_lines(report: dict) -> List[str]:
     budget, setup = report["budget"], cls["setup"]
     lines = [f"Classification: {setup['network']} at {setup['image_size']} px on the embedded 16-class data, SGD "
              f"batch {setup['sgd_batch']}, {budget['cls_iters']} iterations, seeds {', '.join(map(str, budget['seeds']))}; top-1/top-5 error in % on "
-             f"{report['cls_val_images']} validation images, mean ± sd over seeds.", "",
-             "| Norm batch | Norm | Top-1 err | Top-5 err | paper Top-1 err (ResNet-50, ImageNet) |",
-             "|---|---|---|---|---|"]
-    for item in (item for item in cls["summary"] if item["in_table"]):
-        batch = "—" if item["norm_batch"] is None else str(item["norm_batch"])
-        lines.append(f"| {batch} | {item['norm'].upper()} | {mean_pm(item['top1_err'])} | "
-                     f"{mean_pm(item['top5_err'])} | {fmt(item['paper_top1_err'])} |")
-    return lines + [""]
+             f"{report['cls_val_images']} validation images, mean ± sd over seeds.", ""]
+    return lines + classification_table(cls["summary"], per_seed=False) + [""]
 
 
 def _detection_lines(report: dict) -> List[str]:
