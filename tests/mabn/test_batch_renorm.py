@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from norm_checks import assert_half_input_matches_float32, assert_same_gradients_and_state, assert_same_step
 from op_counting import training_step_ops
 
 F64 = torch.float64
@@ -343,14 +344,7 @@ def test_half_input_statistics_in_float32(dtype):
     torch.manual_seed(9)
     m = BatchRenorm2d(3, warmup_steps=0, r_ramp_end=0, d_ramp_end=0)
     ref = BatchRenorm2d(3, warmup_steps=0, r_ramp_end=0, d_ramp_end=0)
-    x = (torch.randn(4, 3, 5, 5) * 100 + 300).to(dtype)
-    y = m(x)
-    y_ref = ref(x.float())
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), y_ref.to(dtype).float())
-    torch.testing.assert_close(m.running_mean, ref.running_mean)
-    torch.testing.assert_close(m.running_var, ref.running_var)
-    assert m.running_mean.dtype == torch.float32
+    assert_half_input_matches_float32(m, ref, (torch.randn(4, 3, 5, 5) * 100 + 300).to(dtype))
 
 
 def test_autocast_bf16_no_nan():
@@ -392,20 +386,9 @@ def test_torch_compile_matches_eager_across_warmup_without_recompiles(B):
 
     limits = []
     for _ in range(7):
-        x = torch.randn(4, 3, 3, 3, dtype=F64)
-        x_c, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
         limits.append(tuple(v.item() for v in compiled_module.current_limits()))
-        y_c, y_e = compiled(x_c), eager(x_e)
-        torch.testing.assert_close(y_c, y_e, rtol=1e-10, atol=1e-10)
-        upstream = torch.randn_like(y_e)
-        y_c.backward(upstream)
-        y_e.backward(upstream)
-        torch.testing.assert_close(x_c.grad, x_e.grad, rtol=1e-10, atol=1e-10)
-        for p_c, p_e in zip(compiled_module.parameters(), eager.parameters()):
-            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-10, atol=1e-10)
-        for k, v in eager.state_dict().items():
-            torch.testing.assert_close(compiled_module.state_dict()[k], v, rtol=1e-10,
-                                       atol=1e-10)
+        assert_same_step(compiled, eager, torch.randn(4, 3, 3, 3, dtype=F64))
+        assert_same_gradients_and_state(compiled_module, eager)
     assert counter.frame_count == 1
     assert compiled_module.num_batches_tracked.item() == 7
     assert limits[0] == (1.0, 0.0) and limits[5] == pytest.approx((3.0, 5.0))

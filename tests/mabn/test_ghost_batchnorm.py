@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from norm_checks import assert_half_input_matches_float32, assert_same_gradients_and_state, assert_same_step
 from op_counting import training_step_ops
 
 F64 = torch.float64
@@ -234,14 +235,7 @@ def test_half_input_statistics_in_float32(dtype):
     torch.manual_seed(3)
     m = GhostBatchNorm2d(3, B=2)
     ref = GhostBatchNorm2d(3, B=2)
-    x = (torch.randn(6, 3, 5, 5) * 100 + 300).to(dtype)
-    y = m(x)
-    y_ref = ref(x.float())
-    assert y.dtype == dtype and torch.isfinite(y).all()
-    torch.testing.assert_close(y.float(), y_ref.to(dtype).float())
-    torch.testing.assert_close(m.running_mean, ref.running_mean)
-    torch.testing.assert_close(m.running_var, ref.running_var)
-    assert m.running_mean.dtype == torch.float32
+    assert_half_input_matches_float32(m, ref, (torch.randn(6, 3, 5, 5) * 100 + 300).to(dtype))
 
 
 def test_channels_last_matches_contiguous():
@@ -318,18 +312,8 @@ def test_torch_compile_matches_eager(momentum):
     # the partitioning backend recomputes cheap values in the backward, as inductor does
     compiled = torch.compile(module, backend="aot_eager_decomp_partition", fullgraph=True)
     for step in range(3):
-        x = _input((8, 3, 4, 4), seed=step)
-        x_c, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_c, y_e = compiled(x_c), eager(x_e)
-        torch.testing.assert_close(y_c, y_e, rtol=1e-10, atol=1e-10)
-        upstream = torch.randn_like(y_e)
-        y_c.backward(upstream)
-        y_e.backward(upstream)
-        torch.testing.assert_close(x_c.grad, x_e.grad, rtol=1e-10, atol=1e-10)
-    for p_c, p_e in zip(module.parameters(), eager.parameters()):
-        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-10, atol=1e-10)
-    for k, v in eager.state_dict().items():
-        torch.testing.assert_close(module.state_dict()[k], v, rtol=1e-10, atol=1e-10)
+        assert_same_step(compiled, eager, _input((8, 3, 4, 4), seed=step))
+    assert_same_gradients_and_state(module, eager)
     assert module.num_batches_tracked.item() == 3
 
 
