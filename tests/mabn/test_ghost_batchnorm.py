@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
-from norm_checks import assert_half_input_matches_float32, assert_same_gradients_and_state, assert_same_step
+from norm_checks import (assert_half_input_matches_float32, assert_matches_per_group_copies,
+                         assert_same_gradients_and_state, assert_same_step)
 from op_counting import training_step_ops
 
 F64 = torch.float64
@@ -78,21 +79,9 @@ def test_equals_batchnorm_applied_group_by_group(ghost_cls, bn_cls, shape, B):
     ref = bn_cls(5, momentum=0.3, dtype=F64)
     ref.load_state_dict(_bn_state(ghost))
 
-    x = _input(shape).requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y = ghost(x)
     # One BatchNorm copy per group, each from the same starting state.
     refs = [copy.deepcopy(ref) for _ in range(shape[0] // B)]
-    y_ref = torch.cat([r(group) for r, group in zip(refs, x_ref.split(B))])
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
-    for name in ("weight", "bias"):
-        ref_grad = sum(getattr(r, name).grad for r in refs)
-        torch.testing.assert_close(getattr(ghost, name).grad, ref_grad, rtol=1e-10, atol=1e-10)
+    assert_matches_per_group_copies(ghost, refs, _input(shape), B)
 
     # The update is linear in the batch statistics: averaging over groups commutes with it.
     for name in ("running_mean", "running_var"):
