@@ -104,47 +104,27 @@ def test_a_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint
     assert torch.isfinite(trainer.model.conv.weight).all()
 
 
-# Tensor methods that copy a value to the host, so that on CUDA they wait for the queued kernels.
-_HOST_SYNCS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu"}
-
-
-def _record_host_syncs(trainer: DetectionTrainer) -> List[str]:
+def _record_host_syncs(trainer: DetectionTrainer, step_events) -> List[str]:
     """Events of the trainer's steps in order: ``forward`` (the model returned), every host sync on
     a tensor derived from the losses (its method name), ``backward`` (the backward starts) and
     ``step`` (the optimizer step)."""
-    events: List[str] = []
-
-    class Recorded(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name in _HOST_SYNCS:
-                events.append(name)
-            return super().__torch_function__(func, types, args, kwargs or {})
-
     model, precision = trainer.model, trainer.precision
-    forward, backward, step = model.forward, precision.backward, precision.step
+    forward = model.forward
 
     def recorded_forward(images, targets):
-        losses = {name: loss.as_subclass(Recorded) for name, loss in forward(images, targets).items()}
-        events.append("forward")
+        losses = {name: step_events.track(loss) for name, loss in forward(images, targets).items()}
+        step_events.events.append("forward")
         return losses
 
-    def recorded_backward(loss):
-        events.append("backward")
-        backward(loss)
-
-    def recorded_step(optimizer):
-        events.append("step")
-        step(optimizer)
-
-    model.forward, precision.backward, precision.step = recorded_forward, recorded_backward, recorded_step
-    return events
+    model.forward = recorded_forward
+    precision.backward = step_events.named("backward", precision.backward)
+    precision.step = step_events.named("step", precision.step)
+    return step_events.events
 
 
-def test_no_host_sync_between_forward_and_backward(tmp_path):
+def test_no_host_sync_between_forward_and_backward(tmp_path, step_events):
     _, trainer, _, _ = _setup(tmp_path, _batches(2))
-    events = _record_host_syncs(trainer)
+    events = _record_host_syncs(trainer, step_events)
     trainer.train(0, 2)
     first = events[:events.index("step") + 1]
     assert first[:2] == ["forward", "backward"], first
@@ -154,9 +134,9 @@ def test_no_host_sync_between_forward_and_backward(tmp_path):
     assert all(math.isfinite(value) for value in trainer.losses.values())
 
 
-def test_a_non_finite_loss_raises_without_an_optimizer_step(tmp_path):
+def test_a_non_finite_loss_raises_without_an_optimizer_step(tmp_path, step_events):
     _, trainer, _, _ = _setup(tmp_path, _batches(1, bad_at=0))
-    events = _record_host_syncs(trainer)
+    events = _record_host_syncs(trainer, step_events)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     with pytest.raises(NonFiniteLossError, match=r"iteration 1 \(on rank 0: loss_a nan, loss_b nan; "
                                                  r"non-finite on 1 of 1 processes\)"):

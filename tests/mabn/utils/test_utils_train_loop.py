@@ -251,49 +251,25 @@ def test_no_stop_without_a_request_on_any_rank():
     assert trainer.train(0, 3) and trainer.iter == 3 and not trainer.stopped
 
 
-# Tensor methods that copy a value to the host, so that on CUDA they wait for the queued kernels.
-_HOST_SYNCS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu"}
-
-
-def test_the_step_order_without_a_host_sync_before_the_backward(monkeypatch):
+def test_the_step_order_without_a_host_sync_before_the_backward(monkeypatch, step_events):
     trainer = ToyTrainer(TwoRanks(), steps=2, extra=True)
-    events = trainer.events
-
-    class Recorded(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name in _HOST_SYNCS:
-                events.append(name)
-            return super().__torch_function__(func, types, args, kwargs or {})
-
+    trainer.events = events = step_events.events
     forward, backward, step, reduce = trainer.forward, trainer.precision.backward, trainer.precision.step, \
         trainer.env.all_reduce_sum
 
     def recorded_forward(batch):
-        losses = {name: loss.as_subclass(Recorded) for name, loss in forward(batch).items()}
+        losses = {name: step_events.track(loss) for name, loss in forward(batch).items()}
         events.append("forward")
         return losses
-
-    def recorded_backward(loss):
-        events.append("backward")
-        backward(loss)
 
     def recorded_average(model):
         assert model is trainer.model
         events.append("average_gradients")
 
-    def recorded_reduce(tensor):
-        events.append("all_reduce")
-        return reduce(tensor).as_subclass(Recorded)
-
-    def recorded_step(optimizer):
-        events.append("step")
-        step(optimizer)
-
-    trainer.forward, trainer.precision.backward, trainer.precision.step = recorded_forward, recorded_backward, \
-        recorded_step
-    trainer.env.all_reduce_sum = recorded_reduce
+    trainer.forward = recorded_forward
+    trainer.precision.backward = step_events.named("backward", backward)
+    trainer.precision.step = step_events.named("step", step)
+    trainer.env.all_reduce_sum = step_events.named("all_reduce", lambda tensor: step_events.track(reduce(tensor)))
     trainer.after_update = lambda sums, losses: events.append("after_update")
     monkeypatch.setattr(train_loop, "average_gradients", recorded_average)
     assert trainer.train(0, 2)
