@@ -84,7 +84,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
 from mabn.groups import (cached_constant, check_group_size, check_norm_input, count_groups,
-                         grouped_batch_norm, grouped_moments, grouped_view)
+                         grouped_batch_norm, grouped_moments, grouped_view, scalar)
 from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
@@ -216,8 +216,7 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
 
         The five square roots (``sigma_B`` and its inverse, ``sigma`` of the running variance,
         and the standard deviations for the update) are one ``_foreach_pow``."""
-        eps = cached_constant(("eps", self.eps, mean_b.dtype), mean_b.device,
-                              lambda dev: torch.tensor(self.eps, dtype=mean_b.dtype, device=dev))
+        eps = scalar(self.eps, mean_b.dtype, mean_b.device)
         running_mean = self.running_mean.to(mean_b.dtype)
         running_var = self.running_var.to(mean_b.dtype)
         var_b = torch.add(eps, var_unbiased, alpha=(count - 1) / count)  # biased variance + eps

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mabn.precision import cast
+
 __all__ = ["CONV_TYPES", "CenConv1d", "CenConv2d", "CenConv3d", "centralize_weight", "plain_conv_class"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,10 +35,6 @@ def _filter_means(tensor: torch.Tensor) -> torch.Tensor:
 def _subtract_filter_means(tensor: torch.Tensor) -> torch.Tensor:
     return tensor - _filter_means(tensor)
 
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` in ``dtype``, without a call where it already is (``Tensor.to`` costs one)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _Centralize(torch.autograd.Function):
@@ -102,8 +100,8 @@ class _CentralizedConvolution(torch.autograd.Function):
         centralized = weight - means
         dtype = _autocast_dtype(input)
         if dtype is not None:
-            input, centralized = _cast(input, dtype), _cast(centralized, dtype)
-            bias = None if bias is None else _cast(bias, dtype)
+            input, centralized = cast(input, dtype), cast(centralized, dtype)
+            bias = None if bias is None else cast(bias, dtype)
         output_padding = [0] * (weight.dim() - 2)
         with _autocast_disabled(ctx.device_type):
             output = torch.convolution(input, centralized, bias, stride, padding, dilation,
@@ -120,15 +118,15 @@ class _CentralizedConvolution(torch.autograd.Function):
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         with _autocast_disabled(ctx.device_type):
             grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                _cast(grad_output, dtype), _cast(input, dtype), _cast(weight - means, dtype),
+                cast(grad_output, dtype), cast(input, dtype), cast(weight - means, dtype),
                 [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
                 [0] * (weight.dim() - 2), groups, [needs_input, needs_weight, needs_bias and has_bias])
             if grad_input is not None:
-                grad_input = _cast(grad_input, input.dtype)
+                grad_input = cast(grad_input, input.dtype)
             if grad_weight is not None:
-                grad_weight = _subtract_filter_means(_cast(grad_weight, weight.dtype))
+                grad_weight = _subtract_filter_means(cast(grad_weight, weight.dtype))
             if grad_bias is not None:
-                grad_bias = _cast(grad_bias, ctx.bias_dtype)
+                grad_bias = cast(grad_bias, ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 

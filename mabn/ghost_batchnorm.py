@@ -55,8 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mabn.groups import (cached_constant, check_group_size, count_groups, grouped_batch_norm,
-                         grouped_moments, grouped_view)
+from mabn.groups import check_group_size, count_groups, grouped_batch_norm, grouped_moments, grouped_view, scalar
 from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
@@ -117,9 +116,7 @@ class _GhostBatchNormMixin(FiniteRunningStats):
         with torch.no_grad():
             x_p = grouped_view(x, groups)
             mean, var_unbiased = grouped_moments(x_p, correction=1)  # (G, 1, 1, C)
-            eps = cached_constant(("eps", self.eps, dtype), x.device,
-                                  lambda d: torch.tensor(self.eps, dtype=dtype, device=d))
-            invstd = torch.add(eps, var_unbiased, alpha=(per_group - 1) / per_group).rsqrt_()  # biased + eps
+            invstd = torch.add(scalar(self.eps, dtype, x.device), var_unbiased, alpha=(per_group - 1) / per_group).rsqrt_()  # biased + eps
         out = grouped_batch_norm(x, x_p, mean, invstd, weight, bias)
         if update:
             with torch.no_grad():

@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from mabn.tracing import tracing
 
-__all__ = ["cached_constant", "check_group_size", "check_norm_input", "count_groups", "filled",
+__all__ = ["cached_constant", "check_group_size", "check_norm_input", "count_groups", "filled", "scalar",
            "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments", "grouped_view"]
 
 
@@ -48,6 +48,13 @@ def cached_constant(key: tuple, device: torch.device, build: Callable[[torch.dev
         if len(_CONSTANTS) > _MAX_CONSTANTS:
             _CONSTANTS.popitem(last=False)
     return tensor
+
+
+def scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim tensor of ``value`` (see :func:`cached_constant`): as an operand it costs
+    less per op than a Python number, which every call wraps into a new tensor (the values are
+    the same: the number is rounded to ``dtype`` either way)."""
+    return cached_constant(("scalar", value, dtype), device, lambda d: torch.tensor(value, dtype=dtype, device=d))
 
 
 def filled(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:

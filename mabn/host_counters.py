@@ -20,15 +20,15 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from mabn.tracing import tracing as device_tracing
+from mabn.tracing import tracing
 
-__all__ = ["HostCounters", "tracing"]
+__all__ = ["HostCounters"]
 
 
-def tracing(tensor: Tensor) -> bool:
+def _traced(tensor: Tensor) -> bool:
     """:func:`mabn.tracing.tracing` on the tensor's device, or ``tensor`` is a tensor subclass
     (fake, functional, distributed): host-side values must not decide anything."""
-    return type(tensor) is not torch.Tensor or device_tracing(tensor.device)
+    return type(tensor) is not torch.Tensor or tracing(tensor.device)
 
 
 class HostCounters:
@@ -45,20 +45,28 @@ class HostCounters:
         self._versions = tuple(t._version for t in self._tensors)
         self._values = tuple(int(v) for v in values)
 
+    def read(self, tensors: Sequence[Tensor]) -> None:
+        """Record the values ``tensors`` hold now, read from them (a device sync where they live on
+        a device); forget them instead while tracing or for meta tensors, which hold none."""
+        if _traced(tensors[0]) or tensors[0].device.type == "meta":
+            self.forget()
+        else:
+            self.record(tensors, [int(t) for t in tensors])
+
     def forget(self) -> None:
         self._values, self._tensors, self._versions = None, (), ()
 
     def known(self, tensors: Sequence[Tensor]) -> Optional[Tuple[int, ...]]:
         """The values of ``tensors`` without a device sync, or None when they cannot be known so
         (then the caller computes on the tensors)."""
-        if tracing(tensors[0]):
+        if _traced(tensors[0]):
             return None
         if (self._values is not None and len(tensors) == len(self._tensors)
                 and all(t is mine and t._version == version
                         for t, mine, version in zip(tensors, self._tensors, self._versions))):
             return self._values
         if all(t.device.type == "cpu" for t in tensors):
-            self.record(tensors, [int(t) for t in tensors])
+            self.read(tensors)
             return self._values
         self.forget()
         return None

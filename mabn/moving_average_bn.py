@@ -75,17 +75,11 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import cached_constant, check_norm_input, count_groups, filled
-from mabn.host_counters import HostCounters, tracing
-from mabn.precision import statistics_dtype
+from mabn.groups import cached_constant, check_norm_input, count_groups, filled, scalar
+from mabn.host_counters import HostCounters
+from mabn.precision import cast, statistics_dtype
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
-
-
-def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A cached 0-dim tensor: an operand that costs less per op than a Python number, which every
-    call wraps into a new tensor (same values: the number is rounded to ``dtype`` either way)."""
-    return cached_constant(("scalar", value, dtype), device, lambda d: torch.tensor(value, dtype=dtype, device=d))
 
 
 class _Operands(NamedTuple):
@@ -117,10 +111,6 @@ def _operands(layer: "_MovingAverageBatchNorm", dtype: torch.dtype, groups: int,
 
     return cached_constant(("operands", eps, r_max, momentum, dtype, buffer_dtype, groups, channels), device, build)
 
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``; no call at all when it is already (``Tensor.to`` costs one even then)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
@@ -270,11 +260,11 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     finite = torch.lt(target, operands.inf)  # one kernel; target >= 0 unless NaN
     ema_weight = schedule.ema_weight
     if not isinstance(ema_weight, Tensor):  # 1 - momentum, or 1 at the first forward
-        ema_weight = operands.ema_weight if ema_weight != 1.0 else _scalar(1.0, running_var.dtype, x.device)
+        ema_weight = operands.ema_weight if ema_weight != 1.0 else scalar(1.0, running_var.dtype, x.device)
     # _cast: no op unless the buffers are in float16/bfloat16 (a model converted as a whole)
-    torch.where(finite, torch.lerp(running_var, _cast(target, running_var.dtype), ema_weight), running_var,
+    torch.where(finite, torch.lerp(running_var, cast(target, running_var.dtype), ema_weight), running_var,
                 out=running_var)
-    torch.where(finite, _cast(new_window, chi_window.dtype), chi_window, out=chi_window)
+    torch.where(finite, cast(new_window, chi_window.dtype), chi_window, out=chi_window)
     torch._foreach_add_([*counters, layer.skipped_updates], operands.steps)
     layer.skipped_updates.sub_(finite.sum())
     if known is not None:
@@ -323,13 +313,13 @@ class _MABNFunction(torch.autograd.Function):
         use_own = None if isinstance(use_own, bool) else use_own
         if var.dim() == 1:
             ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale)
-            return torch.native_batch_norm(x, _cast(weight, compute_dtype), _cast(bias, compute_dtype), zeros, var,
+            return torch.native_batch_norm(x, cast(weight, compute_dtype), cast(bias, compute_dtype), zeros, var,
                                            False, 0.0, 0.0)[0]
         # x is the (G, B, C, S) view of the input; the output takes its layout (channels-last stays so)
-        weight_u = _per_group(_cast(weight, compute_dtype) * u)  # saved: the backward scales dy by it too
+        weight_u = _per_group(cast(weight, compute_dtype) * u)  # saved: the backward scales dy by it too
         ctx.save_for_backward(x, weight, zeros, weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale)
-        y = torch.addcmul(_cast(bias, compute_dtype).view(1, 1, -1, 1), _cast(x, compute_dtype), weight_u)
-        return _cast(y, x.dtype)
+        y = torch.addcmul(cast(bias, compute_dtype).view(1, 1, -1, 1), cast(x, compute_dtype), weight_u)
+        return cast(y, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -341,7 +331,7 @@ class _MABNFunction(torch.autograd.Function):
         one_group = var_or_weight_u.dim() == 1
         groups, channels = (1, x.shape[1]) if one_group else (x.shape[0], x.shape[2])
         count = x.numel() // (channels * groups)
-        weight_c = _cast(weight, compute_dtype)
+        weight_c = cast(weight, compute_dtype)
         weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
         if one_group:
             # BN's inference backward with mean 0 and variance var (eps 0): dy * weight * u, and
@@ -350,14 +340,14 @@ class _MABNFunction(torch.autograd.Function):
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, weight_c, zeros, var_or_weight_u, zeros, u, False, 0.0, [True, True, True])
             psi = torch.addcmul(zeros, grad_weight, weight_unscaled, value=1.0 / count)
-            finite = torch.lt(psi.abs(), _scalar(math.inf, compute_dtype, x.device))
+            finite = torch.lt(psi.abs(), scalar(math.inf, compute_dtype, x.device))
             psi_used, new_window = _windowed(psi_window, psi, use_own)
             coefficient = psi_used / chi_plus_eps
             if grad_scale is not None:
                 coefficient = coefficient * grad_scale
             grad_x.addcmul_(x, coefficient.view((channels,) + (1,) * (x.dim() - 2)), value=-1.0)
         else:
-            x4, grad4 = _cast(x, compute_dtype), _cast(grad_out, compute_dtype)
+            x4, grad4 = cast(x, compute_dtype), cast(grad_out, compute_dtype)
             rows = x4.shape[0] * x4.shape[1] * channels
             planes = (1, rows, x4.shape[3])
             # per (sample, channel) row: sum(dy * x) and sum(dy) (invstd 1, cached); the weight
@@ -371,15 +361,15 @@ class _MABNFunction(torch.autograd.Function):
             grad_bias = grad_sums.view(-1, channels).sum(dim=0)
             psi = torch.addcmul(zeros, per_group, weight_unscaled, value=1.0 / count)
             finite = torch.lt(torch.linalg.vector_norm(psi, math.inf, dim=0),  # NaN stays NaN
-                              _scalar(math.inf, compute_dtype, x.device))
+                              scalar(math.inf, compute_dtype, x.device))
             psi_used, new_window = _windowed(psi_window, psi, use_own)
             coefficient = psi_used / chi_plus_eps
             if grad_scale is not None:
                 coefficient = coefficient * grad_scale
             grad_x = (grad4 * var_or_weight_u).addcmul_(x4, _per_group(coefficient), value=-1.0)
-            grad_x = _cast(grad_x, x.dtype)
-        torch.where(finite, _cast(new_window, psi_window.dtype), psi_window, out=psi_window)
-        return (grad_x, _cast(grad_weight, weight.dtype), _cast(grad_bias, weight.dtype),
+            grad_x = cast(grad_x, x.dtype)
+        torch.where(finite, cast(new_window, psi_window.dtype), psi_window, out=psi_window)
+        return (grad_x, cast(grad_weight, weight.dtype), cast(grad_bias, weight.dtype),
                 None, None, None, None, None, None, None)
 
 
@@ -489,7 +479,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
-        zeros = _cast(self.running_mean, statistics_dtype(input.dtype))
+        zeros = cast(self.running_mean, statistics_dtype(input.dtype))
         var, u, chi_plus_eps, use_own = _advance_forward_statistics(self, input, zeros, groups)
         if groups == 1:
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
@@ -503,10 +493,8 @@ class _MovingAverageBatchNorm(_BatchNorm):
         state_dict.setdefault(prefix + "skipped_updates", torch.zeros((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        counters = self._step_counters()
-        if counters[0].device.type not in ("cpu", "meta") and not tracing(counters[0]):
-            # read once here (a device sync at load time), so that training steps need none
-            self.host_counters.record(counters, [int(t) for t in counters])
+        # read once here (a device sync at load time), so that training steps need none
+        self.host_counters.read(self._step_counters())
 
     def _upgrade_published_state(self, state_dict: dict, prefix: str) -> None:
         """Rewrite the published MABN checkpoints into this layer's buffers, in place.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["statistics_dtype"]
+__all__ = ["cast", "statistics_dtype"]
 
 
 _FLOATING = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
@@ -17,3 +17,9 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     ``torch.promote_types`` is a dispatched op, a per-call cost on every layer's hot path)."""
     known = _FLOATING.get(dtype)
     return known if known is not None else torch.promote_types(dtype, torch.float32)
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, without a call where it already is (``Tensor.to`` is a per-call cost
+    even then, on every layer's hot path)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
