@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
-__all__ = ["Stage", "RunningState", "Snapshot", "interleave", "stage_done", "pace", "remaining_seconds", "makespan",
-           "eta"]
+__all__ = ["Stage", "RunningState", "Snapshot", "interleave", "stage_done", "pace", "remaining_seconds", "starts",
+           "makespan", "eta"]
 
 T = TypeVar("T")
 PRIOR_SECONDS = 10.0     # weight (in estimated seconds) of the prior pace 1.0 and of the pooled pace per kind
@@ -125,15 +125,21 @@ def remaining_seconds(task: RunningState, kind_pace: float) -> float:
     return max(blended * (task.estimate_s - task.done_s), OVERRUN_FLOOR * expected)
 
 
+def starts(busy: int, slots: int, jobs: int, anything_running: bool) -> bool:
+    """The start rule of the runner and of its simulation: a task taking ``slots`` (its cores, at
+    most ``jobs``) starts when they are free beside the ``busy`` ones, and always when nothing runs."""
+    return busy + slots <= jobs or not anything_running
+
+
 def makespan(running: Sequence[Tuple[float, int]], pending: Sequence[Tuple[float, int]], jobs: int) -> float:
-    """End of the greedy schedule: ``pending`` (seconds, cores) start in order whenever their slots are
-    free (a task wider than ``jobs`` takes all of them; one starts alone when nothing runs)."""
+    """End of the greedy schedule: ``pending`` (seconds, cores) start in order by :func:`starts`
+    (a task wider than ``jobs`` takes all of them)."""
     active: List[List[float]] = [[seconds, min(cores, jobs)] for seconds, cores in running]
     queue = [(seconds, min(cores, jobs)) for seconds, cores in pending]
     clock = 0.0
     while queue or active:
         busy = sum(slots for _, slots in active)
-        while queue and (busy + queue[0][1] <= jobs or not active):
+        while queue and starts(busy, queue[0][1], jobs, bool(active)):
             seconds, slots = queue.pop(0)
             active.append([seconds, slots])
             busy += slots

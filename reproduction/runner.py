@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from reproduction.progress import TAIL_BYTES, RunningState, Snapshot, Stage, eta, stage_done
+from reproduction.progress import TAIL_BYTES, RunningState, Snapshot, Stage, eta, stage_done, starts
 
 __all__ = ["Task", "TaskResult", "single_thread_env", "run_tasks"]
 
@@ -89,9 +89,9 @@ def _start(task: Task, index: int, log_handle, env: Dict[str, str]) -> subproces
 
 
 def _launch_ready(state: _State) -> None:
-    """Start pending tasks in order while their slots are free (one always starts when none runs)."""
+    """Start pending tasks in order by :func:`reproduction.progress.starts`."""
     busy = sum(min(r.task.cores, state.jobs) for r in state.running)
-    while state.pending and (busy + min(state.pending[0].cores, state.jobs) <= state.jobs or not state.running):
+    while state.pending and starts(busy, min(state.pending[0].cores, state.jobs), state.jobs, bool(state.running)):
         task = state.pending.pop(0)
         os.makedirs(os.path.dirname(task.log_path) or ".", exist_ok=True)
         handle = open(task.log_path, "w", encoding="utf-8")
