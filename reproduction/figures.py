@@ -59,16 +59,15 @@ def classification_figure(table: Sequence[dict], network: str, iterations: int, 
 
 
 def sweep_figure(sweep: Sequence[dict], network: str, out: str) -> str:
-    """Top-1 error against the normalization batch for BN, BRN and MABN, sd error bars."""
-    import statistics
-
+    """Top-1 error against the normalization batch for BN, BRN and MABN (the ``top1_err`` mean and sd
+    of each ``summary`` item), sd error bars."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for norm in ("bn", "brn", "mabn"):
         items = sorted((item for item in sweep if item["norm"] == norm), key=lambda item: item["norm_batch"])
         if items:
-            errors = [statistics.stdev(i["top1"]) if len(i["top1"]) >= 2 else 0.0 for i in items]
-            axis.errorbar([i["norm_batch"] for i in items], [statistics.fmean(i["top1"]) for i in items], yerr=errors,
+            errors = [i["top1_err"]["std"] or 0.0 for i in items]
+            axis.errorbar([i["norm_batch"] for i in items], [i["top1_err"]["mean"] for i in items], yerr=errors,
                           marker="o", capsize=3, label=norm.upper())
     axis.set_xscale("log", base=2)
     axis.set_xticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32"])

@@ -94,8 +94,7 @@ def _classification_setup() -> Dict[str, object]:
     """What every classification run shares, as the results describe it."""
     from reproduction import classification
 
-    arch = getattr(classification, "ARCH", "resnet20")
-    return {"network": arch.replace("resnet", "ResNet-"), "image_size": getattr(classification, "IMAGE_SIZE", 32),
+    return {"network": classification.ARCH.replace("resnet", "ResNet-"), "image_size": classification.IMAGE_SIZE,
             "sgd_batch": classification.SGD_BATCH, "epochs": classification.EPOCHS,
             "lr_milestones": list(classification.LR_MILESTONES), "learning_rate": classification.LEARNING_RATE}
 
