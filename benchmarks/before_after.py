@@ -39,11 +39,10 @@ import types
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.bench import REAL_B, _base_resnet, _inputs, machine_info
-from benchmarks.harness import Case, count_ops, interleaved_times, log, summarize
+from benchmarks.bench import REAL_B, _base_resnet, _inputs, layer_case, machine_info, train_case
+from benchmarks.harness import count_ops, interleaved_times, log, summarize
 
 __all__ = ["load_revision", "bench_ops", "bench_layers", "bench_train", "run", "format_markdown", "main"]
 
@@ -106,17 +105,6 @@ def load_revision(revision: str, folder: str) -> types.ModuleType:
     return package
 
 
-def _layer_case(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Case:
-    params = tuple(layer.parameters())
-
-    def prepare() -> None:
-        x.grad = None
-        for p in params:
-            p.grad = None
-
-    return Case(run=lambda: layer(x).backward(grad), prepare=prepare)
-
-
 def bench_ops(versions: Dict[str, types.ModuleType]) -> List[dict]:
     """Dispatched operators of one training step per layer and version, at (2, 64, 7, 7) (the
     grouped layers at batch 4: two groups of B=2), after one warm-up step."""
@@ -125,7 +113,7 @@ def bench_ops(versions: Dict[str, types.ModuleType]) -> List[dict]:
         shape = (4, 64, 7, 7) if variant in ("MABN split B=2", "ghost BN B=2", "BRN B=2") else (2, 64, 7, 7)
         row = {"variant": variant, "shape": list(shape)}
         for version, package in versions.items():
-            case = _layer_case(build(package, shape[1]).train(), *_inputs(shape, torch.device("cpu")))
+            case = layer_case(build(package, shape[1]).train(), *_inputs(shape, torch.device("cpu")))
             case.prepare()
             case.run()
             counter = count_ops(case)
@@ -149,7 +137,7 @@ def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int
         for variant in variants:
             for version, package in versions.items():
                 layers[f"{variant} {version}"] = LAYERS[variant](package, shape[1])
-        cases = {name: _layer_case(layer.train(), x, grad) for name, layer in layers.items()}
+        cases = {name: layer_case(layer.train(), x, grad) for name, layer in layers.items()}
         times = interleaved_times(cases, rounds, warmup, torch.device("cpu"), label=f"layers {shape}")
         medians = {name: summarize(t)["median_ms"] for name, t in times.items()}
         rows.append({"shape": list(shape), "median_ms": medians,
@@ -157,16 +145,6 @@ def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int
                      "ratio_to_bn": _ratios(medians, list(medians), "BN"),
                      "ratio_to_gn": _ratios(medians, list(medians), "GN")})
     return rows
-
-
-def _train_case(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Case:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-
-    def run() -> None:
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    return Case(run=run, prepare=lambda: optimizer.zero_grad(set_to_none=True))
 
 
 def bench_train(versions: Dict[str, types.ModuleType], arch: str, resolution: int, batch: int, rounds: int,
@@ -180,7 +158,7 @@ def bench_train(versions: Dict[str, types.ModuleType], arch: str, resolution: in
     for version, package in versions.items():
         converted = package.convert_norm(copy.deepcopy(base), "MABN", B=batch, real_B=REAL_B, warmup_iters=0)
         models[f"MABN+CenConv {version}"] = package.convert_conv(converted, "CenConv")
-    cases = {name: _train_case(model.train(), images, labels) for name, model in models.items()}
+    cases = {name: train_case(model.train(), images, labels) for name, model in models.items()}
     times = interleaved_times(cases, rounds, warmup, torch.device("cpu"), label=f"{arch} b{batch} {resolution}px")
     medians = {name: summarize(t)["median_ms"] for name, t in times.items()}
     return {"arch": arch, "resolution": resolution, "batch": batch, "median_ms": medians,

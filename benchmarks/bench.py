@@ -65,7 +65,7 @@ from benchmarks.harness import (CUDA_EVENT, Case, Times, compiled_kernels, count
                                 interleaved_times, log, saved_bytes, select_timer, summarize)
 from benchmarks.targets import Target, check, format_target
 
-__all__ = ["BenchConfig", "FULL", "QUICK", "TINY", "build_layer", "build_resnet", "bench_ops",
+__all__ = ["BenchConfig", "FULL", "QUICK", "TINY", "build_layer", "layer_case", "build_resnet", "train_case", "bench_ops",
            "bench_layers", "bench_train", "bench_infer", "evaluate_targets", "run_benchmark",
            "format_markdown", "main"]
 
@@ -170,7 +170,12 @@ def _layer_case(variant: str, x: Tensor, grad: Tensor) -> Case:
     if variant == COPY:
         data = x.detach()
         return Case(run=data.clone)
-    layer = build_layer(variant, x.shape[1]).to(x.device)
+    return layer_case(build_layer(variant, x.shape[1]).to(x.device), x, grad)
+
+
+def layer_case(layer: nn.Module, x: Tensor, grad: Tensor) -> Case:
+    """Forward + backward of ``layer`` on ``x`` with upstream gradient ``grad``; gradients cleared
+    before each call."""
     params = tuple(layer.parameters())
 
     def prepare() -> None:
@@ -292,7 +297,9 @@ def _base_resnet(arch: str) -> nn.Module:
     return getattr(torchvision.models, arch)(weights=None)
 
 
-def _train_case(model: nn.Module, images: Tensor, labels: Tensor) -> Case:
+def train_case(model: nn.Module, images: Tensor, labels: Tensor) -> Case:
+    """A training step of ``model`` (cross-entropy, backward, ``SGD(lr=0, momentum=0.9).step()``); the
+    last loss in ``state``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     case = Case(run=lambda: None, prepare=lambda: optimizer.zero_grad(set_to_none=True),
                 params=tuple(model.parameters()) + tuple(model.buffers()))
@@ -313,7 +320,7 @@ def bench_train(config: BenchConfig, batch: int, device: torch.device) -> List[d
     images = torch.randn(batch, 3, config.resolution, config.resolution, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     base = _base_resnet(config.arch)
-    cases = {v: _train_case(build_resnet(v, batch, base).to(device).train(), images, labels) for v in TRAIN_VARIANTS}
+    cases = {v: train_case(build_resnet(v, batch, base).to(device).train(), images, labels) for v in TRAIN_VARIANTS}
     label = f"{config.arch} train b{batch} {config.resolution}px"
     times = interleaved_times(cases, config.train_rounds, config.resnet_warmup, device, label=label)
     rows = []
