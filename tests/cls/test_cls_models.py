@@ -149,3 +149,10 @@ def test_unknown_arch_and_norm():
         build_model("vgg", 10, norm_choice("bn", 2))
     with pytest.raises(UserError, match="mabn"):
         norm_choice("weird", 2)
+
+
+def test_every_arch_choice_of_the_trainer_has_a_builder_and_a_stride():
+    from cls.config import ARCHS  # a literal there: the parser does not import the models
+    from cls.models import ARCH_BUILDERS, OUTPUT_STRIDES
+
+    assert set(ARCHS) == set(ARCH_BUILDERS) == set(OUTPUT_STRIDES)
