@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mabn import CenConv1d, CenConv2d, CenConv3d, centralize_weight
+from mabn import CenConv1d, CenConv2d, CenConv3d, cen_conv, centralize_weight
 
 CASES = [
     (CenConv1d, nn.Conv1d, None, (2, 4, 9), dict(kernel_size=3, stride=2, padding=1, bias=True)),
@@ -83,12 +83,71 @@ GRAD_CASES = [
 ]
 
 
+# groups=1 and a weight with more elements than the input: the box-sum formulation on the CPU
+BOX_SUM_CASES = [
+    (CenConv1d, (2, 4, 11), dict(kernel_size=3, stride=2, padding=1, bias=True)),
+    (CenConv1d, (2, 4, 11), dict(kernel_size=4, padding="same", dilation=2, padding_mode="circular")),
+    (CenConv2d, (2, 4, 9, 8), dict(kernel_size=3, stride=2, padding=2, dilation=2)),
+    (CenConv2d, (2, 4, 7, 7), dict(kernel_size=3, padding=1, padding_mode="reflect", bias=True)),
+    (CenConv2d, (1, 4, 8, 7), dict(kernel_size=1, stride=2)),
+    (CenConv2d, (2, 4, 7, 7), dict(kernel_size=(2, 3), padding="same", bias=True)),
+    (CenConv2d, (1, 4, 9, 9), dict(kernel_size=5, stride=3, padding=(0, 2))),
+    (CenConv3d, (1, 4, 3, 4, 3), dict(kernel_size=3, stride=(1, 2, 1), padding=1, bias=True)),
+]
+
+
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
 @pytest.mark.parametrize("cen_cls,shape,kwargs", GRAD_CASES)
 def test_gradients_match_autograd_reference_with_repeated_calls(cen_cls, shape, kwargs):
     """The conv is called twice (shared head) before one backward; all gradients must match."""
     torch.manual_seed(0)
-    cen = cen_cls(4, 8, **kwargs).double()
+    _check_against_reference(cen_cls(4, 8, **kwargs), shape)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
+@pytest.mark.parametrize("cen_cls,shape,kwargs", BOX_SUM_CASES)
+def test_box_sum_formulation_matches_autograd_reference(cen_cls, shape, kwargs, monkeypatch):
+    torch.manual_seed(0)
+    cen = cen_cls(4, 64, **kwargs)
+    assert cen_conv._box_sum_is_cheaper(torch.empty(shape), cen.weight, cen.groups)
+    chosen = []
+    monkeypatch.setattr(cen_conv, "_box_sum_is_cheaper", lambda *args: chosen.append(True) or True)
+    _check_against_reference(cen, shape)
+    assert chosen
+
+
+def test_box_sum_serves_cpu_convs_whose_weight_outgrows_the_input():
+    deep = torch.empty(512, 512, 3, 3)
+    assert cen_conv._box_sum_is_cheaper(torch.empty(2, 512, 7, 7), deep, 1)
+    assert not cen_conv._box_sum_is_cheaper(torch.empty(2, 512, 7, 7), torch.empty(512, 256, 3, 3), 2)
+    assert not cen_conv._box_sum_is_cheaper(torch.empty(2, 64, 56, 56), torch.empty(64, 64, 3, 3), 1)
+    assert not cen_conv._box_sum_is_cheaper(torch.empty(2, 512, 7, 7, device="meta"), deep, 1)
+
+
+def test_box_sum_and_centralized_weight_agree_in_float32_for_large_filter_means(monkeypatch):
+    """A converted network's filters may carry large means; the box sum loses a few bits there."""
+    torch.manual_seed(0)
+    cen = CenConv2d(16, 64, 3, padding=1)
+    with torch.no_grad():
+        cen.weight.mul_(0.1).add_(torch.rand(64, 1, 1, 1))
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    outputs = []
+    for box_sum in (True, False):
+        monkeypatch.setattr(cen_conv, "_box_sum_is_cheaper", lambda *args, box_sum=box_sum: box_sum)
+        cen.zero_grad()
+        x.grad = None
+        y = cen(x)
+        y.square().sum().backward()
+        outputs.append((y.detach(), x.grad.clone(), cen.weight.grad.clone()))
+    for box_sum, centralized in zip(*outputs):
+        torch.testing.assert_close(box_sum, centralized, rtol=1e-4, atol=1e-4 * centralized.abs().max().item())
+
+
+def _check_against_reference(cen: nn.Module, shape: Tuple[int, ...]) -> None:
+    """Two calls of ``cen`` before one backward against autograd through the explicit
+    centralization: outputs, input and parameter gradients in float64."""
+    torch.manual_seed(0)
+    cen = cen.double()
     x1 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     grads = []
@@ -120,13 +179,14 @@ def _saved_activation_bytes(module, x):
     return sum(saved.values())
 
 
+@pytest.mark.parametrize("out_channels", [16, 256])  # centralized weight, box sum
 @pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding=1, bias=True, stride=2), dict(padding="same")])
-def test_saves_what_plain_conv_saves_plus_the_filter_means(kwargs):
+def test_saves_what_plain_conv_saves_plus_the_filter_means(kwargs, out_channels):
     torch.manual_seed(0)
     x = torch.randn(2, 8, 10, 10, requires_grad=True)
-    plain = nn.Conv2d(8, 16, 3, **kwargs)
-    cen = CenConv2d(8, 16, 3, **kwargs)
-    filter_means = 16 * cen.weight.element_size()
+    plain = nn.Conv2d(8, out_channels, 3, **kwargs)
+    cen = CenConv2d(8, out_channels, 3, **kwargs)
+    filter_means = out_channels * cen.weight.element_size()
     assert _saved_activation_bytes(cen, x) <= _saved_activation_bytes(plain, x) + filter_means
 
 
