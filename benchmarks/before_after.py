@@ -9,8 +9,8 @@ The ``mabn`` package of ``--before`` is extracted with ``git archive`` into a te
 and imported next to the working tree's (its modules are renamed out of ``sys.modules`` after
 the import; ``mabn.compile_barrier``, which registers a torch library op, is shared). Each
 section then times both versions and the references in the same interleaved rounds
-(:func:`benchmarks.harness.interleaved_times`), so every "before vs after" ratio divides two
-medians of one run:
+(:func:`benchmarks.harness.interleaved_times`), so every "before vs after" ratio pairs times of
+the same rounds of one run (:func:`benchmarks.harness.paired_ratio`):
 
 1. ``ops``: dispatched operators of one training forward + backward per layer (counts, no time);
 2. ``layers``: one layer's forward + backward, MABN at B=2 (one group) and split at B=2, ghost BN
@@ -36,13 +36,13 @@ import tarfile
 import tempfile
 import time
 import types
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from benchmarks.bench import REAL_B, _base_resnet, _inputs, layer_case, machine_info, train_case
-from benchmarks.harness import count_ops, interleaved_times, log, summarize
+from benchmarks.harness import count_ops, interleaved_times, log, paired_ratio, summarize
 
 __all__ = ["load_revision", "bench_ops", "bench_layers", "bench_train", "run", "format_markdown", "main"]
 
@@ -122,8 +122,8 @@ def bench_ops(versions: Dict[str, types.ModuleType]) -> List[dict]:
     return rows
 
 
-def _ratios(medians: Dict[str, float], names: Sequence[str], reference: str) -> Dict[str, float]:
-    return {name: medians[name] / medians[reference] for name in names}
+def _ratios(times: Mapping[str, Sequence[float]], reference: str) -> Dict[str, float]:
+    return {name: paired_ratio(seconds, times[reference]) for name, seconds in times.items()}
 
 
 def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int) -> List[dict]:
@@ -142,8 +142,7 @@ def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int
         medians = {name: summarize(t)["median_ms"] for name, t in times.items()}
         rows.append({"shape": list(shape), "median_ms": medians,
                      "iqr_pct": {name: summarize(t)["iqr_pct"] for name, t in times.items()},
-                     "ratio_to_bn": _ratios(medians, list(medians), "BN"),
-                     "ratio_to_gn": _ratios(medians, list(medians), "GN")})
+                     "ratio_to_bn": _ratios(times, "BN"), "ratio_to_gn": _ratios(times, "GN")})
     return rows
 
 
@@ -163,7 +162,7 @@ def bench_train(versions: Dict[str, types.ModuleType], arch: str, resolution: in
     medians = {name: summarize(t)["median_ms"] for name, t in times.items()}
     return {"arch": arch, "resolution": resolution, "batch": batch, "median_ms": medians,
             "iqr_pct": {name: summarize(t)["iqr_pct"] for name, t in times.items()},
-            "ratio_to_bn": _ratios(medians, list(medians), "BN")}
+            "ratio_to_bn": _ratios(times, "BN")}
 
 
 def _largest_change(first: dict, later: dict) -> float:

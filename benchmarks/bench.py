@@ -7,8 +7,8 @@ Usage (from the repository root)::
     python -m benchmarks.bench --quick --device cuda  # GPU: CUDA-event timing, kernel launches
     python -m benchmarks.bench --rounds 20 --threads 4 --device cuda
 
-Every timing is a median over interleaved rounds (:mod:`benchmarks.harness`) and every ratio
-divides two medians measured in the same rounds. Sections, in order:
+Every timing is a median over interleaved rounds (:mod:`benchmarks.harness`) and every ratio is
+the median over rounds of the two variants' times in the same round. Sections, in order:
 
 1. ``ops``: operator calls dispatched by one training forward + backward of a single layer on a
    (2, 64, 7, 7) input (the split/grouped variants get a batch of 4, i.e. two groups of B=2),
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.harness import (CUDA_EVENT, Case, Times, compiled_kernels, count_kernel_launches, count_ops,
-                                interleaved_times, log, saved_bytes, select_timer, summarize)
+                                interleaved_times, log, paired_ratio, saved_bytes, select_timer, summarize)
 from benchmarks.targets import Target, check, format_target
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "TINY", "build_layer", "layer_case", "build_resnet", "train_case", "bench_ops",
@@ -245,9 +245,10 @@ def _timing(times: Times, variant: str) -> Dict[str, object]:
 
 
 def _add_ratio(rows: List[dict], key: str, reference: str) -> None:
-    base = next((row["median_ms"] for row in rows if row["variant"] == reference), None)
+    """``row[key]``: the row's time over the reference variant's, paired by round (None without one)."""
+    base = next((row["times_ms"] for row in rows if row["variant"] == reference), None)
     for row in rows:
-        row[key] = row["median_ms"] / base if base else None
+        row[key] = paired_ratio(row["times_ms"], base) if base else None
 
 
 def bench_layers(config: BenchConfig, device: torch.device) -> List[dict]:
@@ -569,7 +570,7 @@ def format_markdown(results: dict) -> str:
     lines = [f"# MABN benchmark ({config['name']})", "",
              f"torch {machine['torch']}, {machine['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, "
              f"{machine['threads']} threads, CPU {machine['cpu_model']}. Medians of interleaved rounds; every ratio "
-             f"divides medians from the same rounds; copies = time / time of x.clone()."
+             f"is the median of per-round ratios; copies = time / time of x.clone()."
              + (" Timed with CUDA events around k back-to-back calls per sample (time per call = sample / k)."
                 if machine.get("timer") == CUDA_EVENT else ""), ""]
     on_cuda = any(r.get("kernels") is not None for r in results["ops"])

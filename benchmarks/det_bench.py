@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from benchmarks.harness import Case, interleaved_times, log, saved_bytes, summarize
+from benchmarks.harness import Case, interleaved_times, log, paired_ratio, saved_bytes, summarize
 from benchmarks.targets import Target, check, format_target
 from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import average_gradients
@@ -307,9 +307,9 @@ def run_config(config: DetConfig, threads: int, with_syncbn: bool) -> Dict[str, 
     rows = []
     for name, summary in medians.items():
         row = {"variant": name, **summary,
-               "ratio_to_bn": summary["median_ms"] / medians[BN]["median_ms"],
-               "ratio_to_gn": summary["median_ms"] / medians[GN]["median_ms"],
-               "ratio_to_mabn": summary["median_ms"] / medians[MABN]["median_ms"]}
+               "ratio_to_bn": paired_ratio(times[name], times[BN]),
+               "ratio_to_gn": paired_ratio(times[name], times[GN]),
+               "ratio_to_mabn": paired_ratio(times[name], times[MABN])}
         if name in memory:
             row["saved_mib"] = memory[name]["saved_bytes"] / MIB
             row["peak_rss_mib"] = memory[name]["peak_bytes"] / MIB
@@ -326,8 +326,8 @@ def run_config(config: DetConfig, threads: int, with_syncbn: bool) -> Dict[str, 
             "comm_cost_ms": medians[SYNCBN]["median_ms"] - medians[SYNCBN_NO_COMM]["median_ms"],
             "all_reduce_median_ms": all_reduce_ms[len(all_reduce_ms) // 2],
             "all_reduce_calls_per_step": timed[True][0]["all_reduce_calls"],
-            "vs_mabn": medians[SYNCBN]["median_ms"] / medians[MABN]["median_ms"],
-            "no_comm_vs_mabn": medians[SYNCBN_NO_COMM]["median_ms"] / medians[MABN]["median_ms"]}
+            "vs_mabn": paired_ratio(times[SYNCBN], times[MABN]),
+            "no_comm_vs_mabn": paired_ratio(times[SYNCBN_NO_COMM], times[MABN])}
     return result
 
 

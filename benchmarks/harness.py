@@ -2,8 +2,10 @@
 
 Timing method. A *round* runs every variant once, in an order rotated by one position per
 round, so slow drifts of a shared machine hit all variants alike. After untimed warm-up rounds,
-a variant's time is the median over the timed rounds, and ratios divide medians measured in the
-same rounds. The garbage collector runs between rounds and is off during them (memory is freed
+a variant's time is the median over the timed rounds. A ratio of two variants is the median over
+rounds of the ratio of their times in the same round (:func:`paired_ratio`): a load change that
+lasts a round slows both samples of that round alike and leaves their ratio, where a ratio of
+medians would take the two medians from different rounds. The garbage collector runs between rounds and is off during them (memory is freed
 by reference counting), so no collection lands inside a timed sample; ``Case.prepare`` (zeroing
 gradients) runs untimed before each sample.
 
@@ -38,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Case", "Timer", "Times", "PERF_COUNTER", "CUDA_EVENT", "CPU_SAMPLE_S", "CUDA_SAMPLE_S", "MAX_REPEATS",
            "perf_counter_seconds", "cuda_event_seconds", "select_timer", "repeats_for", "calibrate_repeats",
-           "interleaved_times", "summarize", "OpCounter", "count_ops", "KernelLaunches", "kernel_launches",
+           "interleaved_times", "paired_ratio", "summarize", "OpCounter", "count_ops", "KernelLaunches", "kernel_launches",
            "count_kernel_launches", "SavedTensorBytes", "saved_bytes", "CompiledKernels", "compiled_kernels", "log"]
 
 PERF_COUNTER, CUDA_EVENT = "perf_counter", "cuda_event"
@@ -217,6 +219,14 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
         else:
             gc.disable()
     return times
+
+
+def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``seconds[i] / reference[i]``: two variants' times from the same
+    interleaved rounds (see the module docstring)."""
+    if len(seconds) != len(reference) or not seconds:
+        raise ValueError(f"paired ratios need times from the same rounds, got {len(seconds)} and {len(reference)}")
+    return statistics.median(a / b for a, b in zip(seconds, reference))
 
 
 def summarize(seconds: Sequence[float]) -> Dict[str, object]:

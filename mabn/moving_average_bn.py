@@ -37,8 +37,9 @@ on the host (:mod:`mabn.host_counters`: always on the CPU, on other devices afte
 reset, a load or a move), so a decided branch dispatches nothing; elsewhere, and always under
 ``torch.compile`` (which traces it once), it is tensor logic on the buffers. With one group the
 step runs BN's own inference kernels (forward, and one backward call for the input gradient and
-the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 33 dispatched ops
-per forward + backward (4 of them views, which launch nothing on a GPU), 56 with four groups.
+the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 31 dispatched ops
+per forward + backward (5 of them views, which launch nothing on a GPU), 50 with four groups (15
+views).
 Constant operands are cached 0-dim tensors (:func:`mabn.groups.cached_constant`: a Python number
 costs a tensor construction in every call) and dtype casts are skipped where nothing changes.
 The kernels get arguments that both their CPU and CUDA implementations accept
@@ -84,14 +85,10 @@ __all__ = ["MABN1d", "MABN2d", "MABN3d"]
 
 class _Operands(NamedTuple):
     """The constant operands of one training forward, as 0-dim tensors cached together (one cache
-    lookup per forward): ``eps`` in the statistics and in the buffer dtype, the bounds
-    ``1 / r_max ** 2`` and ``r_max ** 2`` of the variance ratio, inf, the EMA weight
-    ``1 - momentum`` and the counter increments (1 forward, G groups, C channels)."""
+    lookup per forward): ``eps`` in the statistics dtype, inf, the EMA weight ``1 - momentum``
+    and the counter increments (1 forward, G groups, C channels)."""
 
     eps: Tensor
-    buffer_eps: Tensor
-    low: Tensor
-    high: Tensor
     inf: Tensor
     ema_weight: Tensor
     steps: List[Tensor]
@@ -99,18 +96,16 @@ class _Operands(NamedTuple):
 
 def _operands(layer: "_MovingAverageBatchNorm", dtype: torch.dtype, groups: int, device: torch.device) -> _Operands:
     buffer_dtype, channels = layer.running_var.dtype, layer.num_features
-    eps, r_max, momentum = layer.eps, layer.r_max, layer.momentum
+    eps, momentum = layer.eps, layer.momentum
 
     def build(d: torch.device) -> _Operands:
         def scalar(value: float, kind: torch.dtype) -> Tensor:
             return torch.tensor(value, dtype=kind, device=d)
 
-        return _Operands(scalar(eps, dtype), scalar(eps, buffer_dtype), scalar(1.0 / r_max ** 2, dtype),
-                         scalar(r_max ** 2, dtype), scalar(math.inf, dtype), scalar(1.0 - momentum, buffer_dtype),
+        return _Operands(scalar(eps, dtype), scalar(math.inf, dtype), scalar(1.0 - momentum, buffer_dtype),
                          [scalar(n, torch.long) for n in (1, groups, channels)])
 
-    return cached_constant(("operands", eps, r_max, momentum, dtype, buffer_dtype, groups, channels), device, build)
-
+    return cached_constant(("operands", eps, momentum, dtype, buffer_dtype, groups, channels), device, build)
 
 
 def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
@@ -137,6 +132,17 @@ def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
     return moments if groups == 1 else moments.view(groups, -1, channels).sum(dim=1)
 
 
+def _averaging_matrix(window: int, groups: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(G, W + G): row ``k`` averages rows ``k + 1 .. k + W`` of a stream of W + G values."""
+    def build(d: torch.device) -> Tensor:
+        rows = torch.arange(groups, device=d).unsqueeze(1)
+        columns = torch.arange(window + groups, device=d)
+        inside = (columns > rows) & (columns <= rows + window)
+        return inside.to(dtype) / window
+
+    return cached_constant(("averaging", window, groups, dtype), device, build)
+
+
 def _windowed(window: Tensor, values: Tensor, use_own: Union[bool, Tensor]) -> Tuple[Tensor, Tensor]:
     """Apply the statistic rule to a stream of per-group values.
 
@@ -159,7 +165,8 @@ def _windowed(window: Tensor, values: Tensor, use_own: Union[bool, Tensor]) -> T
         new_window = stream[values.shape[0]:]
         if use_own is True:
             return values, new_window
-        moving = stream.unfold(0, size, 1)[1:].mean(dim=-1)
+        # the W-wide means ending at each new value: one product with a cached averaging matrix
+        moving = torch.mm(_averaging_matrix(size, values.shape[0], stream.dtype, stream.device), stream)
     if use_own is False:
         return moving, new_window
     return torch.where(use_own, values, moving), new_window
@@ -248,11 +255,13 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     # r = sqrt(chi_plus_eps / (running_var + eps)) clamped to [1/r_max, r_max], so
     # var = chi_plus_eps / r ** 2 is running_var + eps clamped to chi_plus_eps * [1/r_max^2, r_max^2]
     operands = _operands(layer, chi_used.dtype, groups, x.device)
-    chi_plus_eps = torch.add(chi_used, operands.eps)
-    var = chi_plus_eps
-    if schedule.r_on is not False:
-        var = torch.clamp(torch.add(running_var, operands.buffer_eps), torch.mul(chi_plus_eps, operands.low),
-                          torch.mul(chi_plus_eps, operands.high))
+    if schedule.r_on is False:
+        chi_plus_eps = var = torch.add(chi_used, operands.eps)
+    else:
+        # independent elementwise ops share one dispatch (one kernel per dtype on a GPU)
+        chi_plus_eps, running_var_plus_eps = torch._foreach_add([chi_used, running_var], layer.eps)
+        var = torch.clamp(running_var_plus_eps,
+                          *torch._foreach_mul([chi_plus_eps, chi_plus_eps], [1.0 / layer.r_max ** 2, layer.r_max ** 2]))
         if schedule.r_on is not True:
             var = torch.where(schedule.r_on, var, chi_plus_eps)
 

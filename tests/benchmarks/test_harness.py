@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.autograd import DeviceType
 
-from benchmarks.harness import (CPU_SAMPLE_S, CUDA_EVENT, MAX_REPEATS, PERF_COUNTER, Case, OpCounter, Timer, calibrate_repeats,
+from benchmarks.harness import (CPU_SAMPLE_S, CUDA_EVENT, MAX_REPEATS, PERF_COUNTER, Case, OpCounter, Timer, paired_ratio, calibrate_repeats,
                                 compiled_kernels, count_kernel_launches, count_ops, cuda_event_seconds,
                                 interleaved_times, kernel_launches, perf_counter_seconds, repeats_for, saved_bytes,
                                 select_timer, summarize)
@@ -162,3 +162,11 @@ def test_compiled_kernels_counts_fused_kernels_and_resets():
     assert 1 <= kernels.fused <= kernels.codegen
     from torch._inductor import metrics
     assert metrics.generated_kernel_count == 0
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    # round 2 ran under load: a ratio of medians (2.0 / 1.0) would mix rounds, the paired one does not
+    variant, reference = [1.5, 6.0, 2.0, 1.6], [1.0, 4.0, 1.0, 1.0]
+    assert paired_ratio(variant, reference) == pytest.approx(1.55)
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio([1.0, 2.0], [1.0])

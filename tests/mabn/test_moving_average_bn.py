@@ -72,7 +72,9 @@ class ReferenceMABN:
 # at small shapes, where the per-op overhead dominates), by (groups, window full): one group and
 # N / B = 4 groups, while groups use their own statistics and once the window is full. Each is a
 # kernel launch on a GPU; lower the numbers with every cut so that a regression fails.
-OP_BUDGETS = {(1, False): 33, (1, True): 33, (4, False): 56, (4, True): 56}
+# (groups, window full): exact counts; (4, False) includes the one-time build of the cached
+# averaging matrix at the first windowed forward
+OP_BUDGETS = {(1, False): 29, (1, True): 31, (4, False): 59, (4, True): 50}
 
 
 def assert_close(actual, expected, rtol=1e-4):
