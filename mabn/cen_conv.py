@@ -154,10 +154,11 @@ class _CentralizedConvolution(torch.autograd.Function):
 
     Composing ``_Centralize`` with ``F.conv2d`` would make the conv save the centralized weight,
     a new tensor per call (tens of MiB for a ResNet-50). Here the forward saves the filter means
-    (one value per output channel), the backward recomputes the centralized weight from them (one
-    subtraction, no second reduction over the weight) and projects the weight gradient, so a
-    CenConv saves what an ``nn.ConvNd`` saves. Each call keeps its own context, so a conv applied several times before one backward
-    (shared heads, FPN) accumulates correct gradients.
+    (one value per output channel), and the backward either recomputes the centralized weight from
+    them (one subtraction, no second reduction over the weight) or, in the box-sum formulation,
+    corrects the raw weight's input gradient; either way it projects the weight gradient, so a
+    CenConv saves what an ``nn.ConvNd`` saves. Each call keeps its own context, so a conv applied
+    several times before one backward (shared heads, FPN) accumulates correct gradients.
 
     Autocast is resolved here rather than inside ``torch.convolution``: the forward casts the
     input, centralized weight and bias to the autocast dtype itself and runs the convolution with
