@@ -56,12 +56,16 @@ one ``native_batch_norm_backward`` call backward. With several groups it is
 :func:`mabn.groups.grouped_batch_norm` (shared with ghost BN: no copy of the input, per-group
 coefficients broadcast over its channels-last (G, B, S, C) view, batch norm's backward written
 out, first order only). Either way the statistics broadcast against the (C,) running
-statistics as they are; the five square roots of a step (``sigma_B`` and its inverse,
-``sigma``, and the two standard deviations of the update) are one ``_foreach_pow``, the two
-EMAs one ``_foreach_lerp``; the schedule's limits are one affine map of the counter and one
-clamp on cached constants; ``r`` and ``d`` are saved for the backward, never recomputed
-(:mod:`mabn.compile_barrier`). A training forward + backward dispatches 31 ops with one group
-and 48 with four (the autograd engine's three gradient accumulations included).
+statistics as they are. A step's per-channel arithmetic is a few ``_foreach`` ops: one
+``_foreach_addcmul`` for ``sigma_B ** 2``, ``sigma ** 2``, ``mu_B - running_mean`` and the
+schedule's affine map of the counter (then one clamp on cached constants gives the limits), one
+``_foreach_pow`` for every square root (``sigma_B``, ``sigma``, the two standard deviations of
+the update; with several groups also ``1 / sigma_B`` and ``sigma_B ** 3``, or ``sigma_B ** -3``
+without weight) and ``1 / rmax_t``, one ``_foreach_div`` for ``r`` and ``d`` before clipping
+(with several groups also the weight over ``sigma_B`` and ``sigma_B ** 3``), the two EMAs one
+``_foreach_lerp``; ``r`` and ``d`` are saved for the backward, never recomputed
+(:mod:`mabn.compile_barrier`). A training forward + backward dispatches 25 ops with one group and
+38 with four (the autograd engine's three gradient accumulations included).
 
 Non-finite statistics (a NaN or inf in the input, or a variance that overflows) never enter the
 running statistics: the whole update of that forward is skipped (``num_batches_tracked`` too, so
@@ -84,7 +88,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
 from mabn.groups import (cached_constant, check_group_size, check_norm_input, count_groups,
-                         grouped_batch_norm, grouped_moments, grouped_view, scalar)
+                         grouped_batch_norm, grouped_moments, grouped_view, negative_zero, scalar)
 from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
@@ -147,16 +151,20 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         slope = (high - low) / span
         return slope, low - slope * start, min(low, high), max(low, high)
 
-    def _limits(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``(rmax_t, dmax_t, -dmax_t)`` as a (3,) tensor: two dispatched ops on cached constants
-        (one affine map of the counter and one clamp), no host sync."""
+    def _limit_constants(self, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(slope, offset, low, high)``, cached (3,) tensors with ``(rmax_t, dmax_t, -dmax_t) =
+        clamp(offset + t * slope, low, high)``."""
         coefficients = list(zip(self._limit_coefficients(self.r_ramp_end, 1.0, self.r_max),
                                 self._limit_coefficients(self.d_ramp_end, 0.0, self.d_max),
                                 self._limit_coefficients(self.d_ramp_end, 0.0, -self.d_max)))
-        slope, offset, low, high = (
-            cached_constant(("brn_limits", name, tuple(values), dtype), device,
-                            lambda d, values=values: torch.tensor(values, dtype=dtype, device=d))
-            for name, values in zip(("slope", "offset", "low", "high"), coefficients))
+        return tuple(cached_constant(("brn_limits", name, tuple(values), dtype), device,
+                                     lambda d, values=values: torch.tensor(values, dtype=dtype, device=d))
+                     for name, values in zip(("slope", "offset", "low", "high"), coefficients))
+
+    def _limits(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(rmax_t, dmax_t, -dmax_t)`` as a (3,) tensor: two dispatched ops on cached constants
+        (one affine map of the counter and one clamp), no host sync."""
+        slope, offset, low, high = self._limit_constants(dtype, device)
         return torch.clamp(torch.addcmul(offset, self.num_batches_tracked, slope), low, high)
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -202,33 +210,53 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
             else:
                 x_p = grouped_view(x, groups)
                 mean_b, var_unbiased = grouped_moments(x_p, correction=1)  # (G, 1, 1, C)
-            invstd_b, r, d = self._factors(mean_b, var_unbiased, count)
+            r, d, grouped = self._factors(mean_b, var_unbiased, count, weight)
         # y = weight * (x_hat * r + d) + bias: per-group scale weight * r and shift
         # weight * d + bias; r and d are constants, so the gradient is the paper's.
         if groups == 1:
             return _WholeBatchRenorm.apply(x, weight, bias, r, d, self.eps)
-        return grouped_batch_norm(x, x_p, mean_b, invstd_b, weight, bias, r, d)
+        invstd = grouped.pop("invstd")
+        return grouped_batch_norm(x, x_p, mean_b, invstd, weight, bias, r, d, **grouped)
 
-    def _factors(self, mean_b: Tensor, var_unbiased: Tensor,
-                 count: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(1 / sigma_B, r, d)`` for the batch statistics (each (C,) or (G, 1, 1, C), from
-        ``count`` values per channel and group); updates the running statistics.
+    def _factors(self, mean_b: Tensor, var_unbiased: Tensor, count: int,
+                 weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, dict]:
+        """``(r, d, grouped)`` for the batch statistics (each (C,) or (G, 1, 1, C), from ``count``
+        values per channel and group); updates the running statistics. Where the statistics are
+        per group, ``grouped`` holds the keywords of :func:`mabn.groups.grouped_batch_norm`
+        (``invstd`` and ``invstd3``, or ``weighted`` given ``weight``), else it is empty.
 
-        The five square roots (``sigma_B`` and its inverse, ``sigma`` of the running variance,
-        and the standard deviations for the update) are one ``_foreach_pow``."""
-        eps = scalar(self.eps, mean_b.dtype, mean_b.device)
-        running_mean = self.running_mean.to(mean_b.dtype)
-        running_var = self.running_var.to(mean_b.dtype)
-        var_b = torch.add(eps, var_unbiased, alpha=(count - 1) / count)  # biased variance + eps
-        sigma_b, invstd_b, sigma, running_std, std_b = torch._foreach_pow(
-            [var_b, var_b, torch.add(running_var, eps), running_var, var_unbiased],
-            [0.5, -0.5, 0.5, 0.5, 0.5])
-        rmax, dmax, dmin = self._limits(mean_b.dtype, mean_b.device)
-        r = torch.clamp(sigma_b / sigma, rmax.reciprocal(), rmax)
-        d = torch.clamp((mean_b - running_mean).div_(sigma), dmin, dmax)
-        r, d = saved_for_backward(r, d)
+        Seven dispatched ops before the update: one ``_foreach_addcmul`` (``sigma_B ** 2``, the
+        running variance + eps, ``mu_B - running_mean`` and the schedule's affine map of the
+        counter), one clamp of the limits and their ``unbind``, one ``_foreach_pow`` (every
+        square root, ``1 / rmax_t`` and, per group, ``1 / sigma_B`` and ``sigma_B ** 3`` or its
+        inverse), one ``_foreach_div`` (``r`` and ``d`` unclipped and, per group, ``weight /
+        sigma_B`` and ``weight / sigma_B ** 3``) and a clamp each for ``r`` and ``d``."""
+        dtype, device = mean_b.dtype, mean_b.device
+        per_group, weighted = mean_b.dim() > 1, mean_b.dim() > 1 and weight is not None
+        eps = scalar(self.eps, dtype, device)
+        running_mean = self.running_mean.to(dtype)
+        running_var = self.running_var.to(dtype)
+        slope, offset, low, high = self._limit_constants(dtype, device)
+        var_b, running_var_eps, mean_shift, ramp = torch._foreach_addcmul(
+            [eps, running_var, mean_b, offset],
+            [var_unbiased, scalar(1.0, dtype, device), running_mean, self.num_batches_tracked],
+            [scalar((count - 1) / count, dtype, device), eps, scalar(-1.0, dtype, device), slope])
+        rmax, dmax, dmin = torch.clamp(ramp, low, high).unbind()
+        bases, exponents = [var_b, running_var_eps, running_var, var_unbiased, rmax], [0.5, 0.5, 0.5, 0.5, -1.0]
+        if per_group:
+            bases, exponents = bases + [var_b, var_b], exponents + [-0.5, 1.5 if weighted else -1.5]
+        sigma_b, sigma, running_std, std_b, rmin, *invstd = torch._foreach_pow(bases, exponents)
+        numerators, denominators = [sigma_b, mean_shift], [sigma, sigma]
+        if weighted:  # weight / sigma_B and weight / sigma_B ** 3
+            numerators, denominators = numerators + [weight, weight], denominators + [sigma_b, invstd[1]]
+        r, d, *weight_invstd = torch._foreach_div(numerators, denominators)
+        r, d = saved_for_backward(torch.clamp(r, rmin, rmax), torch.clamp(d, dmin, dmax))
         self._update_running_stats(running_mean, running_std, mean_b, std_b)
-        return invstd_b, r, d
+        if not per_group:
+            return r, d, {}
+        if weighted:
+            return r, d, dict(invstd=invstd[0], weighted=tuple(weight_invstd))
+        return r, d, dict(invstd=invstd[0], invstd3=invstd[1])
 
     def _update_running_stats(self, running_mean: Tensor, running_std: Tensor, mean_b: Tensor,
                               std_b: Tensor) -> None:
@@ -246,15 +274,19 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
 
 class _WholeBatchRenorm(torch.autograd.Function):
     """Batch norm of the whole batch with scale ``weight * r`` and shift ``weight * d + bias``
-    for constant (C,) ``r`` and ``d``: one ``native_batch_norm`` call forward and one
-    ``native_batch_norm_backward`` call backward (given the scale as weight, as CUDA requires
-    wherever a weight gradient is asked for), whose scale and shift gradients give the weight's
-    as ``grad_scale * r + grad_shift * d``."""
+    (one ``_foreach_addcmul``) for constant (C,) ``r`` and ``d``: one ``native_batch_norm`` call
+    forward and one ``native_batch_norm_backward`` call backward (given the scale as weight, as
+    CUDA requires wherever a weight gradient is asked for), whose scale and shift gradients give
+    the weight's as ``grad_scale * r + grad_shift * d``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor,
                 eps: float) -> Tensor:
-        scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
+        if weight is None:
+            scale, shift = r, d
+        else:
+            zero = negative_zero(r.dtype, r.device, r.shape)
+            scale, shift = torch._foreach_addcmul([zero, zero if bias is None else bias], [weight, weight], [r, d])
         out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x, scale, shift, None, None, True, 0.0, eps)
         ctx.save_for_backward(x, scale, save_mean, save_invstd, r, d)

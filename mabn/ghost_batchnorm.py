@@ -15,11 +15,13 @@ The gradient is the gradient of this per-group batch norm (each group's statisti
 on that group). With ``G > 1`` the layer makes no copy of the input: it works on the
 channels-last (G, B, S, C) view (:func:`mabn.groups.grouped_view`), the statistics come from
 one reduction over it (:func:`mabn.groups.grouped_moments`), and the backward is batch norm's,
-written out in :func:`mabn.groups.grouped_batch_norm` (two reductions and three fused
-element-wise passes, every per-group coefficient broadcast); it is first-order only (no double
-backward). Batch Renormalization shares these functions. Both running statistics advance in one
-``_foreach_lerp``. A training forward + backward dispatches 33 ops at four groups (the autograd
-engine's three gradient accumulations included), 15 with one group.
+written out in :func:`mabn.groups.grouped_batch_norm` (one product, two reductions and two
+fused element-wise passes, every per-group coefficient broadcast); it is first-order only (no
+double backward). Batch Renormalization shares these functions. Both running statistics advance
+in one ``_foreach_lerp``, which also gives the biased variance + eps of every group (``var + (n *
+eps - var) / n`` for the unbiased ``var`` of ``n`` values is a lerp); one ``_foreach_pow`` gives
+its inverse square root and cube. A training forward + backward dispatches 30 ops at four groups
+(the autograd engine's three gradient accumulations included), 15 with one group.
 
 Running statistics are updated ONCE per forward with torch's BatchNorm rule applied to the
 average over groups of the group means and of the group unbiased variances::
@@ -55,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mabn.groups import check_group_size, count_groups, grouped_batch_norm, grouped_moments, grouped_view, scalar
+from mabn.groups import (cached_constant, check_group_size, count_groups, grouped_batch_norm, grouped_moments,
+                         grouped_view, scalar)
 from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
 
@@ -116,17 +119,27 @@ class _GhostBatchNormMixin(FiniteRunningStats):
         with torch.no_grad():
             x_p = grouped_view(x, groups)
             mean, var_unbiased = grouped_moments(x_p, correction=1)  # (G, 1, 1, C)
-            invstd = torch.add(scalar(self.eps, dtype, x.device), var_unbiased, alpha=(per_group - 1) / per_group).rsqrt_()  # biased + eps
-        out = grouped_batch_norm(x, x_p, mean, invstd, weight, bias)
-        if update:
-            with torch.no_grad():
+            # the biased variance + eps, var_unbiased * (n - 1) / n + eps, as the lerp
+            # var_unbiased + (n * eps - var_unbiased) / n (within a few ulps): it joins the
+            # running statistics' lerp
+            n_eps = cached_constant(("ghost_n_eps", tuple(mean.shape), per_group, self.eps, dtype), x.device,
+                                    lambda d: torch.full(mean.shape, per_group * self.eps, dtype=dtype, device=d))
+            if update:
                 # torch's update is linear in the batch statistics: average them over groups
-                factor = self.momentum
-                if factor is None:  # cumulative average, one weight tensor per statistic
-                    factor = [1.0 / (self.num_batches_tracked + 1).to(dtype)] * 2
-                running = [self.running_mean.to(dtype), self.running_var.to(dtype)]
-                batch = [mean.mean(dim=(0, 1, 2)), var_unbiased.mean(dim=(0, 1, 2))]
-                self._commit_running_stats(*torch._foreach_lerp(running, batch, factor))
+                running = [self.running_mean.to(dtype), self.running_var.to(dtype), var_unbiased]
+                batch = [mean.mean(dim=(0, 1, 2)), var_unbiased.mean(dim=(0, 1, 2)), n_eps]
+                if self.momentum is None:  # cumulative average: weight tensors
+                    factor = 1.0 / (self.num_batches_tracked + 1).to(dtype)
+                    weights = [factor, factor, scalar(1.0 / per_group, dtype, x.device)]
+                else:
+                    weights = [self.momentum, self.momentum, 1.0 / per_group]
+                new_mean, new_var, var_eps = torch._foreach_lerp(running, batch, weights)
+            else:
+                var_eps = torch.lerp(var_unbiased, n_eps, 1.0 / per_group)
+            invstd, invstd3 = torch._foreach_pow([var_eps, var_eps], [-0.5, -1.5])
+        out = grouped_batch_norm(x, x_p, mean, invstd, weight, bias, invstd3=invstd3)
+        if update:
+            self._commit_running_stats(new_mean, new_var)
         return out.to(input.dtype)
 
     def _whole_batch_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

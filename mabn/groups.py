@@ -24,8 +24,8 @@ from torch.autograd.function import once_differentiable
 
 from mabn.tracing import tracing
 
-__all__ = ["cached_constant", "check_group_size", "check_norm_input", "count_groups", "filled", "scalar",
-           "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments", "grouped_view"]
+__all__ = ["cached_constant", "check_group_size", "check_norm_input", "count_groups", "filled", "negative_zero",
+           "scalar", "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments", "grouped_view"]
 
 
 _CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
@@ -61,6 +61,15 @@ def filled(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Te
     """A cached (n,) tensor of ``value`` (see :func:`cached_constant`)."""
     return cached_constant(("full", n, value, dtype), device,
                            lambda d: torch.full((n,), value, dtype=dtype, device=d))
+
+
+def negative_zero(dtype: torch.dtype, device: torch.device, shape: Tuple[int, ...] = ()) -> Tensor:
+    """A cached tensor of ``-0.0`` (0-dim by default): the exact additive identity (``-0.0 + v ==
+    v`` bit for bit, signed zeros included), the ``self`` of an ``addcmul`` that is to give a
+    plain product. Shaped like the other operands, it keeps a ``_foreach`` op on CUDA's
+    multi-tensor kernel (mixed shapes take one kernel per tensor there)."""
+    return cached_constant(("negative_zero", tuple(shape), dtype), device,
+                           lambda d: torch.full(shape, -0.0, dtype=dtype, device=d))
 
 
 def check_norm_input(layer_name: str, num_features: int, dims: Tuple[int, ...], input: Tensor) -> None:
@@ -120,25 +129,33 @@ def grouped_view(t: Tensor, groups: int) -> Tensor:
     return t.as_strided(shape, strides)
 
 
-def _ungrouped(t: Tensor, shape: torch.Size) -> Tensor:
-    """The (N, C, *spatial) ``shape`` view of a (G, B, S, C) tensor: one ``as_strided`` where
-    groups and samples merge into one batch dim, else a transpose and a reshape."""
+def _ungrouped_strides(t: Tensor, shape: torch.Size) -> Optional[List[int]]:
+    """Strides of the (N, C, *spatial) ``shape`` view of a (G, B, S, C) tensor; None where groups
+    and samples do not merge into one batch dim."""
     groups, per_group = t.shape[0], t.shape[1]
     group_stride, sample_stride, stride, channel_stride = t.stride()
-    if tracing(t.device) or (groups > 1 and per_group > 1 and group_stride != sample_stride * per_group):
-        return t.transpose(2, 3).reshape(shape)
+    if groups > 1 and per_group > 1 and group_stride != sample_stride * per_group:
+        return None
     spatial = []
     for size in reversed(shape[2:]):
         spatial.append(stride)
         stride *= size
     batch_stride = sample_stride if per_group > 1 else group_stride
-    return t.as_strided(shape, [batch_stride, channel_stride, *reversed(spatial)])
+    return [batch_stride, channel_stride, *reversed(spatial)]
+
+
+def _ungrouped(t: Tensor, shape: torch.Size) -> Tensor:
+    """The (N, C, *spatial) ``shape`` view of a (G, B, S, C) tensor: one ``as_strided`` where
+    groups and samples merge into one batch dim, else a transpose and a reshape."""
+    strides = None if tracing(t.device) else _ungrouped_strides(t, shape)
+    if strides is None:
+        return t.transpose(2, 3).reshape(shape)
+    return t.as_strided(shape, strides)
 
 
 def _output_like(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     """A new tensor shaped like ``x`` (in its memory layout where that has a grouped view, else
-    contiguous) and its (G, B, S, C) view, for kernels to write into: the tensor returned from
-    the forward is then no view (a view would forbid in-place ops on the layer's output)."""
+    contiguous) and its (G, B, S, C) view, for kernels to write into."""
     if _group_strides(x, groups) is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:
@@ -164,87 +181,124 @@ def group_statistics(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     return mean.view(groups, -1), var.view(groups, -1)
 
 
-def _product(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
-    return a if b is None else b if a is None else a * b
+def _coefficients(invstd: Tensor, invstd3: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  r: Optional[Tensor], d: Optional[Tensor], weighted: Optional[Tuple[Tensor, Tensor]]
+                  ) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """``(k, k3, shift, ri)``: ``k = weight * r * invstd``, ``k3 = weight * r * invstd ** 3``,
+    ``shift = weight * d + bias`` and ``ri = r * invstd`` (absent factors 1, absent terms 0;
+    ``shift`` None where both are absent), in two dispatched ops at most, one where all of
+    ``weight``, ``r`` and ``d`` are given with ``weighted``, ``(weight * invstd, weight * invstd
+    ** 3)``."""
+    if weight is not None and r is not None and d is not None and weighted is not None:
+        zero = negative_zero(invstd.dtype, invstd.device)
+        k, k3, shift, ri = torch._foreach_addcmul([zero, zero, zero if bias is None else bias, zero],
+                                                  [r, r, weight, r], [*weighted, d, invstd])
+        return k, k3, shift, ri
+    if invstd3 is None:
+        invstd3 = invstd.pow(3)
+    ri, ri3 = (invstd, invstd3) if r is None else torch._foreach_mul([r, r], [invstd, invstd3])
+    if weight is None:
+        return ri, ri3, bias if d is None else d if bias is None else d + bias, ri
+    if d is None:
+        k, k3 = torch._foreach_mul([weight, weight], [ri, ri3])
+        return k, k3, bias, ri
+    zero = negative_zero(invstd.dtype, invstd.device)
+    k, k3, shift = torch._foreach_addcmul([zero, zero, zero if bias is None else bias], [weight] * 3, [ri, ri3, d])
+    return k, k3, shift, ri
 
 
-def _affine(x_hat: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-            out: Optional[Tensor] = None) -> Tensor:
-    """``x_hat * scale + shift`` (None: absent) in one kernel, into ``out`` when given."""
-    if scale is None and shift is None:
-        return x_hat if out is None else out.copy_(x_hat)
-    if scale is None:
-        return torch.add(x_hat, shift, out=out)
-    if shift is None:
-        return torch.mul(x_hat, scale, out=out)
-    return torch.addcmul(shift, x_hat, scale, out=out)
+def _affine(t: Tensor, scale: Tensor, shift: Optional[Tensor]) -> Tensor:
+    """``t * scale + shift`` (``shift`` None: absent) in one kernel."""
+    return torch.mul(t, scale) if shift is None else torch.addcmul(shift, t, scale)
 
 
 class _GroupBatchNorm(torch.autograd.Function):
-    """``y = x_hat * scale + shift`` on (N, C, *S) ``x`` whose (G, B, S, C) view ``x_p`` is given,
-    with ``x_hat = (x_p - mean) * invstd`` for its (G, 1, 1, C) group statistics (from
-    :func:`grouped_moments`), ``scale = weight * r`` and ``shift = weight * d + bias``: ``weight``
-    and ``bias`` (C,), ``r`` and ``d`` broadcasting like (G, 1, 1, C), each None when absent
-    (1 or 0). The backward is batch norm's, through the statistics too, with the parameter
-    gradients reduced to (C,) here (no autograd ops for the products). ``x_hat`` is saved
-    instead of ``x``."""
+    """``y = x_hat * (weight * r) + (weight * d + bias)`` on (N, C, *S) ``x`` whose (G, B, S, C)
+    view ``x_p`` is given, with ``x_hat = (x_p - mean) * invstd`` for its (G, 1, 1, C) group
+    statistics (from :func:`grouped_moments`): ``weight`` and ``bias`` (C,), ``r`` and ``d``
+    broadcasting like (G, 1, 1, C), each None when absent (1 or 0); ``invstd3 = invstd ** 3`` and
+    ``weight * invstd``, ``weight * invstd3`` may be given (see :func:`grouped_batch_norm`).
+    The backward is batch norm's, through the statistics too, with the parameter gradients reduced
+    to (C,) here (no autograd ops for the products).
+
+    Forward: ``xmu = x_p - mean`` and ``y = xmu * k + shift`` (two kernels on the input's size,
+    the second one's output reshaped in place into the layer's output) with ``k = weight * r *
+    invstd`` and ``shift = weight * d + bias`` (one or two ``_foreach`` ops for these, ``k3 = k *
+    invstd ** 2`` and ``ri = r * invstd``); ``xmu`` is saved (not ``x`` or ``x_hat``). Backward,
+    with ``n`` values per group and channel, ``sum_dy`` and ``sum_dm = sum(dy * xmu)`` (one
+    product and two reductions)::
+
+        dx = k * dy + xmu * P + Q,   P = -k3 * sum_dm / n,   Q = -k * sum_dy / n
+
+    (two kernels on the input's size), ``P``, ``Q`` and the per-group terms of the parameter
+    gradients in one ``_foreach_addcmul``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, x_p: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-                bias: Optional[Tensor], r: Optional[Tensor], d: Optional[Tensor]) -> Tensor:
-        x_hat = (x_p - mean).mul_(invstd)
-        scale = _product(weight, r)
-        if d is None:
-            shift = bias
-        elif weight is None:
-            shift = d if bias is None else d + bias
-        else:
-            shift = weight * d if bias is None else torch.addcmul(bias, weight, d)
-        ctx.save_for_backward(x_hat, invstd, scale, weight, r, d)
+    def forward(ctx, x: Tensor, x_p: Tensor, mean: Tensor, invstd: Tensor, invstd3: Optional[Tensor],
+                weight: Optional[Tensor], bias: Optional[Tensor], r: Optional[Tensor], d: Optional[Tensor],
+                weight_invstd: Optional[Tensor], weight_invstd3: Optional[Tensor]) -> Tensor:
+        weighted = None if weight_invstd is None else (weight_invstd, weight_invstd3)
+        k, k3, shift, ri = _coefficients(invstd, invstd3, weight, bias, r, d, weighted)
+        xmu = x_p - mean
+        ctx.save_for_backward(xmu, k, k3, ri, invstd, weight, d)
         ctx.shape = x.shape
+        y_p = _affine(xmu, k, shift)  # a new tensor in the input's dimension order
+        strides = None if tracing(x.device) else _ungrouped_strides(y_p, x.shape)
+        if strides is not None:
+            # reshaped in place: the output is no view (a view would forbid in-place ops on it)
+            return y_p.as_strided_(x.shape, strides)
         out, out_p = _output_like(x, x_p.shape[0])
-        if tracing(x.device):  # Dynamo takes no strided out= tensor
-            out_p.copy_(_affine(x_hat, scale, shift))
-        else:
-            _affine(x_hat, scale, shift, out_p)
+        out_p.copy_(y_p)  # Dynamo takes no as_strided_ (and no strided out= tensor)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x_hat, invstd, scale, weight, r, d = ctx.saved_tensors
-        dy_p = grouped_view(dy, x_hat.shape[0])
-        count = x_hat.shape[1] * x_hat.shape[2]  # values per channel and group
-        sum_dy = dy_p.sum(dim=(1, 2), keepdim=True)
-        sum_dy_xhat = (dy_p * x_hat).sum(dim=(1, 2), keepdim=True)
-        # dx = scale * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
-        dx = torch.addcmul(dy_p, x_hat, sum_dy_xhat, value=-1.0 / count).add_(sum_dy, alpha=-1.0 / count)
-        dx = _ungrouped(dx.mul_(invstd if scale is None else scale * invstd), ctx.shape)
+        xmu, k, k3, ri, invstd, weight, d = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_weight = grad_bias = grad_r = grad_d = None
-        if needs[4]:  # sum(dy * x_hat) * r + sum(dy) * d, over groups too
-            per_group = _product(sum_dy_xhat, r)
-            if d is not None:
-                per_group = torch.addcmul(per_group, sum_dy, d)
+        need_x, need_weight, need_bias, need_r, need_d = needs[0], *needs[5:9]
+        dy_p = grouped_view(dy, xmu.shape[0])
+        count = xmu.shape[1] * xmu.shape[2]  # values per channel and group
+        sum_dy = dy_p.sum(dim=(1, 2), keepdim=True)
+        sum_dm = (dy_p * xmu).sum(dim=(1, 2), keepdim=True)
+        # P, Q, and per group sum(dy * x_hat) * r (weight's) and sum(dy * x_hat) (r's)
+        factors, values = [k3, k], [-1.0 / count, -1.0 / count]
+        if need_weight:
+            factors.append(ri)
+            values.append(1.0)
+        if need_r:
+            factors.append(invstd)
+            values.append(1.0)
+        zero = negative_zero(xmu.dtype, xmu.device, sum_dm.shape)
+        terms = torch._foreach_addcmul([zero] * len(factors), [sum_dm, sum_dy] + [sum_dm] * (len(factors) - 2),
+                                       factors, values)
+        dx = grad_weight = grad_bias = grad_r = grad_d = None
+        if need_x:
+            dx = _ungrouped(torch.addcmul(terms[1], xmu, terms[0]).addcmul_(dy_p, k), ctx.shape)
+        if need_weight:  # sum(dy * x_hat) * r + sum(dy) * d, over groups too
+            per_group = terms[2] if d is None else torch.addcmul(terms[2], sum_dy, d)
             grad_weight = per_group.sum(dim=(0, 1, 2))
-        if needs[5]:
+        if need_bias:
             grad_bias = sum_dy.sum(dim=(0, 1, 2))
-        if needs[6]:
-            grad_r = _product(sum_dy_xhat, weight)
-        if needs[7]:
-            grad_d = _product(sum_dy, weight)
-        return dx, None, None, None, grad_weight, grad_bias, grad_r, grad_d
+        if need_r:
+            grad_r = terms[-1] if weight is None else terms[-1] * weight
+        if need_d:
+            grad_d = sum_dy if weight is None else sum_dy * weight
+        return dx, None, None, None, None, grad_weight, grad_bias, grad_r, grad_d, None, None
 
 
 def grouped_batch_norm(x: Tensor, x_p: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor] = None,
-                       bias: Optional[Tensor] = None, r: Optional[Tensor] = None,
-                       d: Optional[Tensor] = None) -> Tensor:
+                       bias: Optional[Tensor] = None, r: Optional[Tensor] = None, d: Optional[Tensor] = None, *,
+                       invstd3: Optional[Tensor] = None, weighted: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """``(x - mean) * invstd * (weight * r) + (weight * d + bias)`` per group of (N, C, *S) ``x``,
     given its (G, B, S, C) view ``x_p`` (:func:`grouped_view`, made without gradient), (G, 1, 1, C)
     group statistics, (C,) ``weight``/``bias`` and ``r``/``d`` broadcasting like (G, 1, 1, C)
-    (None: absent); returns a new tensor shaped like ``x``. Gradients as if the statistics were
-    computed by autograd."""
-    return _GroupBatchNorm.apply(x, x_p, mean, invstd, weight, bias, r, d)
+    (None: absent). ``invstd3`` (``invstd ** 3``) and ``weighted`` (``(weight * invstd, weight *
+    invstd3)``, used where ``weight``, ``r`` and ``d`` are all given) save ops where the caller
+    has them (None: computed here where needed). Returns a new tensor shaped like ``x``.
+    Gradients as if the statistics were computed by autograd."""
+    weight_invstd, weight_invstd3 = (None, None) if weighted is None else weighted
+    return _GroupBatchNorm.apply(x, x_p, mean, invstd, invstd3, weight, bias, r, d, weight_invstd, weight_invstd3)
 
 
 def group_batch_norm(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mabn.groups import check_group_size, count_groups, group_batch_norm, group_statistics, grouped_view
+from mabn import groups
+from mabn.groups import (check_group_size, count_groups, group_batch_norm, group_statistics, grouped_batch_norm,
+                         grouped_moments, grouped_view)
 
 F64 = torch.float64
 
@@ -122,3 +124,50 @@ def test_group_batch_norm_output_takes_in_place_ops():
     assert not y._is_view()
     torch.relu_(y).sum().backward()
     assert x.grad.shape == x.shape
+
+
+def _grouped_case(seed: int):
+    """(6, 3, 4) float64 input (three groups of two), its grouped view and statistics, and per-group
+    r, d and per-channel weight, bias."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, 4, generator=g, dtype=F64) * 2 + 1
+    x_p = grouped_view(x, 3)
+    mean, var = grouped_moments(x_p)
+    r = torch.rand(3, 1, 1, 3, generator=g, dtype=F64) + 0.5
+    d = torch.randn(3, 1, 1, 3, generator=g, dtype=F64)
+    weight = torch.rand(3, generator=g, dtype=F64) + 0.5
+    bias = torch.randn(3, generator=g, dtype=F64)
+    return x, x_p, mean, torch.rsqrt(var + 1e-5), r, d, weight, bias
+
+
+def test_grouped_batch_norm_takes_the_callers_powers_of_invstd():
+    """``invstd3`` and ``weighted`` given by the caller give what is computed without them."""
+    x, x_p, mean, invstd, r, d, weight, bias = _grouped_case(4)
+    results = []
+    for keywords in ({}, dict(invstd3=invstd ** 3), dict(weighted=(weight * invstd, weight * invstd ** 3))):
+        x_in, w, b = (t.detach().clone().requires_grad_(True) for t in (x, weight, bias))
+        y = grouped_batch_norm(x_in, grouped_view(x_in.detach(), 3), mean, invstd, w, b, r, d, **keywords)
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+        results.append((y, *torch.autograd.grad(y, (x_in, w, b), upstream)))
+    expected = ((x_p - mean) * invstd * r + d) * weight + bias
+    torch.testing.assert_close(grouped_view(results[0][0], 3), expected, rtol=1e-12, atol=1e-12)
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_group_batch_norm_output_without_a_mergeable_layout(monkeypatch):
+    """Where groups and samples of the result do not merge into one batch dim, the output is a
+    copy in the input's layout (and the gradient a reshape): same values, still no view."""
+    x, _, mean, invstd, r, d, weight, bias = _grouped_case(6)
+    expected = []
+    for unmergeable in (False, True):
+        if unmergeable:
+            monkeypatch.setattr(groups, "_ungrouped_strides", lambda t, shape: None)
+        x_in = x.detach().clone().requires_grad_(True)
+        y = group_batch_norm(x_in, mean.view(3, 3), invstd.view(3, 3), r.view(3, 3), d.view(3, 3))
+        assert not y._is_view() and y.shape == x.shape
+        grad, = torch.autograd.grad(y, x_in, torch.ones_like(y) * torch.arange(4, dtype=F64))
+        expected.append((y, grad))
+    for got, want in zip(expected[1], expected[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
