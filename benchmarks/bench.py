@@ -555,13 +555,17 @@ def _repeat_lines(agreement: Optional[dict]) -> List[str]:
     """The largest ratio changes between the first timed pass and the repeats."""
     if agreement is None:
         return []
-    changes = sorted(agreement["changes"], key=lambda c: -c["change"])
+    judged = sorted((c for c in agreement["changes"] if c["judged"]), key=lambda c: -c["change"])
+    context = max((c for c in agreement["changes"] if not c["judged"]), key=lambda c: c["change"], default=None)
     lines = ["", f"## Repeat: {agreement['passes']} passes over the timed sections", "",
-             "The largest relative changes of a ratio between the first pass (reported above) and a repeat "
-             "(context rows, naive MABN and the copy, are not judged):", "",
-             "| section | row | ratio | first | repeat | change | judged |", "|---|---|---|---:|---:|---:|---|"]
-    return lines + [f"| {c['section']} | {c['row']} | {c['ratio']} | {c['first']:.3f} | {c['repeat']:.3f} | "
-                    f"{100 * c['change']:.1f}% | {'yes' if c['judged'] else 'no'} |" for c in changes[:10]]
+             "The largest relative changes of a judged ratio between the first pass (reported above) and a repeat:",
+             "", "| section | row | ratio | first | repeat | change |", "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {c['section']} | {c['row']} | {c['ratio']} | {c['first']:.3f} | {c['repeat']:.3f} | "
+              f"{100 * c['change']:.1f}% |" for c in judged[:10]]
+    if context is not None:
+        lines += ["", f"Context rows (naive MABN, the copy) are not judged; the largest of their changes is "
+                      f"{100 * context['change']:.1f}% ({context['row']}, {context['ratio']})."]
+    return lines
 
 
 def format_markdown(results: dict) -> str:
