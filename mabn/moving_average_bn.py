@@ -37,9 +37,16 @@ on the host (:mod:`mabn.host_counters`: always on the CPU, on other devices afte
 reset, a load or a move), so a decided branch dispatches nothing; elsewhere, and always under
 ``torch.compile`` (which traces it once), it is tensor logic on the buffers. With one group the
 step runs BN's own inference kernels (forward, and one backward call for the input gradient and
-the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 31 dispatched ops
-per forward + backward (5 of them views, which launch nothing on a GPU), 50 with four groups (15
-views).
+the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 27 dispatched ops
+per forward + backward of a ``split_batch=False`` layer (3 of them views, which launch nothing on
+a GPU), 31 for a ``split_batch`` layer with one group, 50 with four groups (15 views).
+
+Windows: a ``split_batch=False`` layer (one group per forward, the detection protocol) keeps
+``buffer_x2`` and ``buffer_gz`` as rings whose row ``i % W`` holds the statistic of group ``i``
+of the stream: a forward writes one row and averages the ring, no shifting. A ``split_batch``
+layer shifts its windows, oldest row first, since the moving averages of its groups need the
+order. Either way ``state_dict`` holds the windows oldest first (a ring is rotated into that
+order on save and back on load), so checkpoints are the same for both.
 Constant operands are cached 0-dim tensors (:func:`mabn.groups.cached_constant`: a Python number
 costs a tensor construction in every call) and dtype casts are skipped where nothing changes.
 The kernels get arguments that both their CPU and CUDA implementations accept
@@ -56,9 +63,11 @@ forward's groups) is NaN or infinite (a NaN pixel, an input whose square overflo
 channel's ``running_var`` and ``buffer_x2`` keep their values and ``skipped_updates`` counts one;
 where the backward's ``psi`` is not finite (non-finite gradient), that channel's ``buffer_gz``
 keeps its values (not counted: a buffer updated in both passes breaks ``torch.compile``'s
-partitioner). The counters ``num_batches_tracked`` and ``groups_seen`` advance regardless, and
-the output and gradient of such a channel are whatever the non-finite input makes them. An empty
-batch (N = 0 or a zero-size spatial dim) returns an empty output and changes no buffer.
+partitioner). The counters ``num_batches_tracked`` and ``groups_seen`` advance regardless (in a
+ring the skipped row then keeps its older value for another W groups), and the output and
+gradient of such a channel are whatever the non-finite input makes them (a ring layer normalizes
+it with the window's other values). An empty batch (N = 0 or a zero-size spatial dim) returns an
+empty output and changes no buffer.
 
 Activation checkpointing: recomputing a training forward advances the counters and the ``chi``
 window a second time (the backward's ``psi`` window advances once per backward). Do not wrap
@@ -81,6 +90,8 @@ from mabn.host_counters import HostCounters
 from mabn.precision import cast, statistics_dtype
 
 __all__ = ["MABN1d", "MABN2d", "MABN3d"]
+
+_WINDOWS = ("buffer_x2", "buffer_gz")
 
 
 class _Operands(NamedTuple):
@@ -172,6 +183,36 @@ def _windowed(window: Tensor, values: Tensor, use_own: Union[bool, Tensor]) -> T
     return torch.where(use_own, values, moving), new_window
 
 
+def _ring_write(window: Tensor, values: Tensor, finite: Tensor, slot: Union[int, Tensor]) -> None:
+    """Write (C,) ``values`` into row ``slot`` of the (W, C) ring ``window``, except in the channels
+    that are not ``finite``. An int slot (known on the host) is one row view; a 0-dim tensor slot
+    selects the row with a mask (no host sync)."""
+    values = cast(values, window.dtype)
+    if isinstance(slot, int):
+        row = window[slot]
+        torch.where(finite, values, row, out=row)
+        return
+    rows = cached_constant(("ring_rows", window.shape[0]), window.device,
+                           lambda d: torch.arange(window.shape[0], device=d).unsqueeze(1))
+    torch.where(torch.eq(rows, slot) & finite, values, window, out=window)
+
+
+def _ring_average(window: Tensor, values: Tensor, use_own: Union[bool, Tensor]) -> Tensor:
+    """The statistic rule on a ring that already holds ``values``: ``values`` where ``use_own``,
+    else the mean of the ring (the last W values, in any order), in the dtype of ``values``."""
+    if use_own is True:
+        return values
+    moving = window.mean(dim=0, dtype=values.dtype)
+    return moving if use_own is False else torch.where(use_own, values, moving)
+
+
+def _ring_rows(groups_seen: Tensor, window: int, shift: int) -> Tensor:
+    """Row indices ``(i + shift * groups_seen) % W`` for ``i`` in ``0 .. W - 1``: with ``shift`` 1
+    they read a ring oldest first, with -1 they place an oldest-first window into the ring."""
+    positions = torch.arange(window, device=groups_seen.device)
+    return torch.remainder(positions + shift * groups_seen, window)
+
+
 def _group_view(t: Tensor, groups: int) -> Tensor:
     """(N, C, *S) as (G, N / G, C, prod(S)): a view for contiguous and channels-last tensors."""
     return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1)
@@ -230,7 +271,8 @@ def _device_schedule(layer: "_MovingAverageBatchNorm", groups: int, device: torc
 
 @torch.no_grad()
 def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zeros: Tensor,
-                                groups: int) -> Tuple[Tensor, Tensor, Tensor, Union[bool, Tensor]]:
+                                groups: int) -> Tuple[Tensor, Tensor, Tensor, Union[bool, Tensor],
+                                                      Optional[Union[int, Tensor]]]:
     """One training forward's statistics; advances ``layer``'s buffers (``running_var``,
     ``num_batches_tracked``, ``groups_seen``, ``skipped_updates``, the window ``buffer_x2``) in place,
     except for channels whose statistic is not finite (counted in ``skipped_updates``), following
@@ -239,8 +281,9 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
 
     Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
     denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``
-    (with one group an empty tensor: the backward kernel derives it), ``chi + eps``, and the
-    own-statistic rule (a bool, or a 0-dim or (G, 1) mask).
+    (with one group an empty tensor: the backward kernel derives it), ``chi + eps``, the
+    own-statistic rule (a bool, or a 0-dim or (G, 1) mask), and the ring slot this forward
+    wrote (an int, a 0-dim tensor, or None for a shifting window: ``split_batch`` layers).
     """
     running_var, chi_window = layer.running_var, layer.buffer_x2
     counters = (layer.num_batches_tracked, layer.groups_seen)
@@ -250,11 +293,22 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     else:
         schedule = _host_schedule(layer, known[0], known[1], groups, x.device)
     chi = _second_moments(x, groups, zeros)
-    chi_used, new_window = _windowed(chi_window, chi, schedule.use_own)
+    operands = _operands(layer, chi.dtype, groups, x.device)
+    slot: Optional[Union[int, Tensor]] = None
+    if layer.split_batch:
+        chi_used, new_window = _windowed(chi_window, chi, schedule.use_own)
+        target = chi_used if groups == 1 else chi_used.mean(dim=0)
+        finite = torch.lt(target, operands.inf)  # one kernel; target >= 0 unless NaN
+        torch.where(finite, cast(new_window, chi_window.dtype), chi_window, out=chi_window)
+    else:
+        # the ring's next slot holds its oldest value: groups_seen % W
+        slot = known[1] % layer.window if known is not None else torch.remainder(counters[1], layer.window)
+        finite = torch.lt(chi, operands.inf)
+        _ring_write(chi_window, chi, finite, slot)
+        chi_used = target = _ring_average(chi_window, chi, schedule.use_own)
 
     # r = sqrt(chi_plus_eps / (running_var + eps)) clamped to [1/r_max, r_max], so
     # var = chi_plus_eps / r ** 2 is running_var + eps clamped to chi_plus_eps * [1/r_max^2, r_max^2]
-    operands = _operands(layer, chi_used.dtype, groups, x.device)
     if schedule.r_on is False:
         chi_plus_eps = var = torch.add(chi_used, operands.eps)
     else:
@@ -265,32 +319,32 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
         if schedule.r_on is not True:
             var = torch.where(schedule.r_on, var, chi_plus_eps)
 
-    target = chi_used if groups == 1 else chi_used.mean(dim=0)
-    finite = torch.lt(target, operands.inf)  # one kernel; target >= 0 unless NaN
     ema_weight = schedule.ema_weight
     if not isinstance(ema_weight, Tensor):  # 1 - momentum, or 1 at the first forward
         ema_weight = operands.ema_weight if ema_weight != 1.0 else scalar(1.0, running_var.dtype, x.device)
     # _cast: no op unless the buffers are in float16/bfloat16 (a model converted as a whole)
     torch.where(finite, torch.lerp(running_var, cast(target, running_var.dtype), ema_weight), running_var,
                 out=running_var)
-    torch.where(finite, cast(new_window, chi_window.dtype), chi_window, out=chi_window)
     torch._foreach_add_([*counters, layer.skipped_updates], operands.steps)
     layer.skipped_updates.sub_(finite.sum())
     if known is not None:
         layer.host_counters.record(counters, (known[0] + 1, known[1] + groups))
+    # tensors the backward reads pass saved_for_backward: a compiled backward must not recompute
+    # them from the counters this forward has advanced
     use_own = schedule.use_own
+    flags = [t for t in (use_own, slot) if isinstance(t, Tensor)]
     if groups == 1:
         # u is the backward kernel's save_invstd: empty, so that it derives 1 / sqrt(var + 0) from
         # the running statistics itself (eval mode), on CPU and on CUDA (no rsqrt op here)
-        if isinstance(use_own, bool):
-            var, chi_plus_eps = saved_for_backward(var, chi_plus_eps)
-        else:
-            var, chi_plus_eps, use_own = saved_for_backward(var, chi_plus_eps, use_own)
-        return var, filled(0, 0.0, var.dtype, var.device), chi_plus_eps, use_own
-    if isinstance(use_own, bool):
-        var, u, chi_plus_eps = saved_for_backward(var, var.rsqrt(), chi_plus_eps)
-        return var, u, chi_plus_eps, use_own
-    return tuple(saved_for_backward(var, var.rsqrt(), chi_plus_eps, use_own))
+        var, chi_plus_eps, *flags = saved_for_backward(var, chi_plus_eps, *flags)
+        u = filled(0, 0.0, var.dtype, var.device)
+    else:
+        var, u, chi_plus_eps, *flags = saved_for_backward(var, var.rsqrt(), chi_plus_eps, *flags)
+    if isinstance(use_own, Tensor):
+        use_own = flags.pop(0)
+    if isinstance(slot, Tensor):
+        slot = flags.pop(0)
+    return var, u, chi_plus_eps, use_own, slot
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -316,26 +370,30 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, zeros: Tensor, var: Tensor, u: Tensor,
                 chi_plus_eps: Tensor, use_own: Union[bool, Tensor], psi_window: Tensor,
-                grad_scale: Optional[Tensor]) -> Tensor:
+                grad_scale: Optional[Tensor], slot: Optional[Union[int, Tensor]]) -> Tensor:
         compute_dtype = zeros.dtype
         ctx.use_own = use_own if isinstance(use_own, bool) else None
         use_own = None if isinstance(use_own, bool) else use_own
+        ctx.slot = None if isinstance(slot, Tensor) else slot
+        slot = slot if isinstance(slot, Tensor) else None
         if var.dim() == 1:
-            ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale)
+            ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale, slot)
             return torch.native_batch_norm(x, cast(weight, compute_dtype), cast(bias, compute_dtype), zeros, var,
                                            False, 0.0, 0.0)[0]
         # x is the (G, B, C, S) view of the input; the output takes its layout (channels-last stays so)
         weight_u = _per_group(cast(weight, compute_dtype) * u)  # saved: the backward scales dy by it too
-        ctx.save_for_backward(x, weight, zeros, weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale)
+        ctx.save_for_backward(x, weight, zeros, weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale, slot)
         y = torch.addcmul(cast(bias, compute_dtype).view(1, 1, -1, 1), cast(x, compute_dtype), weight_u)
         return cast(y, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         # var_or_weight_u: var (C,) with one group, weight * u (G, 1, C, 1) with several
-        x, weight, zeros, var_or_weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale = ctx.saved_tensors
+        x, weight, zeros, var_or_weight_u, u, chi_plus_eps, use_own, psi_window, grad_scale, slot = ctx.saved_tensors
         if ctx.use_own is not None:
             use_own = ctx.use_own
+        if ctx.slot is not None:
+            slot = ctx.slot
         compute_dtype = zeros.dtype
         one_group = var_or_weight_u.dim() == 1
         groups, channels = (1, x.shape[1]) if one_group else (x.shape[0], x.shape[2])
@@ -350,7 +408,12 @@ class _MABNFunction(torch.autograd.Function):
                 grad_out, x, weight_c, zeros, var_or_weight_u, zeros, u, False, 0.0, [True, True, True])
             psi = torch.addcmul(zeros, grad_weight, weight_unscaled, value=1.0 / count)
             finite = torch.lt(psi.abs(), scalar(math.inf, compute_dtype, x.device))
-            psi_used, new_window = _windowed(psi_window, psi, use_own)
+            if slot is None:
+                psi_used, new_window = _windowed(psi_window, psi, use_own)
+                torch.where(finite, cast(new_window, psi_window.dtype), psi_window, out=psi_window)
+            else:
+                _ring_write(psi_window, psi, finite, slot)
+                psi_used = _ring_average(psi_window, psi, use_own)
             coefficient = psi_used / chi_plus_eps
             if grad_scale is not None:
                 coefficient = coefficient * grad_scale
@@ -372,14 +435,14 @@ class _MABNFunction(torch.autograd.Function):
             finite = torch.lt(torch.linalg.vector_norm(psi, math.inf, dim=0),  # NaN stays NaN
                               scalar(math.inf, compute_dtype, x.device))
             psi_used, new_window = _windowed(psi_window, psi, use_own)
+            torch.where(finite, cast(new_window, psi_window.dtype), psi_window, out=psi_window)
             coefficient = psi_used / chi_plus_eps
             if grad_scale is not None:
                 coefficient = coefficient * grad_scale
             grad_x = (grad4 * var_or_weight_u).addcmul_(x4, _per_group(coefficient), value=-1.0)
             grad_x = cast(grad_x, x.dtype)
-        torch.where(finite, cast(new_window, psi_window.dtype), psi_window, out=psi_window)
         return (grad_x, cast(grad_weight, weight.dtype), cast(grad_bias, weight.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 class _MovingAverageBatchNorm(_BatchNorm):
@@ -489,21 +552,45 @@ class _MovingAverageBatchNorm(_BatchNorm):
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
         zeros = cast(self.running_mean, statistics_dtype(input.dtype))
-        var, u, chi_plus_eps, use_own = _advance_forward_statistics(self, input, zeros, groups)
+        var, u, chi_plus_eps, use_own, slot = _advance_forward_statistics(self, input, zeros, groups)
         if groups == 1:
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
-                                       use_own, self.buffer_gz, self.grad_scale)
+                                       use_own, self.buffer_gz, self.grad_scale, slot)
         return _MABNFunction.apply(_group_view(input, groups), self.weight, self.bias, zeros, var, u,
-                                   chi_plus_eps, use_own, self.buffer_gz, self.grad_scale).reshape(input.shape)
+                                   chi_plus_eps, use_own, self.buffer_gz, self.grad_scale, slot).reshape(input.shape)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The ring windows of a ``split_batch=False`` layer are saved oldest first (copies), the
+        order of every saved window, so that checkpoints do not depend on the representation."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.split_batch:
+            rows = _ring_rows(self.groups_seen, self.window, 1)
+            for key in _WINDOWS:
+                if prefix + key in destination:
+                    destination[prefix + key] = destination[prefix + key].index_select(0, rows)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         self._upgrade_published_state(state_dict, prefix)
+        if not self.split_batch:
+            self._place_in_ring(state_dict, prefix)
         state_dict.setdefault(prefix + "skipped_updates", torch.zeros((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # read once here (a device sync at load time), so that training steps need none
         self.host_counters.read(self._step_counters())
+
+    def _place_in_ring(self, state_dict: dict, prefix: str) -> None:
+        """Rewrite oldest-first windows of ``state_dict`` into ring order for its ``groups_seen``
+        (a window of another length is left for the size check to report)."""
+        groups_seen = state_dict.get(prefix + "groups_seen")
+        if groups_seen is None:
+            return
+        for key in _WINDOWS:
+            window = state_dict.get(prefix + key)
+            if isinstance(window, Tensor) and window.dim() == 2 and window.shape[0] == self.window:
+                rows = _ring_rows(groups_seen.to(window.device).reshape(()), self.window, -1)
+                state_dict[prefix + key] = window.index_select(0, rows)
 
     def _upgrade_published_state(self, state_dict: dict, prefix: str) -> None:
         """Rewrite the published MABN checkpoints into this layer's buffers, in place.
