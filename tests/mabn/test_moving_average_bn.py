@@ -319,9 +319,11 @@ def test_compiled_one_group_step_generates_few_kernels_and_matches_eager():
 
 # aot_eager_decomp_partition runs the min-cut partitioner that decides what the backward
 # recomputes, without a C++ build; inductor is what torch.compile uses by default.
+@pytest.mark.parametrize("split", [True, False])  # shifting windows, rings (the slot read in the backward)
 @pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
-def test_torch_compile_matches_eager_in_one_graph_without_recompiling(backend):
-    """Ten steps cross the warm-up and r switches: one compiled graph, gradients equal eager's."""
+def test_torch_compile_matches_eager_in_one_graph_without_recompiling(backend, split):
+    """Ten steps cross the warm-up and r switches (and wrap a ring of 4): one compiled graph,
+    gradients equal eager's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from mabn import CenConv2d
@@ -329,7 +331,7 @@ def test_torch_compile_matches_eager_in_one_graph_without_recompiling(backend):
     def build():
         torch.manual_seed(0)
         return torch.nn.Sequential(CenConv2d(3, 8, 3, padding=1),
-                                   MABN2d(8, 2, 8, warmup_iters=3, split_batch=True, r_warmup_iters=5),
+                                   MABN2d(8, 2, 8, warmup_iters=3, split_batch=split, r_warmup_iters=5),
                                    torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
 
     torch._dynamo.reset()
