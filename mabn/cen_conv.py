@@ -107,7 +107,7 @@ def _box_sum_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: to
         [0] * len(kernel_size), groups, list(output_mask))
     if grad_input is not None:
         spatial = len(kernel_size)
-        weighted = torch.convolution(grad_output, means.view(1, -1, *[1] * spatial), None, [1] * spatial,
+        weighted = torch.convolution(grad_output, _as_channels(means), None, [1] * spatial,
                                      [0] * spatial, [1] * spatial, False, [0] * spatial, 1)
         grad_input.sub_(_box_sum_transposed(weighted, input.shape, kernel_size, stride, padding, dilation))
     if grad_weight is not None:

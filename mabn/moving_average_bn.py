@@ -586,10 +586,12 @@ class _MovingAverageBatchNorm(_BatchNorm):
         groups_seen = state_dict.get(prefix + "groups_seen")
         if groups_seen is None:
             return
+        rows = None
         for key in _WINDOWS:
             window = state_dict.get(prefix + key)
             if isinstance(window, Tensor) and window.dim() == 2 and window.shape[0] == self.window:
-                rows = _ring_rows(groups_seen.to(window.device).reshape(()), self.window, -1)
+                if rows is None or rows.device != window.device:
+                    rows = _ring_rows(groups_seen.to(window.device).reshape(()), self.window, -1)
                 state_dict[prefix + key] = window.index_select(0, rows)
 
     def _upgrade_published_state(self, state_dict: dict, prefix: str) -> None:
@@ -613,11 +615,11 @@ class _MovingAverageBatchNorm(_BatchNorm):
             state_dict[prefix + "buffer_gz"] = state_dict.pop(prefix + "pre_gz")
             groups_seen = iters * self.window
         else:
-            for key in ("buffer_x2", "buffer_gz"):
+            for key in _WINDOWS:
                 ring = state_dict[prefix + key]
                 state_dict[prefix + key] = torch.roll(ring, shifts=-((iters + 1) % ring.shape[0]), dims=0)
             groups_seen = iters
-        for key in ("buffer_x2", "buffer_gz"):
+        for key in _WINDOWS:
             if state_dict[prefix + key].shape[0] != self.window:
                 raise ValueError(
                     f"checkpoint {prefix}{key} holds a window of {state_dict[prefix + key].shape[0]} groups but "
