@@ -95,28 +95,36 @@ _WINDOWS = ("buffer_x2", "buffer_gz")
 
 
 class _Operands(NamedTuple):
-    """The constant operands of one training forward, as 0-dim tensors cached together (one cache
-    lookup per forward): ``eps`` in the statistics dtype, inf, the EMA weight ``1 - momentum``
-    and the counter increments (1 forward, G groups, C channels)."""
+    """The constant operands of one training forward, as tensors cached together (one cache lookup
+    per forward): 0-dim ``eps`` and inf in the statistics dtype, the (C,) clamp factors ``1 /
+    r_max ** 2`` and ``r_max ** 2`` of the variance, the EMA weight ``1 - momentum``, the counter
+    increments (1 forward, G groups, C channels) and an empty tensor (the one-group backward
+    kernel's ``save_invstd``). Tensor operands, not Python numbers: a number is wrapped into a
+    new tensor in every call of a CPU kernel, and a ``_foreach`` op over (C,) tensors of one
+    shape stays on CUDA's multi-tensor kernel."""
 
     eps: Tensor
     inf: Tensor
+    clamp_factors: List[Tensor]
     ema_weight: Tensor
     steps: List[Tensor]
+    empty: Tensor
 
 
 def _operands(layer: "_MovingAverageBatchNorm", dtype: torch.dtype, groups: int, device: torch.device) -> _Operands:
-    buffer_dtype, channels = layer.running_var.dtype, layer.num_features
-    eps, momentum = layer.eps, layer.momentum
+    buffer_dtype, channels = layer._buffers["running_var"].dtype, layer.num_features
+    eps, momentum, r_max = layer.eps, layer.momentum, layer.r_max
 
     def build(d: torch.device) -> _Operands:
         def scalar(value: float, kind: torch.dtype) -> Tensor:
             return torch.tensor(value, dtype=kind, device=d)
 
-        return _Operands(scalar(eps, dtype), scalar(math.inf, dtype), scalar(1.0 - momentum, buffer_dtype),
-                         [scalar(n, torch.long) for n in (1, groups, channels)])
+        return _Operands(scalar(eps, dtype), scalar(math.inf, dtype),
+                         [torch.full((channels,), factor, dtype=dtype, device=d) for factor in (1.0 / r_max ** 2, r_max ** 2)],
+                         scalar(1.0 - momentum, buffer_dtype), [scalar(n, torch.long) for n in (1, groups, channels)],
+                         torch.empty(0, dtype=dtype, device=d))
 
-    return cached_constant(("operands", eps, momentum, dtype, buffer_dtype, groups, channels), device, build)
+    return cached_constant(("operands", eps, momentum, r_max, dtype, buffer_dtype, groups, channels), device, build)
 
 
 def _second_moments(x: Tensor, groups: int, zeros: Tensor) -> Tensor:
@@ -285,8 +293,11 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     own-statistic rule (a bool, or a 0-dim or (G, 1) mask), and the ring slot this forward
     wrote (an int, a 0-dim tensor, or None for a shifting window: ``split_batch`` layers).
     """
-    running_var, chi_window = layer.running_var, layer.buffer_x2
-    counters = (layer.num_batches_tracked, layer.groups_seen)
+    # buffers read from the dict that holds them: nn.Module.__getattr__ costs about a microsecond
+    # an access, and a layer on a small map takes a dozen in every step
+    buffers = layer._buffers
+    running_var, chi_window, skipped = buffers["running_var"], buffers["buffer_x2"], buffers["skipped_updates"]
+    counters = (buffers["num_batches_tracked"], buffers["groups_seen"])
     known = layer.host_counters.known(counters)
     if known is None:
         schedule = _device_schedule(layer, groups, x.device)
@@ -312,10 +323,11 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     if schedule.r_on is False:
         chi_plus_eps = var = torch.add(chi_used, operands.eps)
     else:
-        # independent elementwise ops share one dispatch (one kernel per dtype on a GPU)
+        # independent elementwise ops share one dispatch (one kernel per dtype on a GPU); eps is a
+        # number here: the CPU fallback of _foreach_add's tensor-scalar overload reads it with .item()
         chi_plus_eps, running_var_plus_eps = torch._foreach_add([chi_used, running_var], layer.eps)
         var = torch.clamp(running_var_plus_eps,
-                          *torch._foreach_mul([chi_plus_eps, chi_plus_eps], [1.0 / layer.r_max ** 2, layer.r_max ** 2]))
+                          *torch._foreach_mul([chi_plus_eps, chi_plus_eps], operands.clamp_factors))
         if schedule.r_on is not True:
             var = torch.where(schedule.r_on, var, chi_plus_eps)
 
@@ -325,8 +337,8 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     # _cast: no op unless the buffers are in float16/bfloat16 (a model converted as a whole)
     torch.where(finite, torch.lerp(running_var, cast(target, running_var.dtype), ema_weight), running_var,
                 out=running_var)
-    torch._foreach_add_([*counters, layer.skipped_updates], operands.steps)
-    layer.skipped_updates.sub_(finite.sum())
+    torch._foreach_add_([*counters, skipped], operands.steps)
+    skipped.sub_(finite.sum())
     if known is not None:
         layer.host_counters.record(counters, (known[0] + 1, known[1] + groups))
     # tensors the backward reads pass saved_for_backward: a compiled backward must not recompute
@@ -337,7 +349,7 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
         # u is the backward kernel's save_invstd: empty, so that it derives 1 / sqrt(var + 0) from
         # the running statistics itself (eval mode), on CPU and on CUDA (no rsqrt op here)
         var, chi_plus_eps, *flags = saved_for_backward(var, chi_plus_eps, *flags)
-        u = filled(0, 0.0, var.dtype, var.device)
+        u = operands.empty
     else:
         var, u, chi_plus_eps, *flags = saved_for_backward(var, var.rsqrt(), chi_plus_eps, *flags)
     if isinstance(use_own, Tensor):
@@ -551,13 +563,14 @@ class _MovingAverageBatchNorm(_BatchNorm):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
-        zeros = cast(self.running_mean, statistics_dtype(input.dtype))
+        buffers = self._buffers  # see _advance_forward_statistics
+        zeros = cast(buffers["running_mean"], statistics_dtype(input.dtype))
         var, u, chi_plus_eps, use_own, slot = _advance_forward_statistics(self, input, zeros, groups)
         if groups == 1:
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
-                                       use_own, self.buffer_gz, self.grad_scale, slot)
-        return _MABNFunction.apply(_group_view(input, groups), self.weight, self.bias, zeros, var, u,
-                                   chi_plus_eps, use_own, self.buffer_gz, self.grad_scale, slot).reshape(input.shape)
+                                       use_own, buffers["buffer_gz"], self.grad_scale, slot)
+        return _MABNFunction.apply(_group_view(input, groups), self.weight, self.bias, zeros, var, u, chi_plus_eps,
+                                   use_own, buffers["buffer_gz"], self.grad_scale, slot).reshape(input.shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The ring windows of a ``split_batch=False`` layer are saved oldest first (copies), the

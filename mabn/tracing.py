@@ -11,6 +11,7 @@ import torch
 
 __all__ = ["tracing"]
 
+_get_dispatch_mode = torch._C._get_dispatch_mode
 _TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional
 
 
@@ -19,6 +20,7 @@ def tracing(device: torch.device) -> bool:
     ``device`` is on."""
     if torch.compiler.is_compiling():
         return True
-    if any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES):
-        return True
+    for key in _TRACING_MODES:  # a loop, not any() over a generator: this runs in every layer call
+        if _get_dispatch_mode(key) is not None:
+            return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
