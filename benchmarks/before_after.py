@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from benchmarks.bench import REAL_B, _base_resnet, _inputs, layer_case, machine_info, train_case
-from benchmarks.harness import count_ops, interleaved_times, log, paired_ratio, summarize
+from benchmarks.harness import (BACK_TO_BACK, INTERLEAVED, count_ops, interleaved_times, log, paired_ratio, relocate,
+                                summarize)
 
 __all__ = ["load_revision", "bench_ops", "bench_layers", "bench_train", "run", "format_markdown", "main"]
 
@@ -126,8 +127,10 @@ def _ratios(times: Mapping[str, Sequence[float]], reference: str) -> Dict[str, f
     return {name: paired_ratio(seconds, times[reference]) for name, seconds in times.items()}
 
 
-def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int) -> List[dict]:
-    """Per shape: BN, GN and each layer of each version in the same rounds; ratios to BN."""
+def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int, calls: str = INTERLEAVED
+                 ) -> List[dict]:
+    """Per shape: BN, GN and each layer of each version in the same rounds (the input moved to new
+    memory before each, :func:`benchmarks.harness.relocate`); ratios to BN."""
     rows = []
     for shape in LAYER_SHAPES:
         x, grad = _inputs(shape, torch.device("cpu"))
@@ -138,7 +141,8 @@ def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int
             for version, package in versions.items():
                 layers[f"{variant} {version}"] = LAYERS[variant](package, shape[1])
         cases = {name: layer_case(layer.train(), x, grad) for name, layer in layers.items()}
-        times = interleaved_times(cases, rounds, warmup, torch.device("cpu"), label=f"layers {shape}")
+        times = interleaved_times(cases, rounds, warmup, torch.device("cpu"), label=f"layers {shape}", calls=calls,
+                                  refresh=lambda: relocate(x, grad))
         medians = {name: summarize(t)["median_ms"] for name, t in times.items()}
         rows.append({"shape": list(shape), "median_ms": medians,
                      "iqr_pct": {name: summarize(t)["iqr_pct"] for name, t in times.items()},
@@ -147,7 +151,7 @@ def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int
 
 
 def bench_train(versions: Dict[str, types.ModuleType], arch: str, resolution: int, batch: int, rounds: int,
-                warmup: int) -> dict:
+                warmup: int, calls: str = INTERLEAVED) -> dict:
     """The ResNet training step with BN and with each version's MABN+CenConv, in the same rounds."""
     torch.manual_seed(0)
     images = torch.randn(batch, 3, resolution, resolution)
@@ -158,7 +162,8 @@ def bench_train(versions: Dict[str, types.ModuleType], arch: str, resolution: in
         converted = package.convert_norm(copy.deepcopy(base), "MABN", B=batch, real_B=REAL_B, warmup_iters=0)
         models[f"MABN+CenConv {version}"] = package.convert_conv(converted, "CenConv")
     cases = {name: train_case(model.train(), images, labels) for name, model in models.items()}
-    times = interleaved_times(cases, rounds, warmup, torch.device("cpu"), label=f"{arch} b{batch} {resolution}px")
+    times = interleaved_times(cases, rounds, warmup, torch.device("cpu"), label=f"{arch} b{batch} {resolution}px",
+                              calls=calls)
     medians = {name: summarize(t)["median_ms"] for name, t in times.items()}
     return {"arch": arch, "resolution": resolution, "batch": batch, "median_ms": medians,
             "iqr_pct": {name: summarize(t)["iqr_pct"] for name, t in times.items()},
@@ -172,7 +177,7 @@ def _largest_change(first: dict, later: dict) -> float:
     return max(abs(b[name] / a[name] - 1.0) for a, b in pairs for name in a if name != "BN")
 
 
-def run(revision: str, quick: bool, repeat: int) -> dict:
+def run(revision: str, quick: bool, repeat: int, calls: str = INTERLEAVED) -> dict:
     """Every section; ``versions`` are "before" (``revision``) and "after" (the working tree)."""
     import mabn
 
@@ -181,12 +186,13 @@ def run(revision: str, quick: bool, repeat: int) -> dict:
         versions = {"before": load_revision(revision, folder), "after": mabn}
         rounds, warmup = (15, 3) if quick else (40, 5)
         resolution, train_rounds = (112, 6) if quick else (224, 10)
-        results: dict = {"machine": machine_info(torch.device("cpu")), "before": revision,
+        results: dict = {"machine": machine_info(torch.device("cpu")), "before": revision, "calls": calls,
                          "after": _head_description(), "ops": bench_ops(versions), "passes": []}
         for index in range(repeat):
             log(f"timed pass {index + 1} of {repeat}")
-            results["passes"].append({"layers": bench_layers(versions, rounds, warmup),
-                                      "train": bench_train(versions, "resnet50", resolution, 2, train_rounds, 2)})
+            results["passes"].append({"layers": bench_layers(versions, rounds, warmup, calls),
+                                      "train": bench_train(versions, "resnet50", resolution, 2, train_rounds, 2,
+                                                           calls)})
     results["largest_repeat_change"] = (max(_largest_change(results["passes"][0], later)
                                             for later in results["passes"][1:]) if repeat > 1 else None)
     results["elapsed_s"] = time.perf_counter() - started
@@ -215,7 +221,8 @@ def format_markdown(results: dict) -> str:
     lines = [f"# Before ({results['before']}) and after ({results['after']})", "",
              f"torch {machine['torch']}, {machine['threads']} threads, CPU {machine['cpu_model']} "
              f"({machine['cpu_count']} cores, 1-min load {machine['load_average'][0]:.2f} at start), "
-             f"{machine['time']}.", "", "## Dispatched operators per training forward + backward", "",
+             f"{machine['time']}. Calls of a round: {results.get('calls', INTERLEAVED)}.", "",
+             "## Dispatched operators per training forward + backward", "",
              "| layer | input | before | after |", "|---|---|---:|---:|"]
     for row in results["ops"]:
         before, after = row["before"], row["after"]
@@ -249,12 +256,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--repeat", type=int, default=2, help="passes over the timed sections (default 2)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
     parser.add_argument("--json", metavar="PATH", help="write every number to PATH")
+    parser.add_argument("--calls", choices=(INTERLEAVED, BACK_TO_BACK), default=INTERLEAVED,
+                        help="how a round orders its calls (see benchmarks/harness.py)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--repeat and --threads must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    results = run(args.before, args.quick, args.repeat)
+    results = run(args.before, args.quick, args.repeat, args.calls)
     print(format_markdown(results), flush=True)
     if args.json:
         with open(f"{args.json}.tmp", "w") as handle:

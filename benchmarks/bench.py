@@ -33,12 +33,15 @@ the median over rounds of the two variants' times in the same round. Sections, i
 ``--quick`` runs the same sections and reports the same targets: the layer shapes are the real
 ones with fewer rounds; ResNet-50 runs at 112 px with fewer rounds, which the report says.
 
-A sample is ``k`` calls issued back to back, divided by ``k``, with ``k`` calibrated per variant
-and section (:func:`benchmarks.harness.interleaved_times`; ``k`` is in the layer table, the
-section headings and the JSON as ``repeats``) so that a sample lasts at least 5 ms on the CPU
+A sample is ``k`` calls divided by ``k``, with ``k`` calibrated per variant and section
+(:func:`benchmarks.harness.interleaved_times`; ``k`` is in the layer table, the section headings
+and the JSON as ``repeats``) so that a sample lasts at least 5 ms on the CPU
 (``time.perf_counter``) or 1 ms on CUDA (``--device cuda``, or ``auto`` on a GPU machine: CUDA
-events on the current stream, :func:`benchmarks.harness.select_timer`). CUDA runs the same rounds
-as the CPU; the header names the GPU. On the CPU the ``ops`` section reports dispatched
+events on the current stream, :func:`benchmarks.harness.select_timer`). By default the calls of
+all variants in a round are mixed and each is timed on its own (``--calls back-to-back``: each
+variant's ``k`` calls in a row), and the layer section moves its input and upstream gradient to
+new memory before every round (:func:`benchmarks.harness.relocate`); the harness's docstring says
+why. CUDA runs the same rounds as the CPU; the header names the GPU. On the CPU the ``ops`` section reports dispatched
 operators only: kernel launches exist only on CUDA. ``--repeat`` passes (default 2) check that
 the ratios hold on a second pass.
 """
@@ -61,8 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.harness import (CUDA_EVENT, Case, Times, compiled_kernels, count_kernel_launches, count_ops,
-                                interleaved_times, log, paired_ratio, saved_bytes, select_timer, summarize)
+from benchmarks.harness import (BACK_TO_BACK, CUDA_EVENT, INTERLEAVED, Case, Times, compiled_kernels,
+                                count_kernel_launches, count_ops, interleaved_times, log, paired_ratio, relocate,
+                                saved_bytes, select_timer, summarize)
 from benchmarks.targets import Target, check, format_target
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "TINY", "build_layer", "layer_case", "build_resnet", "train_case", "bench_ops",
@@ -121,6 +125,7 @@ class BenchConfig:
     resnet_warmup: int = 2
     compile_kernels: bool = True
     repeat: int = 2                # passes over the timed sections; the first is reported, the rest check it
+    calls: str = INTERLEAVED       # how a round orders its calls (benchmarks.harness)
 
     def with_rounds(self, rounds: int) -> "BenchConfig":
         return dataclasses.replace(self, layer_rounds=rounds, train_rounds=rounds, infer_rounds=rounds)
@@ -258,7 +263,8 @@ def bench_layers(config: BenchConfig, device: torch.device) -> List[dict]:
         x, grad = _inputs(shape, device)
         cases = {variant: _layer_case(variant, x, grad) for variant in variants}
         times = interleaved_times(cases, config.layer_rounds, config.layer_warmup, device,
-                                  label=f"layers {_shape_str(shape)}")
+                                  label=f"layers {_shape_str(shape)}", calls=config.calls,
+                                  refresh=lambda: relocate(x, grad))
         shape_rows = [dict(shape=list(shape), variant=v, **summarize(times[v]), **_timing(times, v))
                       for v in variants]
         _add_ratio(shape_rows, "ratio_to_bn", BN)
@@ -323,7 +329,7 @@ def bench_train(config: BenchConfig, batch: int, device: torch.device) -> List[d
     base = _base_resnet(config.arch)
     cases = {v: train_case(build_resnet(v, batch, base).to(device).train(), images, labels) for v in TRAIN_VARIANTS}
     label = f"{config.arch} train b{batch} {config.resolution}px"
-    times = interleaved_times(cases, config.train_rounds, config.resnet_warmup, device, label=label)
+    times = interleaved_times(cases, config.train_rounds, config.resnet_warmup, device, label=label, calls=config.calls)
     rows = []
     for variant, case in cases.items():
         saved = saved_bytes(case)
@@ -347,7 +353,8 @@ def bench_infer(config: BenchConfig, device: torch.device) -> List[dict]:
     unfolded = build_resnet(MABN_CENCONV, config.infer_batch, base).to(device).eval()
     cases = {variant: Case(run=torch.no_grad()(functools.partial(model, images))) for variant, model in models.items()}
     times = interleaved_times(cases, config.infer_rounds, config.resnet_warmup, device,
-                              label=f"{config.arch} infer b{config.infer_batch} {config.resolution}px")
+                              label=f"{config.arch} infer b{config.infer_batch} {config.resolution}px",
+                              calls=config.calls)
     rows = [dict(arch=config.arch, batch=config.infer_batch, resolution=config.resolution, variant=v,
                  **summarize(times[v]), **_timing(times, v)) for v in INFER_VARIANTS]
     _add_ratio(rows, "ratio_to_no_norm", NO_NORM)
@@ -573,8 +580,9 @@ def format_markdown(results: dict) -> str:
     machine, config = results["machine"], results["config"]
     lines = [f"# MABN benchmark ({config['name']})", "",
              f"torch {machine['torch']}, {machine['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, "
-             f"{machine['threads']} threads, CPU {machine['cpu_model']}. Medians of interleaved rounds; every ratio "
-             f"is the median of per-round ratios; copies = time / time of x.clone()."
+             f"{machine['threads']} threads, CPU {machine['cpu_model']}. Medians of rounds whose calls are "
+             f"{'mixed and timed one by one' if config.get('calls', INTERLEAVED) == INTERLEAVED else 'run back to back per variant'}"
+             f"; every ratio is the median of per-round ratios; copies = time / time of x.clone()."
              + (" Timed with CUDA events around k back-to-back calls per sample (time per call = sample / k)."
                 if machine.get("timer") == CUDA_EVENT else ""), ""]
     on_cuda = any(r.get("kernels") is not None for r in results["ops"])
@@ -633,6 +641,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="passes over the timed sections (default 2; the first is reported, the others give "
                              "the ratios' repeat agreement)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    parser.add_argument("--calls", choices=(INTERLEAVED, BACK_TO_BACK), default=INTERLEAVED,
+                        help="how a round orders its calls: every variant's calls mixed and timed one by one "
+                             "(default), or each variant's calls in a row (see benchmarks/harness.py)")
     args = parser.parse_args(argv)
     if args.quick and args.tiny:
         parser.error("--quick and --tiny exclude each other; pass one")
@@ -662,6 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         config = config.with_rounds(args.rounds)
     if args.repeat is not None:
         config = dataclasses.replace(config, repeat=args.repeat)
+    config = dataclasses.replace(config, calls=args.calls)
     log(f"device {device}, {torch.get_num_threads()} threads, {config.name} run")
     results = run_benchmark(config, device)
     print(format_markdown(results), flush=True)

@@ -1,26 +1,42 @@
 """Measuring tools shared by every benchmark section: interleaved timing, op and kernel counting, saved bytes.
 
-Timing method. A *round* runs every variant once, in an order rotated by one position per
-round, so slow drifts of a shared machine hit all variants alike. After untimed warm-up rounds,
-a variant's time is the median over the timed rounds. A ratio of two variants is the median over
+Timing method. A *round* runs every variant, in an order rotated by one position per round, so
+slow drifts of a shared machine hit all variants alike. After untimed warm-up rounds, a
+variant's time is the median over the timed rounds. A ratio of two variants is the median over
 rounds of the ratio of their times in the same round (:func:`paired_ratio`): a load change that
 lasts a round slows both samples of that round alike and leaves their ratio, where a ratio of
-medians would take the two medians from different rounds. The garbage collector runs between rounds and is off during them (memory is freed
-by reference counting), so no collection lands inside a timed sample; ``Case.prepare`` (zeroing
-gradients) runs untimed before each sample.
+medians would take the two medians from different rounds. The garbage collector runs between
+rounds and is off during them (memory is freed by reference counting), so no collection lands
+inside a timed sample; ``Case.prepare`` (zeroing gradients) runs untimed before each call.
 
-The clock depends on the device (:func:`select_timer`). A sample is ``k`` calls issued back to
-back, divided by ``k``: on the CPU timed with ``time.perf_counter``, on CUDA between two
-``torch.cuda.Event`` records on the current stream (the events time the GPU timeline, so a
-sample covers kernel time plus any gap in which the GPU waits for the host to launch, what a
-training loop of small layers sees, not the host's synchronize latency). ``k`` is calibrated per
-case once per :func:`interleaved_times` call, after the warm-up, so that each sample lasts at
-least ``CPU_SAMPLE_S`` (5 ms: a sub-millisecond call alone is at the mercy of a timer interrupt
-or a cache miss, and its ratios move by 10-20% between passes) or ``CUDA_SAMPLE_S`` (1 ms, far
-above the events' resolution of about a microsecond, and long enough to amortize the few
-microseconds before the first kernel starts); a per-case ``k`` keeps a slow variant from running
-hundreds of times per sample just because a fast one needs that. Between the ``k`` calls of one
-sample ``prepare`` runs inside the window: it is host-only work here (gradients set to ``None``).
+A variant's sample in a round is ``k`` calls, and its time is their total divided by ``k``.
+``k`` is calibrated per case once per :func:`interleaved_times` call, after the warm-up, so that
+a sample lasts at least ``CPU_SAMPLE_S`` (5 ms: a sub-millisecond call alone is at the mercy of
+a timer interrupt or a cache miss) or ``CUDA_SAMPLE_S`` (1 ms, far above the CUDA events'
+resolution of about a microsecond); a per-case ``k`` keeps a slow variant from running hundreds
+of times per sample just because a fast one needs that. How the calls of a round are ordered
+(``calls``):
+
+* ``INTERLEAVED`` (the default): the calls of all variants are mixed, each variant's ``k`` calls
+  spread evenly over the round (:func:`call_schedule`), and every call is timed on its own. A
+  disturbance of a few milliseconds then hits the variants in proportion instead of landing in
+  one variant's sample, and no layer runs back to back with itself, which no network does either
+  (back-to-back calls keep one layer's code and data hot; measured on the 2-core VM, the MABN/BN
+  ratio at 2x64x7x7 is about 3.7 back to back and 2.9 interleaved).
+* ``BACK_TO_BACK``: each variant's ``k`` calls in a row, timed together (``prepare`` then runs
+  inside the window between them; it is host-only work here, gradients set to ``None``).
+
+``refresh`` (optional) runs untimed at the start of every round and may move the inputs to new
+memory (:func:`relocate`), followed by one untimed call of every case: on a virtual machine a
+layer's time depends on where its tensors landed (cache sets, pages), by 10-20% for the
+mid-sized maps, and a fixed placement would bias every round of a pass alike, where a new one
+per round averages it out.
+
+The clock depends on the device (:func:`select_timer`): on the CPU ``time.perf_counter``, on
+CUDA ``torch.cuda.Event`` records on the current stream around each call (or each back-to-back
+sample), read after the round: the events time the GPU timeline, so a call's time covers its
+kernels plus any gap in which the GPU waits for the host to launch, what a training loop of
+small layers sees, not the host's synchronize latency.
 """
 from __future__ import annotations
 
@@ -39,7 +55,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Case", "Timer", "Times", "PERF_COUNTER", "CUDA_EVENT", "CPU_SAMPLE_S", "CUDA_SAMPLE_S", "MAX_REPEATS",
-           "perf_counter_seconds", "cuda_event_seconds", "select_timer", "repeats_for", "calibrate_repeats",
+           "INTERLEAVED", "BACK_TO_BACK", "perf_counter_seconds", "cuda_event_seconds", "perf_counter_calls",
+           "cuda_event_calls", "select_timer", "repeats_for", "calibrate_repeats", "call_schedule", "relocate",
            "interleaved_times", "paired_ratio", "summarize", "OpCounter", "count_ops", "KernelLaunches", "kernel_launches",
            "count_kernel_launches", "SavedTensorBytes", "saved_bytes", "CompiledKernels", "compiled_kernels", "log"]
 
@@ -47,6 +64,7 @@ PERF_COUNTER, CUDA_EVENT = "perf_counter", "cuda_event"
 CUDA_SAMPLE_S = 1e-3     # shortest CUDA-event sample the calibration aims for
 CPU_SAMPLE_S = 5e-3      # shortest perf_counter sample the calibration aims for
 MAX_REPEATS = 256        # most calls in one sample (a 4 us layer reaches 1 ms)
+INTERLEAVED, BACK_TO_BACK = "interleaved", "back-to-back"   # how the calls of a round are ordered
 
 
 def log(message: str) -> None:
@@ -116,11 +134,47 @@ def cuda_event_seconds(case: Case, repeats: int, device: torch.device) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
+def perf_counter_calls(calls: Sequence[Case], device: torch.device) -> List[float]:
+    """Seconds of each of ``calls`` (cases, in order), each timed on its own on the host clock after
+    its untimed ``prepare``."""
+    seconds = []
+    for case in calls:
+        if case.prepare is not None:
+            case.prepare()
+        _sync(device)
+        start = time.perf_counter()
+        case.run()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def cuda_event_calls(calls: Sequence[Case], device: torch.device) -> List[float]:
+    """Seconds of each of ``calls`` (cases, in order) between two CUDA events recorded around it on
+    the current stream (``prepare`` runs untimed before each); the events are read once all calls
+    are issued, so the host never waits for the GPU between calls."""
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
+    events = []
+    for case in calls:
+        if case.prepare is not None:
+            case.prepare()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        case.run()
+        end.record(stream)
+        events.append((start, end))
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
 class Timer(NamedTuple):
-    """A clock for samples: ``name`` as reported, ``seconds_per_call(case, repeats, device)``."""
+    """A clock: ``name`` as reported, ``seconds_per_call(case, repeats, device)`` for one
+    back-to-back sample, and ``each_call(cases, device)`` for calls timed one by one."""
 
     name: str
     seconds_per_call: Callable[[Case, int, torch.device], float]
+    each_call: Callable[[Sequence[Case], torch.device], List[float]]
 
 
 def select_timer(device: torch.device) -> Timer:
@@ -131,8 +185,8 @@ def select_timer(device: torch.device) -> Timer:
     on the stream time the GPU timeline itself. On the CPU the host clock is the right one.
     """
     if device.type == "cuda":
-        return Timer(CUDA_EVENT, cuda_event_seconds)
-    return Timer(PERF_COUNTER, perf_counter_seconds)
+        return Timer(CUDA_EVENT, cuda_event_seconds, cuda_event_calls)
+    return Timer(PERF_COUNTER, perf_counter_seconds, perf_counter_calls)
 
 
 def repeats_for(seconds_per_call: float, target_s: float = CUDA_SAMPLE_S, max_repeats: int = MAX_REPEATS) -> int:
@@ -179,14 +233,36 @@ class Times(Dict[str, List[float]]):
         self.repeats: Dict[str, int] = {name: 1 for name in self}
 
 
+def call_schedule(names: Sequence[str], repeats: Mapping[str, int]) -> List[str]:
+    """The calls of one interleaved round: each of ``names`` ``repeats[name]`` times, call ``j`` of
+    a name with ``k`` calls at position ``(j + 0.5) / k`` of the round (ties in ``names`` order),
+    so every variant's calls are spread evenly over the round."""
+    slots = [((j + 0.5) / repeats[name], index, name) for index, name in enumerate(names)
+             for j in range(repeats[name])]
+    return [name for _, _, name in sorted(slots)]
+
+
+def relocate(*tensors: Tensor) -> None:
+    """Move each tensor's data to new memory with the same values (the tensor objects stay, so
+    cases that hold them see the move): a ``refresh`` for :func:`interleaved_times`."""
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.data = tensor.data.clone()
+
+
 def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, device: torch.device,
-                      label: str = "", repeats: Optional[int] = None) -> Times:
+                      label: str = "", repeats: Optional[int] = None, calls: str = INTERLEAVED,
+                      refresh: Optional[Callable[[], None]] = None) -> Times:
     """Seconds per call of every case: ``warmup`` untimed rounds, then ``rounds`` timed rounds.
 
     ``repeats`` is the calls per timed sample of every case; ``None`` means
     :func:`calibrate_repeats` (after the warm-up) to samples of ``CPU_SAMPLE_S`` or
-    ``CUDA_SAMPLE_S``. Warm-up samples are single calls.
+    ``CUDA_SAMPLE_S``. Warm-up samples are single calls. ``calls`` orders a round's calls
+    (``INTERLEAVED`` or ``BACK_TO_BACK``) and ``refresh`` runs before every round, followed by
+    one untimed call per case (see the module docstring).
     """
+    if calls not in (INTERLEAVED, BACK_TO_BACK):
+        raise ValueError(f"calls must be {INTERLEAVED!r} or {BACK_TO_BACK!r}, got {calls!r}")
     names = list(cases)
     timer = select_timer(device)
     times = Times(names, timer.name)
@@ -197,8 +273,12 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
             if label:
                 log(f"{label}: " + (f"round {index - warmup + 1}/{rounds}" if timed else f"warm-up {index + 1}/{warmup}"))
             shift = index % len(names) if names else 0
+            order = names[shift:] + names[:shift]
             gc.collect()
             gc.disable()
+            if refresh is not None:
+                refresh()
+                timer.each_call([cases[name] for name in order], device)
             if index == warmup and names:
                 if repeats is not None:
                     times.repeats = {name: repeats for name in names}
@@ -208,10 +288,18 @@ def interleaved_times(cases: Mapping[str, Case], rounds: int, warmup: int, devic
                 if label and max(times.repeats.values()) > 1:
                     log(f"{label}: calls per {timer.name} sample " + ", ".join(
                         f"{name} {k}" for name, k in times.repeats.items()))
-            for name in names[shift:] + names[:shift]:
-                seconds = timer.seconds_per_call(cases[name], times.repeats[name] if timed else 1, device)
-                if timed:
-                    times[name].append(seconds)
+            counts = times.repeats if timed else {name: 1 for name in names}
+            if calls == BACK_TO_BACK:
+                sample = {name: timer.seconds_per_call(cases[name], counts[name], device) for name in order}
+            else:
+                schedule = call_schedule(order, counts)
+                totals = dict.fromkeys(order, 0.0)
+                for name, seconds in zip(schedule, timer.each_call([cases[name] for name in schedule], device)):
+                    totals[name] += seconds
+                sample = {name: totals[name] / counts[name] for name in order}
+            if timed:
+                for name in names:
+                    times[name].append(sample[name])
             gc.enable()
     finally:
         if gc_was_enabled:

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from torch.autograd import DeviceType
 
-from benchmarks.harness import (CPU_SAMPLE_S, CUDA_EVENT, MAX_REPEATS, PERF_COUNTER, Case, OpCounter, Timer, paired_ratio, calibrate_repeats,
-                                compiled_kernels, count_kernel_launches, count_ops, cuda_event_seconds,
-                                interleaved_times, kernel_launches, perf_counter_seconds, repeats_for, saved_bytes,
-                                select_timer, summarize)
+from benchmarks.harness import (BACK_TO_BACK, CPU_SAMPLE_S, CUDA_EVENT, MAX_REPEATS, PERF_COUNTER, Case, OpCounter,
+                                Timer, call_schedule, calibrate_repeats, compiled_kernels, count_kernel_launches,
+                                count_ops, cuda_event_calls, cuda_event_seconds, interleaved_times, kernel_launches,
+                                paired_ratio, perf_counter_calls, perf_counter_seconds, relocate, repeats_for,
+                                saved_bytes, select_timer, summarize)
 
 
 def test_interleaved_rounds_rotate_and_skip_warmup():
@@ -39,16 +40,70 @@ def test_explicit_repeats_run_back_to_back_with_prepare_before_each_call():
     calls = []
     cases = {name: Case(run=lambda name=name: calls.append(name), prepare=lambda name=name: calls.append(name.upper()))
              for name in "ab"}
-    times = interleaved_times(cases, rounds=1, warmup=1, device=torch.device("cpu"), repeats=3)
+    times = interleaved_times(cases, rounds=1, warmup=1, device=torch.device("cpu"), repeats=3, calls=BACK_TO_BACK)
     # warm-up: one call each; the timed round (rotated by one) runs each case 3 times back to back
     assert "".join(calls) == "AaBb" + "BbBbBb" + "AaAaAa"
     assert times.repeats == {"a": 3, "b": 3}
     assert {name: len(seconds) for name, seconds in times.items()} == {"a": 1, "b": 1}
 
 
+def test_interleaved_rounds_mix_the_calls_of_the_variants():
+    calls = []
+    cases = {name: Case(run=lambda name=name: calls.append(name), prepare=lambda name=name: calls.append(name.upper()))
+             for name in "ab"}
+    interleaved_times(cases, rounds=1, warmup=1, device=torch.device("cpu"), repeats=3)
+    # the timed round starts with b (rotated by one) and alternates, prepare before every call
+    assert "".join(calls) == "AaBb" + "BbAaBbAaBbAa"
+
+
+def test_call_schedule_spreads_each_variants_calls_over_the_round():
+    schedule = call_schedule(["a", "b", "c"], {"a": 4, "b": 2, "c": 1})
+    assert sorted(schedule) == ["a"] * 4 + ["b"] * 2 + ["c"]
+    assert schedule == ["a", "b", "a", "c", "a", "b", "a"]
+    assert call_schedule(["b", "a"], {"a": 1, "b": 1}) == ["b", "a"]
+
+
+def test_interleaved_samples_time_each_call_without_its_prepare(monkeypatch):
+    from benchmarks import harness
+
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+
+    def advance(seconds):
+        clock[0] += seconds
+
+    cases = {"slow": Case(run=lambda: advance(0.003), prepare=lambda: advance(1.0)),
+             "fast": Case(run=lambda: advance(0.001), prepare=lambda: advance(1.0))}
+    times = interleaved_times(cases, rounds=2, warmup=0, device=torch.device("cpu"), repeats=4)
+    assert times["slow"] == pytest.approx([0.003, 0.003]) and times["fast"] == pytest.approx([0.001, 0.001])
+    assert perf_counter_calls([cases["fast"], cases["slow"]], torch.device("cpu")) == pytest.approx([0.001, 0.003])
+
+
+def test_refresh_runs_before_every_round_then_one_untimed_call_per_case():
+    events = []
+    cases = {name: Case(run=lambda name=name: events.append(name)) for name in "ab"}
+    times = interleaved_times(cases, rounds=2, warmup=1, device=torch.device("cpu"), repeats=2,
+                              refresh=lambda: events.append("R"))
+    assert "".join(events) == "R" "ab" "ab" + "R" "ba" "baba" + "R" "ab" "abab"
+    assert {name: len(seconds) for name, seconds in times.items()} == {"a": 2, "b": 2}
+
+
+def test_relocate_moves_data_to_new_memory_and_keeps_values_and_objects():
+    x = torch.randn(3, 4, requires_grad=True)
+    values, pointer, tensor = x.detach().clone(), x.data_ptr(), x
+    relocate(x)
+    assert tensor is x and x.requires_grad and x.data_ptr() != pointer
+    assert torch.equal(x.detach(), values)
+
+
+def test_an_unknown_call_order_is_refused():
+    with pytest.raises(ValueError, match="calls must be"):
+        interleaved_times({"a": Case(run=lambda: None)}, rounds=1, warmup=0, device=torch.device("cpu"), calls="random")
+
+
 def test_select_timer_by_device_type():
-    assert select_timer(torch.device("cpu")) == Timer(PERF_COUNTER, perf_counter_seconds)
-    assert select_timer(torch.device("cuda")) == Timer(CUDA_EVENT, cuda_event_seconds)
+    assert select_timer(torch.device("cpu")) == Timer(PERF_COUNTER, perf_counter_seconds, perf_counter_calls)
+    assert select_timer(torch.device("cuda")) == Timer(CUDA_EVENT, cuda_event_seconds, cuda_event_calls)
     assert select_timer(torch.device("cuda", 1)).name == CUDA_EVENT
 
 
@@ -83,7 +138,7 @@ def test_calibrate_repeats_sizes_each_case_from_its_fastest_probe_then_back_to_b
         return per_call[case.state["name"]].pop(0)
 
     cases = {name: Case(run=lambda: None, state={"name": name}) for name in per_call}
-    repeats = calibrate_repeats(cases, torch.device("cpu"), Timer("fake", fake), probes=3, target_s=1e-3)
+    repeats = calibrate_repeats(cases, torch.device("cpu"), Timer("fake", fake, None), probes=3, target_s=1e-3)
     # fast: 50 calls from its 20 us probe, then 100 from 10 us back to back; slow keeps 3 (never lowered)
     assert repeats == {"fast": 100, "slow": 3, "long": 1}
     assert seen == [(name, 1) for name in per_call] * 3 + [("fast", 50), ("slow", 3)]
