@@ -14,6 +14,12 @@ forward (all losses), backward and ``SGD(lr=0, momentum=0.9).step()``, in train 
 are zeroed untimed before it. Every variant runs two untimed steps (the memory measurements
 below) before the warm-up rounds, so R-50 needs no warm-up round of its own.
 
+The RPN runs in full (anchors, losses, NMS), but the box and mask heads get the same fixed
+proposals in every variant (:func:`fixed_proposals`: shifted copies of the ground-truth boxes and
+random boxes, as many per image as the RPN keeps in training), hence as many RoIs: an untrained
+detector's own proposals depend on its weights, and so does the number of positive RoIs the mask
+head processes, which would make the variants' steps differ in work that is not the norm's.
+
 BN, GN and MABN run in this process with 2 images. SyncBN runs as the SyncBN-(1x2) setting:
 2 spawned gloo processes, 1 image each, each with half of this process's threads, wrapped in
 ``mabn.utils.distributed.GradientAveraging`` as the det trainer does on CPU. Its steps are
@@ -56,7 +62,7 @@ from benchmarks.targets import Target, check, format_target
 from mabn.utils.checkpoint import write_text_atomic
 from mabn.utils.distributed import average_gradients
 
-__all__ = ["DetConfig", "TINY", "R50", "synthetic_batch", "build_step", "run_config", "evaluate_targets",
+__all__ = ["DetConfig", "TINY", "R50", "synthetic_batch", "fixed_proposals", "build_step", "run_config", "evaluate_targets",
            "format_markdown", "main"]
 
 MIB = 2.0 ** 20
@@ -111,9 +117,55 @@ def synthetic_batch(height: int, width: int, num_classes: int, seed: int = 0
     return images, targets
 
 
+def fixed_proposals(image_sizes: Sequence[Tuple[int, int]], targets: Sequence[Dict[str, Tensor]], per_image: int,
+                    seed: int = 0) -> List[Tensor]:
+    """``per_image`` proposal boxes for each image, a function of the images' sizes and boxes and of
+    ``seed`` only: half of them (at most) are copies of the ground-truth boxes shifted by up to 10%
+    of their size (IoU above 0.5 with their box: positives), the rest are random boxes of 5-35% of
+    the image side."""
+    generator = torch.Generator().manual_seed(seed)
+    proposals = []
+    for (height, width), target in zip(image_sizes, targets):
+        boxes = target["boxes"]
+        copies = max(1, per_image // (2 * max(1, len(boxes)))) if len(boxes) else 0
+        near = boxes.repeat(copies, 1)
+        extent = (near[:, 2:] - near[:, :2]).repeat(1, 2)
+        near = near + (torch.rand(near.shape, generator=generator) - 0.5) * 0.2 * extent
+        rest = max(0, per_image - len(near))
+        side = torch.tensor([width, height], dtype=boxes.dtype)
+        corner = torch.rand(rest, 2, generator=generator) * side * 0.65
+        size = (0.05 + 0.3 * torch.rand(rest, 2, generator=generator)) * side
+        every = torch.cat([near, torch.cat([corner, corner + size], dim=1)])[:per_image]
+        limits = side.repeat(2)
+        proposals.append(torch.minimum(every.clamp(min=0), limits).to(boxes.device))
+    return proposals
+
+
+def _with_fixed_proposals(model: nn.Module) -> None:
+    """Replace the proposals of ``model``'s RPN, after it has run (anchors, losses, NMS), by
+    :func:`fixed_proposals` for its inputs, as many per image as the RPN keeps at most in training.
+
+    An untrained detector's proposals depend on its weights, so the number of positive RoIs (the
+    mask head's batch) differs between norms: 7 against 9 for BN and MABN in one measurement,
+    which moved the step time by a few percent that have nothing to do with the norm. With the
+    same proposals every variant's heads get as many positive and negative RoIs (the sampler's
+    random pick among them is the only difference, and a RoI's cost does not depend on its box)."""
+    rpn = model.rpn
+    top_n = rpn.post_nms_top_n()
+
+    def replace(module: nn.Module, args: tuple, output: tuple) -> tuple:
+        image_list, _, targets = args
+        images = len(image_list.image_sizes)
+        per_image = top_n // images if getattr(module, "per_batch_in_training", False) else top_n
+        return fixed_proposals(image_list.image_sizes, targets, per_image), output[1]
+
+    rpn.register_forward_hook(replace)
+
+
 def build_step(config: DetConfig, norm: str, images: Sequence[Tensor], targets: Sequence[Dict[str, Tensor]],
                wrap: Optional[Callable[[nn.Module], nn.Module]] = None) -> Case:
-    """A :class:`Case` running one training step of the ``norm`` detector (``wrap``-ped) on ``images``."""
+    """A :class:`Case` running one training step of the ``norm`` detector (``wrap``-ped) on ``images``,
+    with the RPN's proposals replaced by :func:`fixed_proposals` (:func:`_with_fixed_proposals`)."""
     from det.config import load_config
     from det.modeling import build_detection_model
 
@@ -121,6 +173,7 @@ def build_step(config: DetConfig, norm: str, images: Sequence[Tensor], targets: 
     torch.manual_seed(0)
     model = build_detection_model(cfg)
     model.train()
+    _with_fixed_proposals(model)
     if wrap is not None:
         model = wrap(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)

@@ -28,6 +28,48 @@ def test_synthetic_batch_matches_torchvision_targets():
     assert torch.equal(images[0], again[0])
 
 
+def test_fixed_proposals_depend_only_on_the_inputs_and_hold_positives():
+    from torchvision.ops import box_iou
+
+    _, targets = det_bench.synthetic_batch(64, 80, num_classes=4, seed=3)
+    sizes = [(64, 80)] * len(targets)
+    proposals = det_bench.fixed_proposals(sizes, targets, per_image=20)
+    assert all(torch.equal(a, b) for a, b in zip(proposals, det_bench.fixed_proposals(sizes, targets, per_image=20)))
+    for boxes, target in zip(proposals, targets):
+        assert boxes.shape == (20, 4) and boxes.dtype == target["boxes"].dtype
+        assert bool((boxes >= 0).all()) and bool((boxes[:, 2] <= 80).all()) and bool((boxes[:, 3] <= 64).all())
+        best = box_iou(boxes, target["boxes"]).max(dim=1).values
+        # the shifted copies of the boxes (half of them, rounded down to whole copies) are positives
+        assert int((best >= 0.5).sum()) >= 20 // (2 * len(target["boxes"])) * len(target["boxes"])
+
+
+def test_every_variant_gets_the_same_proposals_and_as_many_rois():
+    """BN and MABN, whose untrained RPNs propose different boxes, give their RoI heads the same
+    proposals, so the mask head's batch (the positive RoIs) has the same size."""
+    images, targets = det_bench._batch_for(det_bench.TINY, "bn")
+    proposals, mask_rois = {}, {}
+
+    def record(norm):
+        def before_heads(module, args):
+            proposals[norm] = [boxes.clone() for boxes in args[1]]
+
+        def mask_pool(module, args, output):
+            mask_rois.setdefault(norm, [len(boxes) for boxes in args[1]])
+        return before_heads, mask_pool
+
+    for norm in ("bn", "mabn"):
+        case = det_bench.build_step(det_bench.TINY, norm, images, targets)
+        model = next(cell.cell_contents for cell in case.run.__closure__
+                     if isinstance(cell.cell_contents, torch.nn.Module))
+        before_heads, mask_pool = record(norm)
+        model.roi_heads.register_forward_pre_hook(before_heads)
+        model.roi_heads.mask_roi_pool.register_forward_hook(mask_pool)
+        case.prepare()
+        case.run()
+    assert all(torch.equal(a, b) for a, b in zip(proposals["bn"], proposals["mabn"]))
+    assert mask_rois["bn"] == mask_rois["mabn"] and sum(mask_rois["bn"]) > 0
+
+
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--warmup", "-1"], ["--threads", "0"],
                                   ["--json", "/no/such/folder/out.json"]])
 def test_bad_arguments_exit_2(args, capsys):
