@@ -55,17 +55,21 @@ with scale ``weight * r`` and shift ``weight * d + bias``: one ``native_batch_no
 one ``native_batch_norm_backward`` call backward. With several groups it is
 :func:`mabn.groups.grouped_batch_norm` (shared with ghost BN: no copy of the input, per-group
 coefficients broadcast over its channels-last (G, B, S, C) view, batch norm's backward written
-out, first order only). Either way the statistics broadcast against the (C,) running
-statistics as they are. A step's per-channel arithmetic is a few ``_foreach`` ops: one
-``_foreach_addcmul`` for ``sigma_B ** 2``, ``sigma ** 2``, ``mu_B - running_mean`` and the
-schedule's affine map of the counter (then one clamp on cached constants gives the limits), one
-``_foreach_pow`` for every square root (``sigma_B``, ``sigma``, the two standard deviations of
-the update; with several groups also ``1 / sigma_B`` and ``sigma_B ** 3``, or ``sigma_B ** -3``
-without weight) and ``1 / rmax_t``, one ``_foreach_div`` for ``r`` and ``d`` before clipping
-(with several groups also the weight over ``sigma_B`` and ``sigma_B ** 3``), the two EMAs one
-``_foreach_lerp``; ``r`` and ``d`` are saved for the backward, never recomputed
-(:mod:`mabn.compile_barrier`). A training forward + backward dispatches 25 ops with one group and
-38 with four (the autograd engine's three gradient accumulations included).
+out, first order only). The batch statistics (mean and biased variance) come from
+:func:`mabn.groups.channel_moments` or :func:`mabn.groups.grouped_moments`: ``var_mean`` on a
+GPU, two passes (a mean, then the squared deviations from it) on the CPU, where var_mean is
+slow. Either way the statistics broadcast against the (C,) running statistics as they are. A
+step's per-channel arithmetic is a few ``_foreach`` ops: one ``_foreach_addcmul`` for ``sigma_B
+** 2``, the unbiased variance, ``sigma ** 2``, ``mu_B - running_mean`` and the schedule's affine
+map of the counter (then one clamp on cached constants gives the limits), one ``_foreach_pow``
+for every square root (``sigma_B``, ``sigma``, the two standard deviations of the update; with
+several groups also ``1 / sigma_B`` and ``sigma_B ** 3``, or ``sigma_B ** -3`` without weight)
+and ``1 / rmax_t``, one ``_foreach_div`` for ``r`` and ``d`` before clipping (with several groups
+also the weight over ``sigma_B`` and ``sigma_B ** 3``), the two EMAs one ``_foreach_lerp``; ``r``
+and ``d`` are saved for the backward, never recomputed (:mod:`mabn.compile_barrier`). A training
+forward + backward dispatches 25 ops with one group and 38 with four on a GPU, 40 with four on
+the CPU (the two-pass statistics' mean and sum of squares; the autograd engine's three gradient
+accumulations included).
 
 Non-finite statistics (a NaN or inf in the input, or a variance that overflows) never enter the
 running statistics: the whole update of that forward is skipped (``num_batches_tracked`` too, so
@@ -87,7 +91,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mabn.compile_barrier import saved_for_backward
-from mabn.groups import (cached_constant, check_group_size, check_norm_input, count_groups,
+from mabn.groups import (cached_constant, channel_moments, check_group_size, check_norm_input, count_groups,
                          grouped_batch_norm, grouped_moments, grouped_view, negative_zero, scalar)
 from mabn.precision import statistics_dtype
 from mabn.running_stats import FiniteRunningStats
@@ -192,9 +196,9 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         """Renormalized output; updates the running statistics and the step counter.
 
         One group goes through torch's batch-norm kernels (one forward and one backward call),
-        several through :func:`mabn.groups.grouped_batch_norm` on the (G, B, S, C) view of ``x``
-        with statistics shaped (G, 1, 1, C); either way every per-channel tensor broadcasts
-        against the statistics as it is."""
+        several through :func:`mabn.groups.grouped_batch_norm` on the deviations of the (G, B,
+        S, C) view of ``x`` from its group means, with statistics shaped (G, 1, 1, C); either way
+        every per-channel tensor broadcasts against the statistics as it is."""
         groups = count_groups(type(self).__name__, self.B, x.shape[0])
         if x.numel() == 0:  # nothing to normalize; statistics and counters stay as they are
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
@@ -205,42 +209,42 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
                              + ("" if self.B is None else f" split into groups of B={self.B}"))
         with torch.no_grad():
             if groups == 1:
-                dims = [0, *range(2, x.dim())]
-                var_unbiased, mean_b = torch.var_mean(x, dim=dims, correction=1)  # (C,)
+                mean_b, var_biased = channel_moments(x)  # (C,)
             else:
-                x_p = grouped_view(x, groups)
-                mean_b, var_unbiased = grouped_moments(x_p, correction=1)  # (G, 1, 1, C)
-            r, d, grouped = self._factors(mean_b, var_unbiased, count, weight)
+                mean_b, var_biased, xmu = grouped_moments(grouped_view(x, groups))  # (G, 1, 1, C), x_p - mean
+            r, d, grouped = self._factors(mean_b, var_biased, count, weight)
         # y = weight * (x_hat * r + d) + bias: per-group scale weight * r and shift
         # weight * d + bias; r and d are constants, so the gradient is the paper's.
         if groups == 1:
             return _WholeBatchRenorm.apply(x, weight, bias, r, d, self.eps)
         invstd = grouped.pop("invstd")
-        return grouped_batch_norm(x, x_p, mean_b, invstd, weight, bias, r, d, **grouped)
+        return grouped_batch_norm(x, xmu, invstd, weight, bias, r, d, **grouped)
 
-    def _factors(self, mean_b: Tensor, var_unbiased: Tensor, count: int,
+    def _factors(self, mean_b: Tensor, var_biased: Tensor, count: int,
                  weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, dict]:
-        """``(r, d, grouped)`` for the batch statistics (each (C,) or (G, 1, 1, C), from ``count``
-        values per channel and group); updates the running statistics. Where the statistics are
-        per group, ``grouped`` holds the keywords of :func:`mabn.groups.grouped_batch_norm`
-        (``invstd`` and ``invstd3``, or ``weighted`` given ``weight``), else it is empty.
+        """``(r, d, grouped)`` for the batch statistics, the mean and the biased variance (each
+        (C,) or (G, 1, 1, C), from ``count`` values per channel and group); updates the running
+        statistics. Where the statistics are per group, ``grouped`` holds the keywords of
+        :func:`mabn.groups.grouped_batch_norm` (``invstd`` and ``invstd3``, or ``weighted`` given
+        ``weight``), else it is empty.
 
         Seven dispatched ops before the update: one ``_foreach_addcmul`` (``sigma_B ** 2``, the
-        running variance + eps, ``mu_B - running_mean`` and the schedule's affine map of the
-        counter), one clamp of the limits and their ``unbind``, one ``_foreach_pow`` (every
-        square root, ``1 / rmax_t`` and, per group, ``1 / sigma_B`` and ``sigma_B ** 3`` or its
-        inverse), one ``_foreach_div`` (``r`` and ``d`` unclipped and, per group, ``weight /
-        sigma_B`` and ``weight / sigma_B ** 3``) and a clamp each for ``r`` and ``d``."""
+        unbiased variance, the running variance + eps, ``mu_B - running_mean`` and the schedule's
+        affine map of the counter), one clamp of the limits and their ``unbind``, one
+        ``_foreach_pow`` (every square root, ``1 / rmax_t`` and, per group, ``1 / sigma_B`` and
+        ``sigma_B ** 3`` or its inverse), one ``_foreach_div`` (``r`` and ``d`` unclipped and, per
+        group, ``weight / sigma_B`` and ``weight / sigma_B ** 3``) and a clamp each for ``r`` and
+        ``d``."""
         dtype, device = mean_b.dtype, mean_b.device
         per_group, weighted = mean_b.dim() > 1, mean_b.dim() > 1 and weight is not None
-        eps = scalar(self.eps, dtype, device)
+        eps, one = scalar(self.eps, dtype, device), scalar(1.0, dtype, device)
         running_mean = self.running_mean.to(dtype)
         running_var = self.running_var.to(dtype)
         slope, offset, low, high = self._limit_constants(dtype, device)
-        var_b, running_var_eps, mean_shift, ramp = torch._foreach_addcmul(
-            [eps, running_var, mean_b, offset],
-            [var_unbiased, scalar(1.0, dtype, device), running_mean, self.num_batches_tracked],
-            [scalar((count - 1) / count, dtype, device), eps, scalar(-1.0, dtype, device), slope])
+        var_b, var_unbiased, running_var_eps, mean_shift, ramp = torch._foreach_addcmul(
+            [eps, negative_zero(dtype, device), running_var, mean_b, offset],
+            [var_biased, var_biased, one, running_mean, self.num_batches_tracked],
+            [one, scalar(count / (count - 1), dtype, device), eps, scalar(-1.0, dtype, device), slope])
         rmax, dmax, dmin = torch.clamp(ramp, low, high).unbind()
         bases, exponents = [var_b, running_var_eps, running_var, var_unbiased, rmax], [0.5, 0.5, 0.5, 0.5, -1.0]
         if per_group:

@@ -13,15 +13,18 @@ per-channel mean and biased variance::
 
 The gradient is the gradient of this per-group batch norm (each group's statistics depend only
 on that group). With ``G > 1`` the layer makes no copy of the input: it works on the
-channels-last (G, B, S, C) view (:func:`mabn.groups.grouped_view`), the statistics come from
-one reduction over it (:func:`mabn.groups.grouped_moments`), and the backward is batch norm's,
-written out in :func:`mabn.groups.grouped_batch_norm` (one product, two reductions and two
-fused element-wise passes, every per-group coefficient broadcast); it is first-order only (no
-double backward). Batch Renormalization shares these functions. Both running statistics advance
-in one ``_foreach_lerp``, which also gives the biased variance + eps of every group (``var + (n *
-eps - var) / n`` for the unbiased ``var`` of ``n`` values is a lerp); one ``_foreach_pow`` gives
-its inverse square root and cube. A training forward + backward dispatches 30 ops at four groups
-(the autograd engine's three gradient accumulations included), 15 with one group.
+channels-last (G, B, S, C) view (:func:`mabn.groups.grouped_view`), the statistics and the
+deviations from the group means come from :func:`mabn.groups.grouped_moments` (``var_mean`` and
+one subtraction on a GPU; on the CPU, where var_mean is slow, two passes: a mean, the
+deviations, and the sum of their squares), and the backward is batch norm's, written out in
+:func:`mabn.groups.grouped_batch_norm` (one product, two reductions and two fused element-wise
+passes, every per-group coefficient broadcast); it is first-order only (no double backward).
+Batch Renormalization shares these functions. Both running statistics advance in one
+``_foreach_lerp``, which also gives the biased variance + eps of every group (``var + (n * eps -
+var) / n`` for the unbiased ``var`` of ``n`` values is a lerp); one ``_foreach_pow`` gives its
+inverse square root and cube. A training forward + backward dispatches 30 ops at four groups on
+a GPU and 32 on the CPU (the two-pass statistics' mean and sum of squares; the autograd
+engine's three gradient accumulations included), 15 with one group.
 
 Running statistics are updated ONCE per forward with torch's BatchNorm rule applied to the
 average over groups of the group means and of the group unbiased variances::
@@ -117,8 +120,8 @@ class _GhostBatchNormMixin(FiniteRunningStats):
         if groups == 1:
             return self._whole_batch_forward(x, weight, bias, update).to(input.dtype)
         with torch.no_grad():
-            x_p = grouped_view(x, groups)
-            mean, var_unbiased = grouped_moments(x_p, correction=1)  # (G, 1, 1, C)
+            # (G, 1, 1, C) statistics and the deviations x_p - mean of the (G, B, S, C) view
+            mean, var_unbiased, xmu = grouped_moments(grouped_view(x, groups), correction=1)
             # the biased variance + eps, var_unbiased * (n - 1) / n + eps, as the lerp
             # var_unbiased + (n * eps - var_unbiased) / n (within a few ulps): it joins the
             # running statistics' lerp
@@ -137,7 +140,7 @@ class _GhostBatchNormMixin(FiniteRunningStats):
             else:
                 var_eps = torch.lerp(var_unbiased, n_eps, 1.0 / per_group)
             invstd, invstd3 = torch._foreach_pow([var_eps, var_eps], [-0.5, -1.5])
-        out = grouped_batch_norm(x, x_p, mean, invstd, weight, bias, invstd3=invstd3)
+        out = grouped_batch_norm(x, xmu, invstd, weight, bias, invstd3=invstd3)
         if update:
             self._commit_running_stats(new_mean, new_var)
         return out.to(input.dtype)

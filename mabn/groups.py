@@ -7,9 +7,12 @@ and Batch Renormalization share. Both work on the channels-last (G, B, S, C) vie
 (N, C, *S) input (:func:`grouped_view`, one ``as_strided``) with statistics shaped (G, 1, 1, C):
 every per-group coefficient broadcasts over the view without a copy, and every per-channel
 tensor (weight, bias, running statistics, all (C,)) broadcasts against the statistics without a
-reshape. At tiny batches a layer's cost is its number of dispatched ops (kernel launches on a
-GPU, and views count too), and :func:`cached_constant` keeps constant tensors from costing one
-per call.
+reshape. The statistics come with the deviations ``x_p - mean``, which the grouped batch norm
+normalizes and saves: on the CPU they are the middle pass of a two-pass reduction (torch's
+``var_mean`` is a scalar Welford loop there, tens of times slower than a mean and a sum; see
+:func:`two_pass_statistics`), elsewhere one kernel after ``var_mean``. At tiny batches a
+layer's cost is its number of dispatched ops (kernel launches on a GPU, and views count too),
+and :func:`cached_constant` keeps constant tensors from costing one per call.
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ from torch.autograd.function import once_differentiable
 
 from mabn.tracing import tracing
 
-__all__ = ["cached_constant", "check_group_size", "check_norm_input", "count_groups", "filled", "negative_zero",
-           "scalar", "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments", "grouped_view"]
+__all__ = ["cached_constant", "channel_moments", "check_group_size", "check_norm_input", "count_groups", "filled",
+           "negative_zero", "scalar", "group_batch_norm", "group_statistics", "grouped_batch_norm", "grouped_moments",
+           "grouped_view", "two_pass_statistics"]
 
 
 _CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
@@ -163,21 +167,70 @@ def _output_like(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     return out, grouped_view(out, groups)
 
 
-def grouped_moments(x_p: Tensor, correction: int = 0) -> Tuple[Tensor, Tensor]:
-    """Mean and variance (biased, or with Bessel's ``correction=1``) of each group and channel of
-    a (G, B, S, C) view, each (G, 1, 1, C) (broadcasting over the view and against (C,)
-    tensors), without gradient: one reduction kernel over the samples and positions of a group
-    (Welford's, exact for ``|mean| >> std``)."""
+def two_pass_statistics(device: torch.device) -> bool:
+    """Whether the statistics of an input on ``device`` are computed in two passes (the mean, then
+    the sum of the squared deviations from it: as exact as Welford's for ``|mean| >> std``, which
+    ``E[x^2] - mean^2`` is not) rather than by ``torch.var_mean``: on the CPU, where var_mean's
+    Welford loop is not vectorized and takes tens of times as long as the two passes; elsewhere
+    var_mean is one kernel and one read of the input."""
+    return device.type == "cpu"
+
+
+def _var_mean_moments(x_p: Tensor, correction: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`grouped_moments` in one ``var_mean`` kernel (Welford's) and the deviations."""
+    var, mean = torch.var_mean(x_p, dim=(1, 2), correction=correction, keepdim=True)
+    return mean, var, x_p - mean
+
+
+def _two_pass_moments(x_p: Tensor, correction: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`grouped_moments` in two passes: the mean, the deviations from it, and the sum of
+    their squares, each square divided by ``n - correction`` in the product's kernel."""
+    mean = x_p.mean(dim=(1, 2), keepdim=True)
+    xmu = x_p - mean
+    scale = 1.0 / (x_p.shape[1] * x_p.shape[2] - correction)
+    squares = torch.addcmul(negative_zero(x_p.dtype, x_p.device), xmu, xmu, value=scale)
+    return mean, squares.sum(dim=(1, 2), keepdim=True), xmu
+
+
+def grouped_moments(x_p: Tensor, correction: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, xmu)`` of each group and channel of a (G, B, S, C) view, without gradient:
+    the mean and the variance (biased, or with Bessel's ``correction=1``), each (G, 1, 1, C)
+    (broadcasting over the view and against (C,) tensors), and the deviations ``xmu = x_p -
+    mean`` (G, B, S, C) that :func:`grouped_batch_norm` normalizes. On the CPU (see
+    :func:`two_pass_statistics`) four kernels: a mean, the deviations, their scaled squares and
+    the sum of these; elsewhere two: ``var_mean`` and the deviations."""
     with torch.no_grad():
-        var, mean = torch.var_mean(x_p, dim=(1, 2), correction=correction, keepdim=True)
+        moments = _two_pass_moments if two_pass_statistics(x_p.device) else _var_mean_moments
+        return moments(x_p, correction)
+
+
+def _var_mean_channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`channel_moments` in one ``var_mean`` kernel."""
+    var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
     return mean, var
+
+
+def _two_pass_channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`channel_moments` in torch's batch-norm statistics kernel for the CPU: a mean, then
+    the sum of the squared deviations from it."""
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
+
+
+def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and biased variance of each channel of (N, C, *S) ``x`` (the whole batch as one
+    group), each (C,), without gradient, in one dispatched op: two passes on the CPU (see
+    :func:`two_pass_statistics`), ``var_mean`` elsewhere."""
+    with torch.no_grad():
+        moments = _two_pass_channel_moments if two_pass_statistics(x.device) else _var_mean_channel_moments
+        return moments(x)
 
 
 def group_statistics(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     """Per-group, per-channel mean and biased variance of (N, C, *S) ``x``, each (G, C), from
-    one reduction over its grouped view (no copy for contiguous or channels-last input)."""
+    :func:`grouped_moments` on its grouped view (no copy for contiguous or channels-last
+    input)."""
     with torch.no_grad():
-        mean, var = grouped_moments(grouped_view(x, groups))
+        mean, var, _ = grouped_moments(grouped_view(x, groups))
     return mean.view(groups, -1), var.view(groups, -1)
 
 
@@ -214,19 +267,18 @@ def _affine(t: Tensor, scale: Tensor, shift: Optional[Tensor]) -> Tensor:
 
 class _GroupBatchNorm(torch.autograd.Function):
     """``y = x_hat * (weight * r) + (weight * d + bias)`` on (N, C, *S) ``x`` whose (G, B, S, C)
-    view ``x_p`` is given, with ``x_hat = (x_p - mean) * invstd`` for its (G, 1, 1, C) group
-    statistics (from :func:`grouped_moments`): ``weight`` and ``bias`` (C,), ``r`` and ``d``
-    broadcasting like (G, 1, 1, C), each None when absent (1 or 0); ``invstd3 = invstd ** 3`` and
-    ``weight * invstd``, ``weight * invstd3`` may be given (see :func:`grouped_batch_norm`).
-    The backward is batch norm's, through the statistics too, with the parameter gradients reduced
-    to (C,) here (no autograd ops for the products).
+    deviations ``xmu`` from its (G, 1, 1, C) group means are given (from :func:`grouped_moments`),
+    with ``x_hat = xmu * invstd``: ``weight`` and ``bias`` (C,), ``r`` and ``d`` broadcasting like
+    (G, 1, 1, C), each None when absent (1 or 0); ``invstd3 = invstd ** 3`` and ``weight *
+    invstd``, ``weight * invstd3`` may be given (see :func:`grouped_batch_norm`). The backward is
+    batch norm's, through the statistics too, with the parameter gradients reduced to (C,) here
+    (no autograd ops for the products).
 
-    Forward: ``xmu = x_p - mean`` and ``y = xmu * k + shift`` (two kernels on the input's size,
-    the second one's output reshaped in place into the layer's output) with ``k = weight * r *
-    invstd`` and ``shift = weight * d + bias`` (one or two ``_foreach`` ops for these, ``k3 = k *
-    invstd ** 2`` and ``ri = r * invstd``); ``xmu`` is saved (not ``x`` or ``x_hat``). Backward,
-    with ``n`` values per group and channel, ``sum_dy`` and ``sum_dm = sum(dy * xmu)`` (one
-    product and two reductions)::
+    Forward: ``y = xmu * k + shift`` (one kernel on the input's size, its output reshaped in place
+    into the layer's output) with ``k = weight * r * invstd`` and ``shift = weight * d + bias``
+    (one or two ``_foreach`` ops for these, ``k3 = k * invstd ** 2`` and ``ri = r * invstd``);
+    ``xmu`` is saved (not ``x`` or ``x_hat``). Backward, with ``n`` values per group and channel,
+    ``sum_dy`` and ``sum_dm = sum(dy * xmu)`` (one product and two reductions)::
 
         dx = k * dy + xmu * P + Q,   P = -k3 * sum_dm / n,   Q = -k * sum_dy / n
 
@@ -234,12 +286,11 @@ class _GroupBatchNorm(torch.autograd.Function):
     gradients in one ``_foreach_addcmul``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, x_p: Tensor, mean: Tensor, invstd: Tensor, invstd3: Optional[Tensor],
+    def forward(ctx, x: Tensor, xmu: Tensor, invstd: Tensor, invstd3: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], r: Optional[Tensor], d: Optional[Tensor],
                 weight_invstd: Optional[Tensor], weight_invstd3: Optional[Tensor]) -> Tensor:
         weighted = None if weight_invstd is None else (weight_invstd, weight_invstd3)
         k, k3, shift, ri = _coefficients(invstd, invstd3, weight, bias, r, d, weighted)
-        xmu = x_p - mean
         ctx.save_for_backward(xmu, k, k3, ri, invstd, weight, d)
         ctx.shape = x.shape
         y_p = _affine(xmu, k, shift)  # a new tensor in the input's dimension order
@@ -247,7 +298,7 @@ class _GroupBatchNorm(torch.autograd.Function):
         if strides is not None:
             # reshaped in place: the output is no view (a view would forbid in-place ops on it)
             return y_p.as_strided_(x.shape, strides)
-        out, out_p = _output_like(x, x_p.shape[0])
+        out, out_p = _output_like(x, xmu.shape[0])
         out_p.copy_(y_p)  # Dynamo takes no as_strided_ (and no strided out= tensor)
         return out
 
@@ -256,7 +307,7 @@ class _GroupBatchNorm(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
         xmu, k, k3, ri, invstd, weight, d = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        need_x, need_weight, need_bias, need_r, need_d = needs[0], *needs[5:9]
+        need_x, need_weight, need_bias, need_r, need_d = needs[0], *needs[4:8]
         dy_p = grouped_view(dy, xmu.shape[0])
         count = xmu.shape[1] * xmu.shape[2]  # values per channel and group
         sum_dy = dy_p.sum(dim=(1, 2), keepdim=True)
@@ -284,21 +335,22 @@ class _GroupBatchNorm(torch.autograd.Function):
             grad_r = terms[-1] if weight is None else terms[-1] * weight
         if need_d:
             grad_d = sum_dy if weight is None else sum_dy * weight
-        return dx, None, None, None, None, grad_weight, grad_bias, grad_r, grad_d, None, None
+        return dx, None, None, None, grad_weight, grad_bias, grad_r, grad_d, None, None
 
 
-def grouped_batch_norm(x: Tensor, x_p: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor] = None,
+def grouped_batch_norm(x: Tensor, xmu: Tensor, invstd: Tensor, weight: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None, r: Optional[Tensor] = None, d: Optional[Tensor] = None, *,
                        invstd3: Optional[Tensor] = None, weighted: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """``(x - mean) * invstd * (weight * r) + (weight * d + bias)`` per group of (N, C, *S) ``x``,
-    given its (G, B, S, C) view ``x_p`` (:func:`grouped_view`, made without gradient), (G, 1, 1, C)
-    group statistics, (C,) ``weight``/``bias`` and ``r``/``d`` broadcasting like (G, 1, 1, C)
-    (None: absent). ``invstd3`` (``invstd ** 3``) and ``weighted`` (``(weight * invstd, weight *
-    invstd3)``, used where ``weight``, ``r`` and ``d`` are all given) save ops where the caller
-    has them (None: computed here where needed). Returns a new tensor shaped like ``x``.
-    Gradients as if the statistics were computed by autograd."""
+    given the (G, B, S, C) deviations ``xmu`` of its grouped view from the group means (as
+    :func:`grouped_moments` returns them, made without gradient), (G, 1, 1, C) ``invstd``, (C,)
+    ``weight``/``bias`` and ``r``/``d`` broadcasting like (G, 1, 1, C) (None: absent).
+    ``invstd3`` (``invstd ** 3``) and ``weighted`` (``(weight * invstd, weight * invstd ** 3)``,
+    used where ``weight``, ``r`` and ``d`` are all given) save ops where the caller has them
+    (None: computed here where needed). Returns a new tensor shaped like ``x``. Gradients as if
+    the statistics were computed by autograd."""
     weight_invstd, weight_invstd3 = (None, None) if weighted is None else weighted
-    return _GroupBatchNorm.apply(x, x_p, mean, invstd, invstd3, weight, bias, r, d, weight_invstd, weight_invstd3)
+    return _GroupBatchNorm.apply(x, xmu, invstd, invstd3, weight, bias, r, d, weight_invstd, weight_invstd3)
 
 
 def group_batch_norm(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -306,6 +358,5 @@ def group_batch_norm(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shi
     shift`` per group and channel; gradients as if the statistics were computed by autograd."""
     shape = (mean.shape[0], 1, 1, mean.shape[1])
     with torch.no_grad():
-        x_p = grouped_view(x, mean.shape[0])
-    return grouped_batch_norm(x, x_p, mean.view(shape), invstd.view(shape), r=scale.view(shape),
-                              d=shift.view(shape))
+        xmu = grouped_view(x, mean.shape[0]) - mean.view(shape)
+    return grouped_batch_norm(x, xmu, invstd.view(shape), r=scale.view(shape), d=shift.view(shape))

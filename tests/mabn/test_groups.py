@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import OpCounter
 from mabn import groups
-from mabn.groups import (check_group_size, count_groups, group_batch_norm, group_statistics, grouped_batch_norm,
-                         grouped_moments, grouped_view)
+from mabn.groups import (channel_moments, check_group_size, count_groups, group_batch_norm, group_statistics,
+                         grouped_batch_norm, grouped_moments, grouped_view, two_pass_statistics)
 
 F64 = torch.float64
 
@@ -127,26 +128,26 @@ def test_group_batch_norm_output_takes_in_place_ops():
 
 
 def _grouped_case(seed: int):
-    """(6, 3, 4) float64 input (three groups of two), its grouped view and statistics, and per-group
-    r, d and per-channel weight, bias."""
+    """(6, 3, 4) float64 input (three groups of two), its grouped view, statistics and deviations,
+    and per-group r, d and per-channel weight, bias."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 3, 4, generator=g, dtype=F64) * 2 + 1
     x_p = grouped_view(x, 3)
-    mean, var = grouped_moments(x_p)
+    mean, var, xmu = grouped_moments(x_p)
     r = torch.rand(3, 1, 1, 3, generator=g, dtype=F64) + 0.5
     d = torch.randn(3, 1, 1, 3, generator=g, dtype=F64)
     weight = torch.rand(3, generator=g, dtype=F64) + 0.5
     bias = torch.randn(3, generator=g, dtype=F64)
-    return x, x_p, mean, torch.rsqrt(var + 1e-5), r, d, weight, bias
+    return x, x_p, mean, xmu, torch.rsqrt(var + 1e-5), r, d, weight, bias
 
 
 def test_grouped_batch_norm_takes_the_callers_powers_of_invstd():
     """``invstd3`` and ``weighted`` given by the caller give what is computed without them."""
-    x, x_p, mean, invstd, r, d, weight, bias = _grouped_case(4)
+    x, x_p, mean, xmu, invstd, r, d, weight, bias = _grouped_case(4)
     results = []
     for keywords in ({}, dict(invstd3=invstd ** 3), dict(weighted=(weight * invstd, weight * invstd ** 3))):
         x_in, w, b = (t.detach().clone().requires_grad_(True) for t in (x, weight, bias))
-        y = grouped_batch_norm(x_in, grouped_view(x_in.detach(), 3), mean, invstd, w, b, r, d, **keywords)
+        y = grouped_batch_norm(x_in, xmu, invstd, w, b, r, d, **keywords)
         upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
         results.append((y, *torch.autograd.grad(y, (x_in, w, b), upstream)))
     expected = ((x_p - mean) * invstd * r + d) * weight + bias
@@ -156,10 +157,21 @@ def test_grouped_batch_norm_takes_the_callers_powers_of_invstd():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_grouped_batch_norm_normalizes_the_given_deviations():
+    """The output is made from ``xmu`` as given (never recomputed from ``x``): deviations from
+    other means shift the output by ``-shift * k``."""
+    x, _, _, xmu, invstd, r, d, weight, bias = _grouped_case(7)
+    shift = torch.randn(3, 1, 1, 3, generator=torch.Generator().manual_seed(8), dtype=F64)
+    y = grouped_batch_norm(x, xmu, invstd, weight, bias, r, d)
+    y_shifted = grouped_batch_norm(x, xmu - shift, invstd, weight, bias, r, d)
+    torch.testing.assert_close(grouped_view(y - y_shifted, 3), (shift * invstd * r * weight).expand(xmu.shape),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_group_batch_norm_output_without_a_mergeable_layout(monkeypatch):
     """Where groups and samples of the result do not merge into one batch dim, the output is a
     copy in the input's layout (and the gradient a reshape): same values, still no view."""
-    x, _, mean, invstd, r, d, weight, bias = _grouped_case(6)
+    x, _, mean, _, invstd, r, d, weight, bias = _grouped_case(6)
     expected = []
     for unmergeable in (False, True):
         if unmergeable:
@@ -171,3 +183,70 @@ def test_group_batch_norm_output_without_a_mergeable_layout(monkeypatch):
         expected.append((y, grad))
     for got, want in zip(expected[1], expected[0]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --- where the statistics are computed: two passes on the CPU, var_mean elsewhere ---------------
+
+def _dispatched(fn, *args) -> dict:
+    """Ops per name of ``fn(*args)``, after one call (which builds the cached constants)."""
+    fn(*args)
+    with OpCounter() as counter:
+        fn(*args)
+    return dict(counter.by_op)
+
+
+def test_two_pass_statistics_on_the_cpu_only():
+    assert two_pass_statistics(torch.device("cpu"))
+    for device in ("cuda", "meta", "mps", "xpu"):
+        assert not two_pass_statistics(torch.device(device))
+
+
+def test_cpu_statistics_take_two_passes_and_other_devices_var_mean():
+    """On the CPU: a mean, the deviations, their squares and a sum per group, torch's batch-norm
+    statistics for the whole batch, never var_mean; on another device (meta here) var_mean."""
+    x = torch.randn(4, 3, 5)
+    assert _dispatched(grouped_moments, grouped_view(x, 2)) == {"aten.mean": 1, "aten.sub": 1, "aten.addcmul": 1,
+                                                                "aten.sum": 1}
+    assert _dispatched(channel_moments, x) == {"aten.batch_norm_update_stats": 1}
+    meta = torch.empty(4, 3, 5, device="meta")
+    assert _dispatched(grouped_moments, grouped_view(meta, 2)) == {"aten.var_mean": 1, "aten.sub": 1}
+    assert _dispatched(channel_moments, meta) == {"aten.var_mean": 1}
+
+
+def _large_mean_input(shape, seed: int) -> torch.Tensor:
+    """float32 values with mean 1e3 and std 1: ``E[x^2] - mean^2`` loses every digit of the
+    variance there (the squares' rounding error is ~0.03), two passes lose none."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=F64) + 1e3).float()
+
+
+def _assert_relative(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    error = ((got.double() - want) / want).abs().max().item()
+    assert error <= rtol, error
+
+
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("moments", [groups._two_pass_moments, groups._var_mean_moments],
+                         ids=["two-pass (CPU)", "var_mean (other devices)"])
+def test_grouped_moments_are_exact_for_a_large_mean(moments, correction):
+    x_p = grouped_view(_large_mean_input((8, 16, 6, 7), seed=correction), 4)
+    mean, var, xmu = moments(x_p, correction)
+    reference = x_p.double()
+    assert mean.shape == var.shape == (4, 1, 1, 16) and mean.dtype == var.dtype == torch.float32
+    _assert_relative(mean, reference.mean(dim=(1, 2), keepdim=True), 1e-6)
+    _assert_relative(var, reference.var(dim=(1, 2), correction=correction, keepdim=True), 1e-6)
+    assert torch.equal(xmu, x_p - mean)
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCHW", "channels_last"])
+@pytest.mark.parametrize("moments", [groups._two_pass_channel_moments, groups._var_mean_channel_moments],
+                         ids=["two-pass (CPU)", "var_mean (other devices)"])
+def test_channel_moments_are_exact_for_a_large_mean(moments, layout):
+    x = _large_mean_input((64, 21) if layout == "NC" else (8, 16, 6, 7), seed=2)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    dims = [0, *range(2, x.dim())]
+    mean, var = moments(x)
+    assert mean.shape == var.shape == (x.shape[1],)
+    _assert_relative(mean, x.double().mean(dims), 1e-6)
+    _assert_relative(var, x.double().var(dims, correction=0), 1e-6)
