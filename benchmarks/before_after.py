@@ -49,8 +49,10 @@ __all__ = ["load_revision", "bench_ops", "bench_layers", "bench_train", "run", "
 
 B = 2
 SHARED_MODULES = ("mabn.compile_barrier",)   # registers the torch library op mabn::saved_for_backward once
-LAYER_SHAPES = ((2, 64, 7, 7), (2, 256, 14, 14), (8, 32, 28, 28), (2, 256, 56, 56))
+LAYER_SHAPES = ((2, 64, 7, 7), (2, 256, 14, 14), (8, 32, 28, 28), (2, 256, 56, 56), (32, 16, 32, 32),
+                (32, 64, 56, 56))
 SPLIT_SHAPES = ((8, 32, 28, 28),)
+GROUPED_SHAPES = ((32, 16, 32, 32), (32, 64, 56, 56))   # ghost BN and BRN at B=2: the bench's baseline shapes
 LayerBuilder = Callable[[types.ModuleType, int], nn.Module]
 LAYERS: Dict[str, LayerBuilder] = {
     "MABN": lambda pkg, c: pkg.MABN2d(c, B=B, real_B=REAL_B, warmup_iters=0, r_warmup_iters=0),
@@ -136,7 +138,8 @@ def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int
         x, grad = _inputs(shape, torch.device("cpu"))
         layers: Dict[str, nn.Module] = {"BN": nn.BatchNorm2d(shape[1]),
                                         "GN": nn.GroupNorm(32 if shape[1] % 32 == 0 else shape[1], shape[1])}
-        variants = ["MABN"] + (["MABN split B=2"] if shape in SPLIT_SHAPES else [])
+        variants = (["MABN"] + (["MABN split B=2"] if shape in SPLIT_SHAPES else [])
+                    + (["ghost BN B=2", "BRN B=2"] if shape in GROUPED_SHAPES else []))
         for variant in variants:
             for version, package in versions.items():
                 layers[f"{variant} {version}"] = LAYERS[variant](package, shape[1])
@@ -232,7 +235,7 @@ def format_markdown(results: dict) -> str:
               "| input | layer | before vs BN | after vs BN | after vs GN | after / before |", "|---|---|---:|---:|---:|---:|"]
     for row in first["layers"]:
         ratio, to_gn = row["ratio_to_bn"], row["ratio_to_gn"]
-        for variant in ("MABN", "MABN split B=2"):
+        for variant in LAYERS:
             if f"{variant} after" in ratio:
                 lines.append(f"| {'x'.join(map(str, row['shape']))} | {variant} | {_x(ratio[variant + ' before'])} | "
                              f"{_x(ratio[variant + ' after'])} | {_x(to_gn[variant + ' after'])} | "
