@@ -21,8 +21,7 @@ of times per sample just because a fast one needs that. How the calls of a round
   spread evenly over the round (:func:`call_schedule`), and every call is timed on its own. A
   disturbance of a few milliseconds then hits the variants in proportion instead of landing in
   one variant's sample, and no layer runs back to back with itself, which no network does either
-  (back-to-back calls keep one layer's code and data hot; measured on the 2-core VM, the MABN/BN
-  ratio at 2x64x7x7 is about 3.7 back to back and 2.9 interleaved).
+  (back-to-back calls keep one layer's code and data hot).
 * ``BACK_TO_BACK``: each variant's ``k`` calls in a row, timed together (``prepare`` then runs
   inside the window between them; it is host-only work here, gradients set to ``None``).
 
