@@ -51,8 +51,10 @@ average over groups::
 
 Implementation: the output is ``x_hat * (weight * r) + (weight * d + bias)`` per group and
 channel. With one group (``B`` None or equal to the batch) that is torch's batch-norm kernel
-with scale ``weight * r`` and shift ``weight * d + bias``: one ``native_batch_norm`` call forward,
-one ``native_batch_norm_backward`` call backward. With several groups it is
+with scale ``weight * r`` and shift ``weight * d + bias``: one ``native_batch_norm`` call forward
+in inference mode on the batch statistics already computed (one pass over the input, no second
+reduction), one ``native_batch_norm_backward`` call backward in training mode on the same
+statistics (the gradient through them). With several groups it is
 :func:`mabn.groups.grouped_batch_norm` (shared with ghost BN: no copy of the input, per-group
 coefficients broadcast over its channels-last (G, B, S, C) view, batch norm's backward written
 out, first order only). The batch statistics (mean and biased variance) come from
@@ -215,23 +217,23 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
             r, d, grouped = self._factors(mean_b, var_biased, count, weight)
         # y = weight * (x_hat * r + d) + bias: per-group scale weight * r and shift
         # weight * d + bias; r and d are constants, so the gradient is the paper's.
-        if groups == 1:
-            return _WholeBatchRenorm.apply(x, weight, bias, r, d, self.eps)
         invstd = grouped.pop("invstd")
+        if groups == 1:
+            return _WholeBatchRenorm.apply(x, weight, bias, r, d, mean_b, var_biased, invstd, self.eps)
         return grouped_batch_norm(x, xmu, invstd, weight, bias, r, d, **grouped)
 
     def _factors(self, mean_b: Tensor, var_biased: Tensor, count: int,
                  weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, dict]:
         """``(r, d, grouped)`` for the batch statistics, the mean and the biased variance (each
         (C,) or (G, 1, 1, C), from ``count`` values per channel and group); updates the running
-        statistics. Where the statistics are per group, ``grouped`` holds the keywords of
-        :func:`mabn.groups.grouped_batch_norm` (``invstd`` and ``invstd3``, or ``weighted`` given
-        ``weight``), else it is empty.
+        statistics. ``grouped`` holds ``invstd = 1 / sigma_B`` and, where the statistics are per
+        group, the other keywords of :func:`mabn.groups.grouped_batch_norm` (``invstd3``, or
+        ``weighted`` given ``weight``).
 
         Seven dispatched ops before the update: one ``_foreach_addcmul`` (``sigma_B ** 2``, the
         unbiased variance, the running variance + eps, ``mu_B - running_mean`` and the schedule's
         affine map of the counter), one clamp of the limits and their ``unbind``, one
-        ``_foreach_pow`` (every square root, ``1 / rmax_t`` and, per group, ``1 / sigma_B`` and
+        ``_foreach_pow`` (every square root, ``1 / rmax_t``, ``1 / sigma_B`` and, per group,
         ``sigma_B ** 3`` or its inverse), one ``_foreach_div`` (``r`` and ``d`` unclipped and, per
         group, ``weight / sigma_B`` and ``weight / sigma_B ** 3``) and a clamp each for ``r`` and
         ``d``."""
@@ -246,9 +248,10 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
             [var_biased, var_biased, one, running_mean, self.num_batches_tracked],
             [one, scalar(count / (count - 1), dtype, device), eps, scalar(-1.0, dtype, device), slope])
         rmax, dmax, dmin = torch.clamp(ramp, low, high).unbind()
-        bases, exponents = [var_b, running_var_eps, running_var, var_unbiased, rmax], [0.5, 0.5, 0.5, 0.5, -1.0]
+        bases = [var_b, running_var_eps, running_var, var_unbiased, rmax, var_b]
+        exponents = [0.5, 0.5, 0.5, 0.5, -1.0, -0.5]
         if per_group:
-            bases, exponents = bases + [var_b, var_b], exponents + [-0.5, 1.5 if weighted else -1.5]
+            bases, exponents = bases + [var_b], exponents + [1.5 if weighted else -1.5]
         sigma_b, sigma, running_std, std_b, rmin, *invstd = torch._foreach_pow(bases, exponents)
         numerators, denominators = [sigma_b, mean_shift], [sigma, sigma]
         if weighted:  # weight / sigma_B and weight / sigma_B ** 3
@@ -257,7 +260,7 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
         r, d = saved_for_backward(torch.clamp(r, rmin, rmax), torch.clamp(d, dmin, dmax))
         self._update_running_stats(running_mean, running_std, mean_b, std_b)
         if not per_group:
-            return r, d, {}
+            return r, d, dict(invstd=invstd[0])
         if weighted:
             return r, d, dict(invstd=invstd[0], weighted=tuple(weight_invstd))
         return r, d, dict(invstd=invstd[0], invstd3=invstd[1])
@@ -277,23 +280,25 @@ class _BatchRenorm(FiniteRunningStats, _BatchNorm):
 
 
 class _WholeBatchRenorm(torch.autograd.Function):
-    """Batch norm of the whole batch with scale ``weight * r`` and shift ``weight * d + bias``
-    (one ``_foreach_addcmul``) for constant (C,) ``r`` and ``d``: one ``native_batch_norm`` call
-    forward and one ``native_batch_norm_backward`` call backward (given the scale as weight, as
+    """Batch norm of the whole batch on its given statistics (``mean``, biased ``var`` and ``invstd
+    = 1 / sqrt(var + eps)``, (C,)) with scale ``weight * r`` and shift ``weight * d + bias`` (one
+    ``_foreach_addcmul``) for constant (C,) ``r`` and ``d``: one ``native_batch_norm`` call in
+    inference mode forward (a single pass over the input: the statistics are not computed again)
+    and one ``native_batch_norm_backward`` call in training mode backward, with the statistics as
+    its saved ones (the gradient through the batch statistics; the scale is given as weight, as
     CUDA requires wherever a weight gradient is asked for), whose scale and shift gradients give
     the weight's as ``grad_scale * r + grad_shift * d``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor,
-                eps: float) -> Tensor:
+                mean: Tensor, var: Tensor, invstd: Tensor, eps: float) -> Tensor:
         if weight is None:
             scale, shift = r, d
         else:
             zero = negative_zero(r.dtype, r.device, r.shape)
             scale, shift = torch._foreach_addcmul([zero, zero if bias is None else bias], [weight, weight], [r, d])
-        out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-            x, scale, shift, None, None, True, 0.0, eps)
-        ctx.save_for_backward(x, scale, save_mean, save_invstd, r, d)
+        out = torch.ops.aten.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
+        ctx.save_for_backward(x, scale, mean, invstd, r, d)
         ctx.eps = eps
         return out
 
@@ -306,7 +311,7 @@ class _WholeBatchRenorm(torch.autograd.Function):
             dy, x, scale, None, None, save_mean, save_invstd, True, ctx.eps,
             [needs[0], needs[1], needs[1] or needs[2]])
         grad_weight = torch.addcmul(grad_scale.mul_(r), grad_shift, d) if needs[1] else None
-        return dx, grad_weight, grad_shift if needs[2] else None, None, None, None
+        return dx, grad_weight, grad_shift if needs[2] else None, None, None, None, None, None, None
 
 
 class BatchRenorm1d(_BatchRenorm):
