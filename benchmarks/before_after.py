@@ -14,7 +14,8 @@ the same rounds of one run (:func:`benchmarks.harness.paired_ratio`):
 
 1. ``ops``: dispatched operators of one training forward + backward per layer (counts, no time);
 2. ``layers``: one layer's forward + backward, MABN at B=2 (one group) and split at B=2, ghost BN
-   and Batch Renorm at B=2, against ``nn.BatchNorm2d`` and ``nn.GroupNorm``;
+   and Batch Renorm at B=2, Batch Renorm with one group, against ``nn.BatchNorm2d`` and
+   ``nn.GroupNorm``;
 3. ``train``: the torchvision ResNet training step of :mod:`benchmarks.bench` with MABN+CenConv
    converted by each version's ``convert_norm``/``convert_conv``, against BN.
 
@@ -52,7 +53,7 @@ SHARED_MODULES = ("mabn.compile_barrier",)   # registers the torch library op ma
 LAYER_SHAPES = ((2, 64, 7, 7), (2, 256, 14, 14), (8, 32, 28, 28), (2, 256, 56, 56), (32, 16, 32, 32),
                 (32, 64, 56, 56))
 SPLIT_SHAPES = ((8, 32, 28, 28),)
-GROUPED_SHAPES = ((32, 16, 32, 32), (32, 64, 56, 56))   # ghost BN and BRN at B=2: the bench's baseline shapes
+GROUPED_SHAPES = ((32, 16, 32, 32), (32, 64, 56, 56))   # ghost BN and BRN: the bench's baseline shapes
 LayerBuilder = Callable[[types.ModuleType, int], nn.Module]
 LAYERS: Dict[str, LayerBuilder] = {
     "MABN": lambda pkg, c: pkg.MABN2d(c, B=B, real_B=REAL_B, warmup_iters=0, r_warmup_iters=0),
@@ -139,7 +140,7 @@ def bench_layers(versions: Dict[str, types.ModuleType], rounds: int, warmup: int
         layers: Dict[str, nn.Module] = {"BN": nn.BatchNorm2d(shape[1]),
                                         "GN": nn.GroupNorm(32 if shape[1] % 32 == 0 else shape[1], shape[1])}
         variants = (["MABN"] + (["MABN split B=2"] if shape in SPLIT_SHAPES else [])
-                    + (["ghost BN B=2", "BRN B=2"] if shape in GROUPED_SHAPES else []))
+                    + (["ghost BN B=2", "BRN B=2", "BRN"] if shape in GROUPED_SHAPES else []))
         for variant in variants:
             for version, package in versions.items():
                 layers[f"{variant} {version}"] = LAYERS[variant](package, shape[1])
