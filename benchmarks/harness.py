@@ -27,9 +27,9 @@ of times per sample just because a fast one needs that. How the calls of a round
 
 ``refresh`` (optional) runs untimed at the start of every round and may move the inputs to new
 memory (:func:`relocate`), followed by one untimed call of every case: on a virtual machine a
-layer's time depends on where its tensors landed (cache sets, pages), by 10-20% for the
-mid-sized maps, and a fixed placement would bias every round of a pass alike, where a new one
-per round averages it out.
+layer's time depends on where its tensors landed (a ratio at 32x16x32x32 moved by 25% between
+two placements, see docs/benchmarks.md), and a fixed placement would bias every round of a pass
+alike, where a new one per round averages it out.
 
 The clock depends on the device (:func:`select_timer`): on the CPU ``time.perf_counter``, on
 CUDA ``torch.cuda.Event`` records on the current stream around each call (or each back-to-back
