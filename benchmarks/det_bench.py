@@ -127,7 +127,7 @@ def fixed_proposals(image_sizes: Sequence[Tuple[int, int]], targets: Sequence[Di
     proposals = []
     for (height, width), target in zip(image_sizes, targets):
         boxes = target["boxes"]
-        copies = max(1, per_image // (2 * max(1, len(boxes)))) if len(boxes) else 0
+        copies = max(1, per_image // (2 * len(boxes))) if len(boxes) else 0
         near = boxes.repeat(copies, 1)
         extent = (near[:, 2:] - near[:, :2]).repeat(1, 2)
         near = near + (torch.rand(near.shape, generator=generator) - 0.5) * 0.2 * extent
