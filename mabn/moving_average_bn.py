@@ -76,6 +76,7 @@ MABN layers in ``torch.utils.checkpoint``, or put them in eval mode for the reco
 from __future__ import annotations
 
 import math
+import os
 
 from typing import List, NamedTuple, Optional, Tuple, Union
 
@@ -305,6 +306,8 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
         schedule = _host_schedule(layer, known[0], known[1], groups, x.device)
     chi = _second_moments(x, groups, zeros)
     operands = _operands(layer, chi.dtype, groups, x.device)
+    if known is not None and _uses_fused_statistics(layer, x.device):
+        return _fused_forward_statistics(layer, chi, operands, schedule, known)
     slot: Optional[Union[int, Tensor]] = None
     if layer.split_batch:
         chi_used, new_window = _windowed(chi_window, chi, schedule.use_own)
@@ -359,6 +362,46 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     return var, u, chi_plus_eps, use_own, slot
 
 
+def _fused_kernels_run_on(device: torch.device) -> bool:
+    """Whether :mod:`mabn.fused_statistics` runs on ``device``: CUDA, or the CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1``)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _uses_fused_statistics(layer: "_MovingAverageBatchNorm", device: torch.device) -> bool:
+    """Whether this training forward runs the fused kernels: asked for, one group per forward (a
+    ring layer), eager (``torch.compile`` fuses the tensor logic itself) and a device they run on.
+    The caller knows the counters on the host."""
+    return (layer.fused_statistics and not layer.split_batch and not torch.compiler.is_compiling()
+            and _fused_kernels_run_on(device))
+
+
+def _fused_kernels():
+    """:mod:`mabn.fused_statistics`, imported on first use (it needs Triton)."""
+    try:
+        import mabn.fused_statistics as fused_statistics
+    except ImportError as error:
+        raise RuntimeError(f"MABN's fused_statistics=True needs Triton ({error}); install the triton package that "
+                           f"matches your torch, or build the layer with fused_statistics=False") from error
+    return fused_statistics
+
+
+def _fused_forward_statistics(layer: "_MovingAverageBatchNorm", chi: Tensor, operands: _Operands, schedule: _Schedule,
+                              known: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor, bool, int]:
+    """:func:`_advance_forward_statistics` of a one-group ring layer in one kernel
+    (:func:`mabn.fused_statistics.forward_statistics`)."""
+    buffers = layer._buffers
+    ema_weight = operands.ema_weight if schedule.ema_weight != 1.0 else scalar(1.0, buffers["running_var"].dtype,
+                                                                                  chi.device)
+    slot = known[1] % layer.window
+    var, chi_plus_eps = _fused_kernels().forward_statistics(
+        chi, buffers["buffer_x2"], buffers["running_var"], operands.eps, operands.clamp_factors, ema_weight,
+        (buffers["num_batches_tracked"], buffers["groups_seen"], buffers["skipped_updates"]), slot,
+        bool(schedule.use_own), bool(schedule.r_on))
+    layer.host_counters.record((buffers["num_batches_tracked"], buffers["groups_seen"]), (known[0] + 1, known[1] + 1))
+    return var, operands.empty, chi_plus_eps, bool(schedule.use_own), slot
+
+
 class _MABNFunction(torch.autograd.Function):
     """``y = weight * u * x + bias`` with MABN's moving-average backward.
 
@@ -382,8 +425,9 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, zeros: Tensor, var: Tensor, u: Tensor,
                 chi_plus_eps: Tensor, use_own: Union[bool, Tensor], psi_window: Tensor,
-                grad_scale: Optional[Tensor], slot: Optional[Union[int, Tensor]]) -> Tensor:
+                grad_scale: Optional[Tensor], slot: Optional[Union[int, Tensor]], fused: bool) -> Tensor:
         compute_dtype = zeros.dtype
+        ctx.fused = fused
         ctx.use_own = use_own if isinstance(use_own, bool) else None
         use_own = None if isinstance(use_own, bool) else use_own
         ctx.slot = None if isinstance(slot, Tensor) else slot
@@ -411,13 +455,19 @@ class _MABNFunction(torch.autograd.Function):
         groups, channels = (1, x.shape[1]) if one_group else (x.shape[0], x.shape[2])
         count = x.numel() // (channels * groups)
         weight_c = cast(weight, compute_dtype)
-        weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
         if one_group:
             # BN's inference backward with mean 0 and variance var (eps 0): dy * weight * u, and
             # the reductions sum(dy * x * u), sum(dy); save_mean equals the running mean and
             # save_invstd is empty, so both devices derive u from the running variance.
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, weight_c, zeros, var_or_weight_u, zeros, u, False, 0.0, [True, True, True])
+            if ctx.fused:
+                coefficient = _fused_kernels().backward_coefficient(grad_weight, weight_c, grad_scale, chi_plus_eps,
+                                                                    psi_window, count, slot, use_own)
+                grad_x.addcmul_(x, coefficient.view((channels,) + (1,) * (x.dim() - 2)), value=-1.0)
+                return (grad_x, cast(grad_weight, weight.dtype), cast(grad_bias, weight.dtype),
+                        None, None, None, None, None, None, None, None, None)
+            weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
             psi = torch.addcmul(zeros, grad_weight, weight_unscaled, value=1.0 / count)
             finite = torch.lt(psi.abs(), scalar(math.inf, compute_dtype, x.device))
             if slot is None:
@@ -443,6 +493,7 @@ class _MABNFunction(torch.autograd.Function):
             per_group = grad_x_sums.view(groups, -1, channels).sum(dim=1).mul_(u)  # sum(dy * x * u)
             grad_weight = per_group.sum(dim=0)
             grad_bias = grad_sums.view(-1, channels).sum(dim=0)
+            weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
             psi = torch.addcmul(zeros, per_group, weight_unscaled, value=1.0 / count)
             finite = torch.lt(torch.linalg.vector_norm(psi, math.inf, dim=0),  # NaN stays NaN
                               scalar(math.inf, compute_dtype, x.device))
@@ -454,7 +505,7 @@ class _MABNFunction(torch.autograd.Function):
             grad_x = (grad4 * var_or_weight_u).addcmul_(x4, _per_group(coefficient), value=-1.0)
             grad_x = cast(grad_x, x.dtype)
         return (grad_x, cast(grad_weight, weight.dtype), cast(grad_bias, weight.dtype),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 class _MovingAverageBatchNorm(_BatchNorm):
@@ -473,6 +524,10 @@ class _MovingAverageBatchNorm(_BatchNorm):
         r_warmup_iters: ``r = 1`` for ``t <= r_warmup_iters``; default ``max(1000, warmup_iters)``.
         first_batch_running_var: ``running_var`` starts from the first training forward's
             statistic instead of 1 (the published ImageNet layer's rule).
+        fused_statistics: run the per-channel bookkeeping of a ``split_batch=False`` layer as one
+            Triton kernel per pass on CUDA (:mod:`mabn.fused_statistics`; needs Triton); other
+            layers, devices and ``torch.compile`` use the eager ops. Opt-in: checked against the
+            eager path under Triton's interpreter on the CPU, not yet measured on a GPU.
     """
 
     _expected_dims: Tuple[int, ...] = ()
@@ -490,6 +545,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
         r_max: float = 5.0,
         r_warmup_iters: Optional[int] = None,
         first_batch_running_var: bool = False,
+        fused_statistics: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -511,6 +567,7 @@ class _MovingAverageBatchNorm(_BatchNorm):
         self.r_max = float(r_max)
         self.r_warmup_iters = max(1000, warmup_iters) if r_warmup_iters is None else r_warmup_iters
         self.first_batch_running_var = first_batch_running_var
+        self.fused_statistics = fused_statistics
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("groups_seen", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("buffer_x2", torch.zeros(self.window, num_features, **factory))
@@ -552,7 +609,8 @@ class _MovingAverageBatchNorm(_BatchNorm):
                 f"momentum={self.momentum}, warmup_iters={self.warmup_iters}, "
                 f"split_batch={self.split_batch}, r_max={self.r_max}, "
                 f"r_warmup_iters={self.r_warmup_iters}"
-                + (", first_batch_running_var=True" if self.first_batch_running_var else ""))
+                + (", first_batch_running_var=True" if self.first_batch_running_var else "")
+                + (", fused_statistics=True" if self.fused_statistics else ""))
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_norm_input(type(self).__name__, self.num_features, self._expected_dims, input)
@@ -567,10 +625,12 @@ class _MovingAverageBatchNorm(_BatchNorm):
         zeros = cast(buffers["running_mean"], statistics_dtype(input.dtype))
         var, u, chi_plus_eps, use_own, slot = _advance_forward_statistics(self, input, zeros, groups)
         if groups == 1:
+            # the forward ran the fused kernels, so the backward does too (an int slot: counters known on the host)
+            fused = _uses_fused_statistics(self, input.device) and isinstance(slot, int)
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
-                                       use_own, buffers["buffer_gz"], self.grad_scale, slot)
+                                       use_own, buffers["buffer_gz"], self.grad_scale, slot, fused)
         return _MABNFunction.apply(_group_view(input, groups), self.weight, self.bias, zeros, var, u, chi_plus_eps,
-                                   use_own, buffers["buffer_gz"], self.grad_scale, slot).reshape(input.shape)
+                                   use_own, buffers["buffer_gz"], self.grad_scale, slot, False).reshape(input.shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The ring windows of a ``split_batch=False`` layer are saved oldest first (copies), the

@@ -1,0 +1,144 @@
+"""MABN's fused statistics kernels (``fused_statistics=True``): the same numbers as the eager path
+(under Triton's interpreter on the CPU, and on CUDA), where they run, and what a step dispatches."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mabn
+import mabn.moving_average_bn as moving_average_bn
+from mabn import MABN2d
+from benchmarks.harness import OpCounter
+from fused_statistics_check import CASES, STEPS, compare_fused_with_eager
+
+pytest.importorskip("triton", reason="the fused statistics kernels are Triton kernels")
+
+CHECK_SCRIPT = Path(__file__).with_name("fused_statistics_check.py")
+# largest relative difference from the eager path per layer dtype: a few roundings of that dtype
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 3e-3}
+
+
+def _assert_matches_eager(report: dict, layer_dtype: torch.dtype) -> None:
+    assert report["outputs"] <= TOLERANCE[layer_dtype], report
+    assert report["buffers"] <= TOLERANCE[layer_dtype], report
+    assert report["counters_equal"], report
+    assert report["calls"] == {"forward": STEPS, "backward": STEPS}, report
+    assert report["skipped_updates"] == 1, report  # the NaN input pixel's channel, once
+
+
+def test_kernels_match_the_eager_path_under_the_interpreter():
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(CHECK_SCRIPT)], env=environment, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)
+    assert [report["case"] for report in reports] == [case[0] for case in CASES]
+    for report, case in zip(reports, CASES):
+        _assert_matches_eager(report, case[4])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_kernels_match_the_eager_path_on_cuda(case, real_cuda_device):
+    _, kwargs, shape, dtype, layer_dtype, loss_scale = case
+    _assert_matches_eager(compare_fused_with_eager(kwargs, shape, dtype, layer_dtype, loss_scale, real_cuda_device),
+                          layer_dtype)
+
+
+def _step(layer: MABN2d, x: torch.Tensor):
+    inputs = x.clone().requires_grad_()
+    y = layer(inputs)
+    y.backward(torch.ones_like(y))
+    return y.detach(), inputs.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+
+def test_cpu_without_the_interpreter_runs_the_eager_ops(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def unexpected():
+        raise AssertionError("the fused kernels ran on the CPU without Triton's interpreter")
+
+    monkeypatch.setattr(moving_average_bn, "_fused_kernels", unexpected)
+    eager = MABN2d(8, B=2, real_B=8, warmup_iters=1, r_warmup_iters=2)
+    fused = MABN2d(8, B=2, real_B=8, warmup_iters=1, r_warmup_iters=2, fused_statistics=True)
+    torch.manual_seed(0)
+    for _ in range(6):
+        x = torch.randn(2, 8, 3, 3)
+        for expected, actual in zip(_step(eager, x), _step(fused, x)):
+            assert torch.equal(expected, actual)
+        eager.weight.grad = eager.bias.grad = fused.weight.grad = fused.bias.grad = None
+    for key, value in eager.state_dict().items():
+        assert torch.equal(value, fused.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("kwargs, compiling, expected", [
+    (dict(fused_statistics=True), False, True),
+    (dict(fused_statistics=False), False, False),
+    (dict(fused_statistics=True, split_batch=True), False, False),
+    (dict(fused_statistics=True), True, False),
+])
+def test_where_the_fused_kernels_run(monkeypatch, kwargs, compiling, expected):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    layer = MABN2d(8, **kwargs)
+    assert moving_average_bn._uses_fused_statistics(layer, torch.device("cuda")) is expected
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert moving_average_bn._uses_fused_statistics(layer, torch.device("cpu")) is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert moving_average_bn._uses_fused_statistics(layer, torch.device("cpu")) is expected
+
+
+def test_the_option_is_shown_and_not_saved():
+    layer = MABN2d(8, fused_statistics=True)
+    assert "fused_statistics=True" in repr(layer)
+    assert "fused_statistics" not in repr(MABN2d(8))
+    assert set(layer.state_dict()) == set(MABN2d(8).state_dict())
+
+
+def test_without_triton_the_first_forward_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "mabn.fused_statistics", raising=False)
+    monkeypatch.delattr(mabn, "fused_statistics", raising=False)
+    layer = MABN2d(8, fused_statistics=True)
+    with pytest.raises(RuntimeError, match="needs Triton .*install the triton package.*fused_statistics=False"):
+        layer(torch.randn(2, 8, 3, 3))
+
+
+class _CountedLaunch:
+    """Stands in for a Triton kernel: counts launches and computes nothing."""
+
+    def __init__(self, launches: list, name: str) -> None:
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+def test_a_settled_fused_step_dispatches_eleven_aten_ops_and_two_kernels(monkeypatch):
+    """What a GPU runs for one settled training forward + backward of a fused layer, counted on the
+    CPU with the kernels stubbed: BN's two reductions and its forward, three result allocations,
+    the input-gradient update and its coefficient's view, and the engine's three gradient
+    accumulations; and one Triton kernel per pass in place of the eager path's 19 bookkeeping
+    ops (27 dispatched ops in all)."""
+    import mabn.fused_statistics as fused_statistics
+
+    launches: list = []
+    monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
+    monkeypatch.setattr(fused_statistics, "_forward_kernel", _CountedLaunch(launches, "forward"))
+    monkeypatch.setattr(fused_statistics, "_backward_kernel", _CountedLaunch(launches, "backward"))
+    layer = MABN2d(64, warmup_iters=0, r_warmup_iters=0, fused_statistics=True)
+    x = torch.randn(2, 64, 7, 7, requires_grad=True)
+    grad = torch.ones_like(x)
+    for _ in range(3):
+        layer(x).backward(grad)
+    launches.clear()
+    with OpCounter() as counter:
+        layer(x).backward(grad)
+    assert launches == ["forward", "backward"]
+    assert counter.total <= 11, dict(counter.by_op)
