@@ -15,11 +15,14 @@ the median over rounds of the two variants' times in the same round. Sections, i
    counted with a ``TorchDispatchMode``; on CUDA also the GPU kernels that forward + backward
    launches, counted from the torch profiler (:func:`benchmarks.harness.count_kernel_launches`),
    with ratios to BN and GN; and the kernels inductor generates for one compiled MABN forward +
-   backward.
+   backward. On CUDA ``MABN fused`` (``fused_statistics=True``: :mod:`mabn.fused_statistics`) is
+   counted too, its Triton kernel launches (from the profiler: no aten op dispatches them) added
+   to its ops, and held to MABN's op budget.
 2. ``layers``: forward + backward of one layer with a fixed upstream gradient, as a ratio to
    BN, to GroupNorm (32 groups) and in *copies*: units of ``x.clone()`` timed in the same rounds.
    ``MABN`` is ``MABN2d(C, B=2, real_B=32, warmup_iters=0, r_warmup_iters=0)``, so the moving
-   averages and ``r`` are live; ``MABN naive`` is :class:`benchmarks.naive_mabn.NaiveMABN2d`.
+   averages and ``r`` are live; ``MABN naive`` is :class:`benchmarks.naive_mabn.NaiveMABN2d`;
+   on CUDA ``MABN fused`` is timed at every shape and held to MABN's small-map limits.
    The baseline shapes add ghost BN, Batch Renorm (``warmup_steps=0``) and split MABN at B=2.
 3. ``train``: torchvision ResNet training step (forward, cross-entropy, backward,
    ``SGD(lr=0, momentum=0.9).step()``: every operation runs, weights stay finite), at batches 2
@@ -81,6 +84,8 @@ REAL_B = 32        # MABN's real_B (the statistics window covers real_B // B ite
 BN, GN, MABN, SPLIT, NAIVE = "BN", "GN", "MABN", "MABN split B=2", "MABN naive"
 BRN, BRN_GROUPED, GHOST, COPY = "BRN", "BRN B=2", "ghost BN B=2", "copy"
 MABN_CENCONV, NO_NORM, MABN_FOLDED = "MABN+CenConv", "no norm", "MABN folded"
+MABN_FUSED = "MABN fused"   # MABN with fused_statistics=True: on CUDA only (Triton kernels)
+FUSED_KERNEL_PREFIX = "_mabn_"   # the names of mabn.fused_statistics's Triton kernels
 
 OP_COUNT_VARIANTS = (MABN, SPLIT, BRN, BRN_GROUPED, GHOST, BN, GN)
 GROUPED_VARIANTS = (SPLIT, BRN_GROUPED, GHOST)     # these get a batch holding several groups of B
@@ -159,6 +164,7 @@ def build_layer(variant: str, channels: int) -> nn.Module:
         BN: lambda: nn.BatchNorm2d(channels),
         GN: lambda: nn.GroupNorm(32 if channels % 32 == 0 else channels, channels),
         MABN: lambda: MABN2d(channels, **mabn_kwargs),
+        MABN_FUSED: lambda: MABN2d(channels, fused_statistics=True, **mabn_kwargs),
         SPLIT: lambda: MABN2d(channels, split_batch=True, **mabn_kwargs),
         NAIVE: lambda: NaiveMABN2d(channels, **mabn_kwargs),
         BRN: lambda: BatchRenorm2d(channels, warmup_steps=0),
@@ -203,7 +209,7 @@ def bench_ops(config: BenchConfig, device: torch.device) -> List[dict]:
     ``by_kernel`` and ``kernels_vs_bn``/``kernels_vs_gn``; elsewhere these are ``None``.
     """
     rows = []
-    for variant in OP_COUNT_VARIANTS:
+    for variant in OP_COUNT_VARIANTS + fused_variants(device):
         shape = list(config.op_shape)
         if variant in GROUPED_VARIANTS:
             shape[0] = config.op_grouped_batch
@@ -212,7 +218,11 @@ def bench_ops(config: BenchConfig, device: torch.device) -> List[dict]:
         case.run()
         counter = count_ops(case)
         launches = count_kernel_launches(case, device)
-        rows.append(dict(variant=variant, shape=shape, ops=counter.total, views=counter.views,
+        # a Triton kernel is launched without an aten op: the profiler sees it (CUDA only)
+        triton_launches = None if launches is None else sum(
+            count for name, count in launches.by_kernel.items() if name.startswith(FUSED_KERNEL_PREFIX))
+        rows.append(dict(variant=variant, shape=shape, ops=counter.total + (triton_launches or 0),
+                         triton_launches=triton_launches, views=counter.views,
                          by_op=dict(counter.by_op.most_common()),
                          kernels=None if launches is None else launches.kernels,
                          transfers=None if launches is None else launches.transfers,
@@ -232,12 +242,20 @@ def compiled_mabn_kernels(config: BenchConfig, device: torch.device) -> Dict[str
     return compiled_kernels(lambda: layer(x).backward(grad))._asdict()
 
 
-def _layer_shapes(config: BenchConfig) -> List[Tuple[Shape, List[str]]]:
+def fused_variants(device: torch.device) -> Tuple[str, ...]:
+    """``MABN fused`` where its Triton kernels run (CUDA, with Triton installed), else nothing."""
+    from importlib.util import find_spec
+
+    return (MABN_FUSED,) if device.type == "cuda" and find_spec("triton") is not None else ()
+
+
+def _layer_shapes(config: BenchConfig, device: torch.device) -> List[Tuple[Shape, List[str]]]:
     """Every distinct shape once, with the union of the variants its targets need."""
     plan: Dict[Shape, List[str]] = {}
     for shape in config.small_shapes + config.full_shapes + config.baseline_shapes:
         variants = plan.setdefault(tuple(shape), [])
-        wanted = list(LAYER_VARIANTS) + (list(BASELINE_VARIANTS) if shape in config.baseline_shapes else [])
+        wanted = list(LAYER_VARIANTS) + list(fused_variants(device))
+        wanted += list(BASELINE_VARIANTS) if shape in config.baseline_shapes else []
         if not (shape[0] > B and shape[0] % B == 0):
             wanted.remove(SPLIT)
         variants += [v for v in wanted if v not in variants]
@@ -259,7 +277,7 @@ def _add_ratio(rows: List[dict], key: str, reference: str) -> None:
 def bench_layers(config: BenchConfig, device: torch.device) -> List[dict]:
     """One row per (shape, variant): median ms, ratio to BN and to GN, and copies of the input."""
     rows: List[dict] = []
-    for shape, variants in _layer_shapes(config):
+    for shape, variants in _layer_shapes(config, device):
         x, grad = _inputs(shape, device)
         cases = {variant: _layer_case(variant, x, grad) for variant in variants}
         times = interleaved_times(cases, config.layer_rounds, config.layer_warmup, device,
@@ -377,22 +395,27 @@ def _value(row: Optional[dict], key: str) -> Optional[float]:
 
 
 def _ops_targets(ops: List[dict]) -> List[Target]:
+    """The op budgets; ``MABN fused`` (in a CUDA run) is held to MABN's, its Triton launches counted as ops."""
     targets = []
-    for variant, limit in OPS_LIMITS.items():
+    limits = list(OPS_LIMITS.items()) + ([(MABN_FUSED, OPS_LIMITS[MABN])] if _row(ops, MABN_FUSED) else [])
+    for variant, limit in limits:
         row = _row(ops, variant)
         name = f"{variant} ops per fwd+bwd {_shape_str(row['shape']) if row else ''}"
         targets.append(check(name, _value(row, "ops"), "<=", limit, unit="ops"))
-        if variant == MABN:
+        if variant in (MABN, MABN_FUSED):
             targets.append(check(name + " (moonshot)", _value(row, "ops"), "<=", OPS_MOONSHOT, "goal", "ops"))
     return targets
 
 
 def _layer_targets(layers: List[dict], config: BenchConfig) -> List[Target]:
+    """The layer ratios; ``MABN fused`` rows (a CUDA run) are held to MABN's small-map limits."""
     targets = []
+    mabn_variants = [MABN] + ([MABN_FUSED] if _row(layers, MABN_FUSED) else [])
     for shape in config.small_shapes:
-        row = _row(layers, MABN, shape=list(shape))
-        targets.append(check(f"MABN layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=",
-                             SMALL_LIMITS.get(tuple(shape), SMALL_LIMIT)))
+        for variant in mabn_variants:
+            row = _row(layers, variant, shape=list(shape))
+            targets.append(check(f"{variant} layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=",
+                                 SMALL_LIMITS.get(tuple(shape), SMALL_LIMIT)))
     for shape in config.full_shapes:
         row = _row(layers, MABN, shape=list(shape))
         targets.append(check(f"MABN layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=", FULL_LIMIT))

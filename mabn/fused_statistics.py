@@ -22,7 +22,7 @@ This module imports Triton; :mod:`mabn.moving_average_bn` imports it only for a 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -50,10 +50,10 @@ def _ring_average(window_ptr, new_row, offsets, mask, channels, slot, rows: tl.c
 
 
 @triton.jit(do_not_specialize=["slot"])
-def _forward_kernel(chi_ptr, window_ptr, running_var_ptr, eps_ptr, low_ptr, high_ptr, ema_weight_ptr,
-                    forwards_ptr, groups_seen_ptr, skipped_ptr, var_ptr, chi_plus_eps_ptr,
-                    channels, slot, rows: tl.constexpr, USE_OWN: tl.constexpr, R_ON: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _mabn_forward_statistics_kernel(chi_ptr, window_ptr, running_var_ptr, eps_ptr, low_ptr, high_ptr, ema_weight_ptr,
+                                    forwards_ptr, groups_seen_ptr, skipped_ptr, var_ptr, chi_plus_eps_ptr, channels,
+                                    slot, rows: tl.constexpr, USE_OWN: tl.constexpr, R_ON: tl.constexpr,
+                                    BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
     eps = tl.load(eps_ptr)
     ema_weight = tl.load(ema_weight_ptr)
@@ -89,17 +89,16 @@ def _forward_kernel(chi_ptr, window_ptr, running_var_ptr, eps_ptr, low_ptr, high
         tl.store(var_ptr + offsets, var, mask=mask)
         tl.store(chi_plus_eps_ptr + offsets, chi_plus_eps, mask=mask)
         skipped += (mask & (finite == 0)).to(tl.int64)
-    # each counter is advanced by exactly one lane
-    first = lanes == 0
-    tl.atomic_add(forwards_ptr + lanes * 0, tl.where(first, 1, 0).to(tl.int64), mask=first)
-    tl.atomic_add(groups_seen_ptr + lanes * 0, tl.where(first, 1, 0).to(tl.int64), mask=first)
-    tl.atomic_add(skipped_ptr + lanes * 0, tl.where(first, tl.sum(skipped, axis=0), 0), mask=first)
+    # a scalar atomic runs once per program (one thread of it)
+    tl.atomic_add(forwards_ptr, 1)
+    tl.atomic_add(groups_seen_ptr, 1)
+    tl.atomic_add(skipped_ptr, tl.sum(skipped, axis=0))
 
 
 @triton.jit(do_not_specialize=["count", "slot"])
-def _backward_kernel(grad_weight_ptr, weight_ptr, scale_ptr, chi_plus_eps_ptr, window_ptr, coefficient_ptr,
-                     channels, count, slot, rows: tl.constexpr, USE_OWN: tl.constexpr, SCALED: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _mabn_backward_coefficient_kernel(grad_weight_ptr, weight_ptr, scale_ptr, chi_plus_eps_ptr, window_ptr,
+                                      coefficient_ptr, channels, count, slot, rows: tl.constexpr,
+                                      USE_OWN: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
     for start in range(0, channels, BLOCK):
         offsets = start + lanes
@@ -124,9 +123,9 @@ def _backward_kernel(grad_weight_ptr, weight_ptr, scale_ptr, chi_plus_eps_ptr, w
         tl.store(coefficient_ptr + offsets, coefficient, mask=mask)
 
 
-def forward_statistics(chi: Tensor, window: Tensor, running_var: Tensor, eps: Tensor, clamp_factors: Tuple[Tensor, Tensor],
-                       ema_weight: Tensor, counters: Tuple[Tensor, Tensor, Tensor], slot: int, use_own: bool,
-                       r_on: bool) -> Tuple[Tensor, Tensor]:
+def forward_statistics(chi: Tensor, window: Tensor, running_var: Tensor, eps: Tensor,
+                       clamp_factors: Sequence[Tensor], ema_weight: Tensor, counters: Sequence[Tensor], slot: int,
+                       use_own: bool, r_on: bool) -> Tuple[Tensor, Tensor]:
     """One forward's statistics of a one-group ring layer; advances ``window`` (row ``slot``),
     ``running_var`` and ``counters`` (``num_batches_tracked``, ``groups_seen``,
     ``skipped_updates``) in place and returns ``var`` (the forward's variance) and ``chi + eps``,
@@ -134,8 +133,9 @@ def forward_statistics(chi: Tensor, window: Tensor, running_var: Tensor, eps: Te
     the (C,) lower and upper factors of the clamp."""
     channels = chi.shape[0]
     var, chi_plus_eps = torch.empty_like(chi), torch.empty_like(chi)
-    _forward_kernel[(1,)](chi, window, running_var, eps, *clamp_factors, ema_weight, *counters, var, chi_plus_eps,
-                          channels, slot, rows=window.shape[0], USE_OWN=use_own, R_ON=r_on, BLOCK=_block(channels))
+    _mabn_forward_statistics_kernel[(1,)](
+        chi, window, running_var, eps, *clamp_factors, ema_weight, *counters, var, chi_plus_eps, channels, slot,
+        rows=window.shape[0], USE_OWN=use_own, R_ON=r_on, BLOCK=_block(channels))
     return var, chi_plus_eps
 
 
@@ -146,7 +146,8 @@ def backward_coefficient(grad_weight: Tensor, weight: Tensor, grad_scale: Option
     of ``window`` (finite channels only) and multiplied back by ``grad_scale``."""
     channels = grad_weight.shape[0]
     coefficient = torch.empty_like(grad_weight)
-    _backward_kernel[(1,)](grad_weight, weight, grad_weight if grad_scale is None else grad_scale, chi_plus_eps,
-                           window, coefficient, channels, count, slot, rows=window.shape[0], USE_OWN=use_own,
-                           SCALED=grad_scale is not None, BLOCK=_block(channels))
+    _mabn_backward_coefficient_kernel[(1,)](
+        grad_weight, weight, grad_weight if grad_scale is None else grad_scale, chi_plus_eps, window, coefficient,
+        channels, count, slot, rows=window.shape[0], USE_OWN=use_own, SCALED=grad_scale is not None,
+        BLOCK=_block(channels))
     return coefficient

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -108,6 +109,45 @@ def test_ops_rows_carry_kernel_launches_and_their_ratios(monkeypatch):
     assert rows[bench.MABN]["kernels"] == 12 and rows[bench.MABN]["transfers"] == 1
     assert rows[bench.MABN]["kernels_vs_bn"] == 3.0 and rows[bench.MABN]["kernels_vs_gn"] == 2.0
     assert rows[bench.BN]["kernels_vs_bn"] == 1.0
+
+
+def test_the_fused_variant_is_benchmarked_where_its_kernels_run(monkeypatch):
+    import importlib.util
+
+    assert bench.fused_variants(torch.device("cpu")) == ()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    assert bench.fused_variants(torch.device("cuda")) == (bench.MABN_FUSED,)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert bench.fused_variants(torch.device("cuda")) == ()
+    layer = bench.build_layer(bench.MABN_FUSED, 8)
+    assert layer.fused_statistics and not layer.split_batch and layer.training
+
+
+def test_fused_rows_are_held_to_mabn_limits_with_their_triton_launches_as_ops(monkeypatch):
+    from benchmarks.harness import KernelLaunches
+
+    monkeypatch.setattr(bench, "fused_variants", lambda device: (bench.MABN_FUSED,))
+    triton = {"_mabn_forward_statistics_kernel": 1, "_mabn_backward_coefficient_kernel": 1}
+    variants = iter(bench.OP_COUNT_VARIANTS + (bench.MABN_FUSED,))
+
+    def launches(case, device):
+        kernels = Counter(elementwise=5, **(triton if next(variants) == bench.MABN_FUSED else {}))
+        return KernelLaunches(kernels=sum(kernels.values()), transfers=0, by_kernel=kernels)
+
+    monkeypatch.setattr(bench, "count_kernel_launches", launches)
+    rows = {row["variant"]: row for row in bench.bench_ops(bench.TINY, torch.device("cpu"))}
+    fused, plain = rows[bench.MABN_FUSED], rows[bench.MABN]
+    assert fused["triton_launches"] == 2 and plain["triton_launches"] == 0
+    assert fused["ops"] == 2 + sum(fused["by_op"].values()) and plain["ops"] == sum(plain["by_op"].values())
+    ops_targets = [t for t in bench.evaluate_targets({"ops": list(rows.values())}, bench.TINY)
+                   if t.name.startswith(bench.MABN_FUSED)]
+    assert [t.limit for t in ops_targets] == [bench.OPS_LIMITS[bench.MABN], bench.OPS_MOONSHOT]
+    assert all(t.measured == fused["ops"] for t in ops_targets)
+    layers = [dict(shape=list(shape), variant=bench.MABN_FUSED, ratio_to_bn=1.1) for shape in bench.FULL.small_shapes]
+    names = [t.name for t in bench.evaluate_targets({"layers": layers}, bench.FULL)]
+    assert sum(name.startswith(f"{bench.MABN_FUSED} layer") for name in names) == len(bench.FULL.small_shapes)
+    assert not any(name.startswith(bench.MABN_FUSED) for name in
+                   (t.name for t in bench.evaluate_targets({}, bench.FULL)))
 
 
 def _results(device: str) -> dict:

@@ -21,8 +21,8 @@ from mabn import MABN1d, MABN2d
 
 # (name, layer kwargs, input shape, input dtype, layer dtype, loss scale or None)
 CASES = (
-    ("warm-up then settled", dict(B=2, real_B=8, warmup_iters=3, r_warmup_iters=5), (2, 16, 5, 5), torch.float32, torch.float32,
-     None),
+    ("warm-up then settled", dict(B=2, real_B=8, warmup_iters=3, r_warmup_iters=5), (2, 16, 5, 5), torch.float32,
+     torch.float32, None),
     ("first batch running_var", dict(B=2, real_B=8, warmup_iters=0, r_warmup_iters=0, first_batch_running_var=True),
      (2, 16, 5, 5), torch.float32, torch.float32, None),
     ("channels past one block, 1d", dict(B=1, real_B=4, warmup_iters=2, r_warmup_iters=3), (1, 1100, 3), torch.float32,

@@ -110,6 +110,66 @@ def test_without_triton_the_first_forward_says_what_to_install(monkeypatch):
         layer(torch.randn(2, 8, 3, 3))
 
 
+class _CapturedLaunch:
+    """Stands in for a Triton kernel: keeps the arguments of its last launch."""
+
+    def __init__(self) -> None:
+        self.args, self.kwargs = (), {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+        return launch
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
+                 torch.int64: "i64"}
+
+
+def _signature(kernel, launch: _CapturedLaunch):
+    """Triton's signature and constexprs for ``kernel`` called with the captured arguments."""
+    values = dict(zip(kernel.arg_names, launch.args), **launch.kwargs)
+    signature = {name: ("constexpr" if name in launch.kwargs else
+                        "*" + _TRITON_TYPES[values[name].dtype] if isinstance(values[name], torch.Tensor) else "i32")
+                 for name in kernel.arg_names}
+    return signature, dict(launch.kwargs)
+
+
+@pytest.mark.parametrize("layer_dtype, input_dtype, loss_scale, settled, capability", [
+    (torch.float32, torch.float32, False, True, 90),
+    (torch.float32, torch.float32, True, False, 90),
+    (torch.float32, torch.float32, False, True, 80),
+    (torch.float64, torch.float64, True, True, 90),
+    (torch.float32, torch.bfloat16, False, True, 90),
+    (torch.float16, torch.float16, True, True, 90),
+    (torch.bfloat16, torch.bfloat16, False, True, 80),
+])
+def test_kernels_compile_for_cuda_with_the_arguments_the_layer_passes(monkeypatch, layer_dtype, input_dtype,
+                                                                    loss_scale, settled, capability):
+    """Triton compiles the kernels to PTX and a cubin for an A100 (sm_80) or an H100/H200 (sm_90)
+    without a GPU: the compiler's type checks and lowering, which the interpreter does not run,
+    applied to the argument types a layer of each dtype passes."""
+    import mabn.fused_statistics as fused_statistics
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    kernels = {name: getattr(fused_statistics, name) for name in
+               ("_mabn_forward_statistics_kernel", "_mabn_backward_coefficient_kernel")}
+    launches = {name: _CapturedLaunch() for name in kernels}
+    for name, launch in launches.items():
+        monkeypatch.setattr(fused_statistics, name, launch)
+    monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
+    warmup = dict(warmup_iters=0, r_warmup_iters=0) if settled else dict(warmup_iters=5, r_warmup_iters=5)
+    layer = MABN2d(8, fused_statistics=True, **warmup).to(layer_dtype)
+    layer.grad_scale = torch.tensor(256.0) if loss_scale else None
+    layer(torch.randn(2, 8, 3, 3, dtype=input_dtype, requires_grad=True)).sum().backward()
+    for name, kernel in kernels.items():
+        signature, constexprs = _signature(kernel, launches[name])
+        compiled = compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", capability, 32))
+        assert ".entry " + name in compiled.asm["ptx"] and compiled.asm["cubin"]
+
+
 class _CountedLaunch:
     """Stands in for a Triton kernel: counts launches and computes nothing."""
 
@@ -130,8 +190,8 @@ def test_a_settled_fused_step_dispatches_eleven_aten_ops_and_two_kernels(monkeyp
 
     launches: list = []
     monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
-    monkeypatch.setattr(fused_statistics, "_forward_kernel", _CountedLaunch(launches, "forward"))
-    monkeypatch.setattr(fused_statistics, "_backward_kernel", _CountedLaunch(launches, "backward"))
+    monkeypatch.setattr(fused_statistics, "_mabn_forward_statistics_kernel", _CountedLaunch(launches, "forward"))
+    monkeypatch.setattr(fused_statistics, "_mabn_backward_coefficient_kernel", _CountedLaunch(launches, "backward"))
     layer = MABN2d(64, warmup_iters=0, r_warmup_iters=0, fused_statistics=True)
     x = torch.randn(2, 64, 7, 7, requires_grad=True)
     grad = torch.ones_like(x)
