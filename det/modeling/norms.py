@@ -109,7 +109,8 @@ def norm_spec(name: str, cfg: CfgNode) -> NormSpec:
     if name == "MABN":
         r_warmup = cfg.MODEL.MABN.R_WARMUP_ITERS
         options = dict(B=cfg.MODEL.MABN.B, real_B=cfg.MODEL.MABN.REAL_B, warmup_iters=cfg.MODEL.MABN.WARMUP_ITERS,
-                       momentum=cfg.MODEL.MABN.MOMENTUM, r_warmup_iters=None if r_warmup < 0 else r_warmup)
+                       momentum=cfg.MODEL.MABN.MOMENTUM, r_warmup_iters=None if r_warmup < 0 else r_warmup,
+                       fused_statistics=cfg.MODEL.MABN.FUSED_STATISTICS)
         try:
             mabn.get_norm("MABN", 1, **options)
         except ValueError as exc:

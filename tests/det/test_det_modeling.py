@@ -40,6 +40,9 @@ def test_config_numbers_reach_torchvision_modules():
     model = build_detection_model(cfg)
     layer = model.backbone.body.bn1
     assert (layer.B, layer.window, layer.warmup_iters, layer.momentum, layer.r_warmup_iters) == (1, 8, 7, 0.9, 11)
+    assert not layer.fused_statistics
+    fused = build_detection_model(tiny_config("mabn", "MODEL.MABN.FUSED_STATISTICS", "True", fast=False))
+    assert fused.backbone.body.bn1.fused_statistics
     rpn, roi = model.rpn, model.roi_heads
     assert rpn._pre_nms_top_n == {"training": 300, "testing": 200}
     assert rpn._post_nms_top_n == {"training": 100, "testing": 50}
