@@ -22,12 +22,14 @@ This module imports Triton; :mod:`mabn.moving_average_bn` imports it only for a 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import contextlib
+from typing import ContextManager, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 __all__ = ["backward_coefficient", "forward_statistics"]
 
@@ -36,6 +38,20 @@ _MAX_BLOCK = 1024
 
 def _block(channels: int) -> int:
     return min(triton.next_power_of_2(max(channels, 1)), _MAX_BLOCK)
+
+
+def _current_device(tensor: Tensor) -> ContextManager:
+    """Triton launches on the current CUDA device: make it ``tensor``'s where it is another one."""
+    if tensor.device.type != "cuda" or tensor.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
+
+
+def _modified(*tensors: Tensor) -> None:
+    """Bump the version counters of tensors a kernel wrote in place, as torch's in-place ops do
+    (autograd's saved-tensor checks and :class:`mabn.host_counters.HostCounters` read them)."""
+    for tensor in tensors:
+        increment_version(tensor)
 
 
 @triton.jit
@@ -133,9 +149,11 @@ def forward_statistics(chi: Tensor, window: Tensor, running_var: Tensor, eps: Te
     the (C,) lower and upper factors of the clamp."""
     channels = chi.shape[0]
     var, chi_plus_eps = torch.empty_like(chi), torch.empty_like(chi)
-    _mabn_forward_statistics_kernel[(1,)](
-        chi, window, running_var, eps, *clamp_factors, ema_weight, *counters, var, chi_plus_eps, channels, slot,
-        rows=window.shape[0], USE_OWN=use_own, R_ON=r_on, BLOCK=_block(channels))
+    with _current_device(chi):
+        _mabn_forward_statistics_kernel[(1,)](
+            chi, window, running_var, eps, *clamp_factors, ema_weight, *counters, var, chi_plus_eps, channels, slot,
+            rows=window.shape[0], USE_OWN=use_own, R_ON=r_on, BLOCK=_block(channels))
+    _modified(window, running_var, *counters)
     return var, chi_plus_eps
 
 
@@ -146,8 +164,10 @@ def backward_coefficient(grad_weight: Tensor, weight: Tensor, grad_scale: Option
     of ``window`` (finite channels only) and multiplied back by ``grad_scale``."""
     channels = grad_weight.shape[0]
     coefficient = torch.empty_like(grad_weight)
-    _mabn_backward_coefficient_kernel[(1,)](
-        grad_weight, weight, grad_weight if grad_scale is None else grad_scale, chi_plus_eps, window, coefficient,
-        channels, count, slot, rows=window.shape[0], USE_OWN=use_own, SCALED=grad_scale is not None,
-        BLOCK=_block(channels))
+    with _current_device(grad_weight):
+        _mabn_backward_coefficient_kernel[(1,)](
+            grad_weight, weight, grad_weight if grad_scale is None else grad_scale, chi_plus_eps, window, coefficient,
+            channels, count, slot, rows=window.shape[0], USE_OWN=use_own, SCALED=grad_scale is not None,
+            BLOCK=_block(channels))
+    _modified(window)
     return coefficient

@@ -180,6 +180,43 @@ class _CountedLaunch:
         return lambda *args, **kwargs: self.launches.append(self.name)
 
 
+def test_kernel_writes_bump_the_version_counters_the_host_counters_trust(monkeypatch):
+    """The kernels write buffers through pointers; the wrappers bump their versions as an in-place
+    op would, and the layer records the counters after that, so the host copy stays trusted."""
+    import mabn.fused_statistics as fused_statistics
+
+    launches: list = []
+    monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
+    monkeypatch.setattr(fused_statistics, "_mabn_forward_statistics_kernel", _CountedLaunch(launches, "forward"))
+    monkeypatch.setattr(fused_statistics, "_mabn_backward_coefficient_kernel", _CountedLaunch(launches, "backward"))
+    layer = MABN2d(8, fused_statistics=True)
+    forward_written = ("buffer_x2", "running_var", "num_batches_tracked", "groups_seen", "skipped_updates")
+    before = {name: buffer._version for name, buffer in layer.named_buffers()}
+    y = layer(torch.randn(2, 8, 3, 3, requires_grad=True))
+    after_forward = {name: buffer._version for name, buffer in layer.named_buffers()}
+    assert all(after_forward[name] > before[name] for name in forward_written)
+    assert after_forward["buffer_gz"] == before["buffer_gz"]
+    y.sum().backward()
+    assert layer.buffer_gz._version > after_forward["buffer_gz"]
+    assert layer.host_counters.known((layer.num_batches_tracked, layer.groups_seen)) == (1, 1)
+
+
+@pytest.mark.cuda
+def test_a_layer_on_another_gpu_than_the_current_one(real_cuda_device):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    torch.manual_seed(0)
+    eager = MABN2d(8, B=2, real_B=8, warmup_iters=1, r_warmup_iters=2).to("cuda:1")
+    fused = MABN2d(8, B=2, real_B=8, warmup_iters=1, r_warmup_iters=2, fused_statistics=True).to("cuda:1")
+    with torch.cuda.device(0):
+        for _ in range(4):
+            x = torch.randn(2, 8, 3, 3, device="cuda:1")
+            for expected, actual in zip(_step(eager, x), _step(fused, x)):
+                torch.testing.assert_close(actual, expected)
+            eager.weight.grad = eager.bias.grad = fused.weight.grad = fused.bias.grad = None
+    torch.testing.assert_close(fused.running_var, eager.running_var)
+
+
 def test_a_settled_fused_step_dispatches_eleven_aten_ops_and_two_kernels(monkeypatch):
     """What a GPU runs for one settled training forward + backward of a fused layer, counted on the
     CPU with the kernels stubbed: BN's two reductions and its forward, three result allocations,
