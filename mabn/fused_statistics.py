@@ -14,8 +14,9 @@ on (C,) and (W, C) tensors, each a kernel launch on a GPU. Here each pass runs i
 The schedule (own statistic or window average, renormalization on) is decided on the host, as
 in the eager path. The kernels run on CUDA, and on CPU tensors when Triton's interpreter is on
 (``TRITON_INTERPRET=1``), which is how the test suite checks them against the eager path. One
-program handles every channel: (C,) work is small, and one program needs no atomics or
-cross-program ordering for the counters.
+program handles every channel: (C,) work is small, and with one program each counter is advanced
+by a single thread, with no ordering between programs to arrange. The kernels index rows and
+channels directly, so the tensors they get must be contiguous (the layer's buffers are).
 
 This module imports Triton; :mod:`mabn.moving_average_bn` imports it only for a layer built with
 ``fused_statistics=True`` whose input is on a device Triton runs on.
@@ -45,6 +46,13 @@ def _current_device(tensor: Tensor) -> ContextManager:
     if tensor.device.type != "cuda" or tensor.device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(tensor.device)
+
+
+def _check_contiguous(**tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise ValueError(f"MABN's fused statistics kernels index {name} as a contiguous tensor, but it has strides "
+                             f"{tensor.stride()}; make the layer's buffers contiguous or use fused_statistics=False")
 
 
 def _modified(*tensors: Tensor) -> None:
@@ -147,6 +155,7 @@ def forward_statistics(chi: Tensor, window: Tensor, running_var: Tensor, eps: Te
     ``skipped_updates``) in place and returns ``var`` (the forward's variance) and ``chi + eps``,
     (C,) in the dtype of ``chi``. ``eps`` and ``ema_weight`` are 0-dim tensors, ``clamp_factors``
     the (C,) lower and upper factors of the clamp."""
+    _check_contiguous(chi=chi, window=window, running_var=running_var)
     channels = chi.shape[0]
     var, chi_plus_eps = torch.empty_like(chi), torch.empty_like(chi)
     with _current_device(chi):
@@ -162,6 +171,7 @@ def backward_coefficient(grad_weight: Tensor, weight: Tensor, grad_scale: Option
     """The (C,) input-gradient coefficient ``psi_used / (chi + eps)`` of one backward of a one-group
     ring layer, with ``psi = grad_weight * weight / (grad_scale * count)`` written into row ``slot``
     of ``window`` (finite channels only) and multiplied back by ``grad_scale``."""
+    _check_contiguous(grad_weight=grad_weight, weight=weight, chi_plus_eps=chi_plus_eps, window=window)
     channels = grad_weight.shape[0]
     coefficient = torch.empty_like(grad_weight)
     with _current_device(grad_weight):

@@ -201,6 +201,14 @@ def test_kernel_writes_bump_the_version_counters_the_host_counters_trust(monkeyp
     assert layer.host_counters.known((layer.num_batches_tracked, layer.groups_seen)) == (1, 1)
 
 
+def test_a_strided_buffer_is_refused_before_a_kernel_reads_it():
+    import mabn.fused_statistics as fused_statistics
+
+    window = torch.zeros(8, 4).t()
+    with pytest.raises(ValueError, match="index window as a contiguous tensor.*fused_statistics=False"):
+        fused_statistics.backward_coefficient(torch.zeros(4), torch.ones(4), None, torch.ones(4), window, 9, 0, True)
+
+
 @pytest.mark.cuda
 def test_a_layer_on_another_gpu_than_the_current_one(real_cuda_device):
     if torch.cuda.device_count() < 2:
