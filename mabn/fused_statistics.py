@@ -73,6 +73,21 @@ def _ring_average(window_ptr, new_row, offsets, mask, channels, slot, rows: tl.c
     return total / rows
 
 
+@triton.jit
+def _ring_statistic(window_ptr, values, offsets, mask, channels, slot, rows: tl.constexpr, USE_OWN: tl.constexpr):
+    """Write ``values`` into ring row ``slot`` where they are finite; return that finite mask and
+    the statistic to use: ``values`` themselves (``USE_OWN``) or the mean of the updated ring."""
+    finite = tl.abs(values) < float("inf")
+    row = window_ptr + slot * channels + offsets
+    new_row = tl.where(finite, values, tl.load(row, mask=mask, other=0.0).to(values.dtype))
+    tl.store(row, new_row, mask=mask)
+    if USE_OWN:
+        used = values
+    else:
+        used = _ring_average(window_ptr, new_row, offsets, mask, channels, slot, rows)
+    return finite, used
+
+
 @triton.jit(do_not_specialize=["slot"])
 def _mabn_forward_statistics_kernel(chi_ptr, window_ptr, running_var_ptr, eps_ptr, low_ptr, high_ptr, ema_weight_ptr,
                                     forwards_ptr, groups_seen_ptr, skipped_ptr, var_ptr, chi_plus_eps_ptr, channels,
@@ -86,14 +101,7 @@ def _mabn_forward_statistics_kernel(chi_ptr, window_ptr, running_var_ptr, eps_pt
         offsets = start + lanes
         mask = offsets < channels
         chi = tl.load(chi_ptr + offsets, mask=mask, other=0.0)
-        finite = tl.abs(chi) < float("inf")
-        old = tl.load(window_ptr + slot * channels + offsets, mask=mask, other=0.0)
-        new_row = tl.where(finite, chi, old.to(chi.dtype))
-        tl.store(window_ptr + slot * channels + offsets, new_row, mask=mask)
-        if USE_OWN:
-            used = chi
-        else:
-            used = _ring_average(window_ptr, new_row, offsets, mask, channels, slot, rows)
+        finite, used = _ring_statistic(window_ptr, chi, offsets, mask, channels, slot, rows, USE_OWN)
         chi_plus_eps = used + eps
         running_var = tl.load(running_var_ptr + offsets, mask=mask, other=1.0)
         if R_ON:
@@ -133,14 +141,7 @@ def _mabn_backward_coefficient_kernel(grad_weight_ptr, weight_ptr, scale_ptr, ch
             scale = tl.load(scale_ptr).to(grad_weight.dtype)
             weight = weight / scale
         psi = grad_weight * weight / count
-        finite = tl.abs(psi) < float("inf")
-        old = tl.load(window_ptr + slot * channels + offsets, mask=mask, other=0.0)
-        new_row = tl.where(finite, psi, old.to(psi.dtype))
-        tl.store(window_ptr + slot * channels + offsets, new_row, mask=mask)
-        if USE_OWN:
-            used = psi
-        else:
-            used = _ring_average(window_ptr, new_row, offsets, mask, channels, slot, rows)
+        _, used = _ring_statistic(window_ptr, psi, offsets, mask, channels, slot, rows, USE_OWN)
         coefficient = used / tl.load(chi_plus_eps_ptr + offsets, mask=mask, other=1.0)
         if SCALED:
             coefficient = coefficient * scale

@@ -530,9 +530,11 @@ class _MovingAverageBatchNorm(_BatchNorm):
         first_batch_running_var: ``running_var`` starts from the first training forward's
             statistic instead of 1 (the published ImageNet layer's rule).
         fused_statistics: run the per-channel bookkeeping of a ``split_batch=False`` layer as one
-            Triton kernel per pass on CUDA (:mod:`mabn.fused_statistics`; needs Triton); other
-            layers, devices and ``torch.compile`` use the eager ops. Opt-in: checked against the
-            eager path under Triton's interpreter on the CPU, not yet measured on a GPU.
+            Triton kernel per pass on CUDA (:mod:`mabn.fused_statistics`; needs Triton). Steps
+            whose counters are not known on the host (see :mod:`mabn.host_counters`: after a
+            DDP buffer broadcast, say), other layers, other devices and ``torch.compile`` use
+            the eager ops. Opt-in: checked against the eager path under Triton's interpreter
+            on the CPU, not yet measured on a GPU.
     """
 
     _expected_dims: Tuple[int, ...] = ()
