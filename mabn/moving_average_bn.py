@@ -41,10 +41,11 @@ the reductions, with per-channel variance ``(chi + eps) / r**2`` and mean 0); 27
 per forward + backward of a ``split_batch=False`` layer (3 of them views, which launch nothing on
 a GPU), 31 for a ``split_batch`` layer with one group, 50 with four groups (15 views).
 
-``fused_statistics=True`` runs that bookkeeping of a ``split_batch=False`` layer (everything
-between the second-moment reduction and BN's kernels, in both passes) as one Triton kernel per
-pass on CUDA (:mod:`mabn.fused_statistics`): 11 dispatched ops and 2 Triton kernels per forward +
-backward instead of 27 ops. It is opt-in until it has been measured on a GPU.
+``fused_statistics=True`` runs that bookkeeping (everything between the second-moment reduction
+and BN's kernels, in both passes) as one Triton kernel per pass on CUDA
+(:mod:`mabn.fused_statistics`): per forward + backward 11 dispatched ops and 2 Triton kernels
+instead of 27 ops for a ``split_batch=False`` layer, 27 ops (11 views) and 2 kernels instead of
+50 for a ``split_batch`` layer of two groups. It is opt-in until it has been measured on a GPU.
 
 Windows: a ``split_batch=False`` layer (one group per forward, the detection protocol) keeps
 ``buffer_x2`` and ``buffer_gz`` as rings whose row ``i % W`` holds the statistic of group ``i``
@@ -241,11 +242,14 @@ class _Schedule(NamedTuple):
     """The branches of one training forward: each group's own statistic (``use_own``), the
     renormalization on (``r_on``), and the weight of the new value in the ``running_var`` EMA.
     Python values where the step counters are known on the host (no op is dispatched for a
-    decided branch), else tensors computed from the counter buffers."""
+    decided branch), else tensors computed from the counter buffers. ``own_groups``: on the
+    host, how many leading groups use their own statistic (the rule holds for a prefix of the
+    groups), else None."""
 
     use_own: Union[bool, Tensor]
     r_on: Union[bool, Tensor]
     ema_weight: Union[float, Tensor]
+    own_groups: Optional[int] = None
 
 
 def _host_schedule(layer: "_MovingAverageBatchNorm", forwards: int, groups_seen: int, groups: int,
@@ -253,7 +257,7 @@ def _host_schedule(layer: "_MovingAverageBatchNorm", forwards: int, groups_seen:
     """:class:`_Schedule` from the counters' values: group ``k`` of this forward uses its own
     statistic while ``groups_seen + k < W`` or the forward is within ``warmup_iters``."""
     if groups_seen >= layer.window and forwards >= layer.settled_after:
-        return _Schedule(False, True, 1.0 - layer.momentum)
+        return _Schedule(False, True, 1.0 - layer.momentum, 0)
     in_warmup = forwards < layer.warmup_iters - 1
     own = tuple(in_warmup or groups_seen + k < layer.window for k in range(groups))
     if all(own) or not any(own):
@@ -261,7 +265,7 @@ def _host_schedule(layer: "_MovingAverageBatchNorm", forwards: int, groups_seen:
     else:
         use_own = cached_constant(("own", own), device, lambda d: torch.tensor(own, device=d).unsqueeze(1))
     first = layer.first_batch_running_var and forwards == 0
-    return _Schedule(use_own, forwards >= layer.r_warmup_iters, 1.0 if first else 1.0 - layer.momentum)
+    return _Schedule(use_own, forwards >= layer.r_warmup_iters, 1.0 if first else 1.0 - layer.momentum, sum(own))
 
 
 def _device_schedule(layer: "_MovingAverageBatchNorm", groups: int, device: torch.device) -> _Schedule:
@@ -285,8 +289,8 @@ def _device_schedule(layer: "_MovingAverageBatchNorm", groups: int, device: torc
 
 @torch.no_grad()
 def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zeros: Tensor,
-                                groups: int) -> Tuple[Tensor, Tensor, Tensor, Union[bool, Tensor],
-                                                      Optional[Union[int, Tensor]]]:
+                                groups: int) -> Tuple[Optional[Tensor], Tensor, Tensor, Union[bool, Tensor],
+                                                      Optional[Union[int, Tensor]], Optional[int]]:
     """One training forward's statistics; advances ``layer``'s buffers (``running_var``,
     ``num_batches_tracked``, ``groups_seen``, ``skipped_updates``, the window ``buffer_x2``) in place,
     except for channels whose statistic is not finite (counted in ``skipped_updates``), following
@@ -296,8 +300,11 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     Returns, per channel (C,) for one group or (G, C): ``var = (chi + eps) / r ** 2``, the
     denominator of the forward (``y = weight * x / sqrt(var) + bias``), ``u = 1 / sqrt(var)``
     (with one group an empty tensor: the backward kernel derives it), ``chi + eps``, the
-    own-statistic rule (a bool, or a 0-dim or (G, 1) mask), and the ring slot this forward
-    wrote (an int, a 0-dim tensor, or None for a shifting window: ``split_batch`` layers).
+    own-statistic rule (a bool, or a 0-dim or (G, 1) mask), the ring slot this forward
+    wrote (an int, a 0-dim tensor, or None for a shifting window: ``split_batch`` layers), and
+    where the fused kernels ran (:mod:`mabn.fused_statistics`) the number of leading groups that
+    use their own statistic, else None. A fused forward of several groups returns ``var`` None
+    (the layer needs only ``u``).
     """
     # buffers read from the dict that holds them: nn.Module.__getattr__ costs about a microsecond
     # an access, and a layer on a small map takes a dozen in every step
@@ -311,7 +318,7 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
         schedule = _host_schedule(layer, known[0], known[1], groups, x.device)
     chi = _second_moments(x, groups, zeros)
     operands = _operands(layer, chi.dtype, groups, x.device)
-    if known is not None and _uses_fused_statistics(layer, x.device):
+    if known is not None and _uses_fused_statistics(layer, groups, x.device):
         return _fused_forward_statistics(layer, chi, operands, schedule, known)
     slot: Optional[Union[int, Tensor]] = None
     if layer.split_batch:
@@ -364,7 +371,7 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
         use_own = flags.pop(0)
     if isinstance(slot, Tensor):
         slot = flags.pop(0)
-    return var, u, chi_plus_eps, use_own, slot
+    return var, u, chi_plus_eps, use_own, slot, None
 
 
 def _fused_kernels_run_on(device: torch.device) -> bool:
@@ -373,11 +380,11 @@ def _fused_kernels_run_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _uses_fused_statistics(layer: "_MovingAverageBatchNorm", device: torch.device) -> bool:
-    """Whether this training forward runs the fused kernels: asked for, one group per forward (a
-    ring layer), eager (``torch.compile`` fuses the tensor logic itself) and a device they run on.
-    The caller knows the counters on the host."""
-    return (layer.fused_statistics and not layer.split_batch and not torch.compiler.is_compiling()
+def _uses_fused_statistics(layer: "_MovingAverageBatchNorm", groups: int, device: torch.device) -> bool:
+    """Whether this training forward runs the fused kernels: asked for, a ring layer or a
+    ``split_batch`` forward of several groups, eager (``torch.compile`` fuses the tensor logic
+    itself) and a device they run on. The caller knows the counters on the host."""
+    return (layer.fused_statistics and (groups > 1 or not layer.split_batch) and not torch.compiler.is_compiling()
             and _fused_kernels_run_on(device))
 
 
@@ -392,19 +399,27 @@ def _fused_kernels():
 
 
 def _fused_forward_statistics(layer: "_MovingAverageBatchNorm", chi: Tensor, operands: _Operands, schedule: _Schedule,
-                              known: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor, bool, int]:
-    """:func:`_advance_forward_statistics` of a one-group ring layer in one kernel
-    (:func:`mabn.fused_statistics.forward_statistics`)."""
+                              known: Tuple[int, int]):
+    """:func:`_advance_forward_statistics` in one kernel (:mod:`mabn.fused_statistics`): a ring
+    layer's ``var``, or (``var`` None) a ``split_batch`` forward's per-group ``u``."""
     buffers = layer._buffers
     running_var = buffers["running_var"]
     ema_weight = operands.ema_weight if schedule.ema_weight != 1.0 else scalar(1.0, running_var.dtype, chi.device)
-    slot = known[1] % layer.window
-    var, chi_plus_eps = _fused_kernels().forward_statistics(
-        chi, buffers["buffer_x2"], running_var, operands.eps, operands.clamp_factors, ema_weight,
-        (buffers["num_batches_tracked"], buffers["groups_seen"], buffers["skipped_updates"]), slot,
-        bool(schedule.use_own), bool(schedule.r_on))
-    layer.host_counters.record((buffers["num_batches_tracked"], buffers["groups_seen"]), (known[0] + 1, known[1] + 1))
-    return var, operands.empty, chi_plus_eps, bool(schedule.use_own), slot
+    counters = (buffers["num_batches_tracked"], buffers["groups_seen"])
+    arguments = (buffers["buffer_x2"], running_var, operands.eps, operands.clamp_factors, ema_weight,
+                 (*counters, buffers["skipped_updates"]))
+    groups = 1 if chi.dim() == 1 else chi.shape[0]
+    if groups == 1:
+        slot: Optional[int] = known[1] % layer.window
+        var, chi_plus_eps = _fused_kernels().forward_statistics(chi, *arguments, slot, bool(schedule.use_own),
+                                                                bool(schedule.r_on))
+        u = operands.empty
+    else:
+        slot, var = None, None
+        u, chi_plus_eps = _fused_kernels().grouped_forward_statistics(chi, *arguments, schedule.own_groups,
+                                                                      bool(schedule.r_on))
+    layer.host_counters.record(counters, (known[0] + 1, known[1] + groups))
+    return var, u, chi_plus_eps, schedule.use_own, slot, schedule.own_groups
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -430,14 +445,14 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, zeros: Tensor, var: Tensor, u: Tensor,
                 chi_plus_eps: Tensor, use_own: Union[bool, Tensor], psi_window: Tensor,
-                grad_scale: Optional[Tensor], slot: Optional[Union[int, Tensor]], fused: bool) -> Tensor:
+                grad_scale: Optional[Tensor], slot: Optional[Union[int, Tensor]], fused: Optional[int]) -> Tensor:
         compute_dtype = zeros.dtype
         ctx.fused = fused
         ctx.use_own = use_own if isinstance(use_own, bool) else None
         use_own = None if isinstance(use_own, bool) else use_own
         ctx.slot = None if isinstance(slot, Tensor) else slot
         slot = slot if isinstance(slot, Tensor) else None
-        if var.dim() == 1:
+        if chi_plus_eps.dim() == 1:
             ctx.save_for_backward(x, weight, zeros, var, u, chi_plus_eps, use_own, psi_window, grad_scale, slot)
             return torch.native_batch_norm(x, cast(weight, compute_dtype), cast(bias, compute_dtype), zeros, var,
                                            False, 0.0, 0.0)[0]
@@ -466,7 +481,7 @@ class _MABNFunction(torch.autograd.Function):
             # save_invstd is empty, so both devices derive u from the running variance.
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, weight_c, zeros, var_or_weight_u, zeros, u, False, 0.0, [True, True, True])
-            if ctx.fused:
+            if ctx.fused is not None:
                 coefficient = _fused_kernels().backward_coefficient(grad_weight, weight_c, grad_scale, chi_plus_eps,
                                                                     psi_window, count, slot, use_own)
                 grad_x.addcmul_(x, coefficient.view((channels,) + (1,) * (x.dim() - 2)), value=-1.0)
@@ -495,18 +510,22 @@ class _MABNFunction(torch.autograd.Function):
             _, grad_x_sums, grad_sums = torch.ops.aten.native_batch_norm_backward(
                 grad4.reshape(planes), x4.reshape(planes), ones, None, None,
                 filled(rows, 0.0, compute_dtype, x.device), ones, True, 0.0, [False, True, True])
-            per_group = grad_x_sums.view(groups, -1, channels).sum(dim=1).mul_(u)  # sum(dy * x * u)
-            grad_weight = per_group.sum(dim=0)
-            grad_bias = grad_sums.view(-1, channels).sum(dim=0)
-            weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
-            psi = torch.addcmul(zeros, per_group, weight_unscaled, value=1.0 / count)
-            finite = torch.lt(torch.linalg.vector_norm(psi, math.inf, dim=0),  # NaN stays NaN
-                              scalar(math.inf, compute_dtype, x.device))
-            psi_used, new_window = _windowed(psi_window, psi, use_own)
-            torch.where(finite, cast(new_window, psi_window.dtype), psi_window, out=psi_window)
-            coefficient = psi_used / chi_plus_eps
-            if grad_scale is not None:
-                coefficient = coefficient * grad_scale
+            if ctx.fused is not None:
+                grad_weight, grad_bias, coefficient = _fused_kernels().grouped_backward(
+                    grad_x_sums, grad_sums, u, weight_c, grad_scale, chi_plus_eps, psi_window, count, ctx.fused)
+            else:
+                per_group = grad_x_sums.view(groups, -1, channels).sum(dim=1).mul_(u)  # sum(dy * x * u)
+                grad_weight = per_group.sum(dim=0)
+                grad_bias = grad_sums.view(-1, channels).sum(dim=0)
+                weight_unscaled = weight_c if grad_scale is None else weight_c / grad_scale
+                psi = torch.addcmul(zeros, per_group, weight_unscaled, value=1.0 / count)
+                finite = torch.lt(torch.linalg.vector_norm(psi, math.inf, dim=0),  # NaN stays NaN
+                                  scalar(math.inf, compute_dtype, x.device))
+                psi_used, new_window = _windowed(psi_window, psi, use_own)
+                torch.where(finite, cast(new_window, psi_window.dtype), psi_window, out=psi_window)
+                coefficient = psi_used / chi_plus_eps
+                if grad_scale is not None:
+                    coefficient = coefficient * grad_scale
             grad_x = (grad4 * var_or_weight_u).addcmul_(x4, _per_group(coefficient), value=-1.0)
             grad_x = cast(grad_x, x.dtype)
         return (grad_x, cast(grad_weight, weight.dtype), cast(grad_bias, weight.dtype),
@@ -529,11 +548,11 @@ class _MovingAverageBatchNorm(_BatchNorm):
         r_warmup_iters: ``r = 1`` for ``t <= r_warmup_iters``; default ``max(1000, warmup_iters)``.
         first_batch_running_var: ``running_var`` starts from the first training forward's
             statistic instead of 1 (the published ImageNet layer's rule).
-        fused_statistics: run the per-channel bookkeeping of a ``split_batch=False`` layer as one
-            Triton kernel per pass on CUDA (:mod:`mabn.fused_statistics`; needs Triton). Steps
-            whose counters are not known on the host (see :mod:`mabn.host_counters`: after a
-            DDP buffer broadcast, say), other layers, other devices and ``torch.compile`` use
-            the eager ops. Opt-in: checked against the eager path under Triton's interpreter
+        fused_statistics: run the per-channel bookkeeping as one Triton kernel per pass on CUDA
+            (:mod:`mabn.fused_statistics`; needs Triton). Steps whose counters are not known on
+            the host (see :mod:`mabn.host_counters`: after a DDP buffer broadcast, say), a
+            ``split_batch`` forward of one group, other devices and ``torch.compile`` use the
+            eager ops. Opt-in: checked against the eager path under Triton's interpreter
             on the CPU, not yet measured on a GPU.
     """
 
@@ -630,14 +649,13 @@ class _MovingAverageBatchNorm(_BatchNorm):
         groups = count_groups(type(self).__name__, self.B if self.split_batch else None, input.shape[0])
         buffers = self._buffers  # see _advance_forward_statistics
         zeros = cast(buffers["running_mean"], statistics_dtype(input.dtype))
-        var, u, chi_plus_eps, use_own, slot = _advance_forward_statistics(self, input, zeros, groups)
+        # fused: where this forward ran the fused kernels, so that the backward does too
+        var, u, chi_plus_eps, use_own, slot, fused = _advance_forward_statistics(self, input, zeros, groups)
         if groups == 1:
-            # the forward ran the fused kernels, so the backward does too (an int slot: counters known on the host)
-            fused = _uses_fused_statistics(self, input.device) and isinstance(slot, int)
             return _MABNFunction.apply(input, self.weight, self.bias, zeros, var, u, chi_plus_eps,
                                        use_own, buffers["buffer_gz"], self.grad_scale, slot, fused)
         return _MABNFunction.apply(_group_view(input, groups), self.weight, self.bias, zeros, var, u, chi_plus_eps,
-                                   use_own, buffers["buffer_gz"], self.grad_scale, slot, False).reshape(input.shape)
+                                   use_own, buffers["buffer_gz"], self.grad_scale, slot, fused).reshape(input.shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The ring windows of a ``split_batch=False`` layer are saved oldest first (copies), the

@@ -77,20 +77,22 @@ def test_cpu_without_the_interpreter_runs_the_eager_ops(monkeypatch):
         assert torch.equal(value, fused.state_dict()[key]), key
 
 
-@pytest.mark.parametrize("kwargs, compiling, expected", [
-    (dict(fused_statistics=True), False, True),
-    (dict(fused_statistics=False), False, False),
-    (dict(fused_statistics=True, split_batch=True), False, False),
-    (dict(fused_statistics=True), True, False),
+@pytest.mark.parametrize("kwargs, groups, compiling, expected", [
+    (dict(fused_statistics=True), 1, False, True),
+    (dict(fused_statistics=False), 1, False, False),
+    (dict(fused_statistics=True, split_batch=True), 1, False, False),
+    (dict(fused_statistics=True, split_batch=True), 4, False, True),
+    (dict(fused_statistics=True), 1, True, False),
+    (dict(fused_statistics=True, split_batch=True), 4, True, False),
 ])
-def test_where_the_fused_kernels_run(monkeypatch, kwargs, compiling, expected):
+def test_where_the_fused_kernels_run(monkeypatch, kwargs, groups, compiling, expected):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     layer = MABN2d(8, **kwargs)
-    assert moving_average_bn._uses_fused_statistics(layer, torch.device("cuda")) is expected
+    assert moving_average_bn._uses_fused_statistics(layer, groups, torch.device("cuda")) is expected
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert moving_average_bn._uses_fused_statistics(layer, torch.device("cpu")) is False
+    assert moving_average_bn._uses_fused_statistics(layer, groups, torch.device("cpu")) is False
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert moving_average_bn._uses_fused_statistics(layer, torch.device("cpu")) is expected
+    assert moving_average_bn._uses_fused_statistics(layer, groups, torch.device("cpu")) is expected
 
 
 def test_the_option_is_shown_and_not_saved():
@@ -135,6 +137,7 @@ def _signature(kernel, launch: _CapturedLaunch):
     return signature, dict(launch.kwargs)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["ring", "split"])
 @pytest.mark.parametrize("layer_dtype, input_dtype, loss_scale, settled, capability", [
     (torch.float32, torch.float32, False, True, 90),
     (torch.float32, torch.float32, True, False, 90),
@@ -145,7 +148,7 @@ def _signature(kernel, launch: _CapturedLaunch):
     (torch.bfloat16, torch.bfloat16, False, True, 80),
 ])
 def test_kernels_compile_for_cuda_with_the_arguments_the_layer_passes(monkeypatch, layer_dtype, input_dtype,
-                                                                    loss_scale, settled, capability):
+                                                                    loss_scale, settled, capability, split):
     """Triton compiles the kernels to PTX and a cubin for an A100 (sm_80) or an H100/H200 (sm_90)
     without a GPU: the compiler's type checks and lowering, which the interpreter does not run,
     applied to the argument types a layer of each dtype passes."""
@@ -153,16 +156,17 @@ def test_kernels_compile_for_cuda_with_the_arguments_the_layer_passes(monkeypatc
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    kernels = {name: getattr(fused_statistics, name) for name in
-               ("_mabn_forward_statistics_kernel", "_mabn_backward_coefficient_kernel")}
+    names = (("_mabn_grouped_forward_kernel", "_mabn_grouped_backward_kernel") if split else
+             ("_mabn_forward_statistics_kernel", "_mabn_backward_coefficient_kernel"))
+    kernels = {name: getattr(fused_statistics, name) for name in names}
     launches = {name: _CapturedLaunch() for name in kernels}
     for name, launch in launches.items():
         monkeypatch.setattr(fused_statistics, name, launch)
     monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
     warmup = dict(warmup_iters=0, r_warmup_iters=0) if settled else dict(warmup_iters=5, r_warmup_iters=5)
-    layer = MABN2d(8, fused_statistics=True, **warmup).to(layer_dtype)
+    layer = MABN2d(8, fused_statistics=True, split_batch=split, **warmup).to(layer_dtype)
     layer.grad_scale = torch.tensor(256.0) if loss_scale else None
-    layer(torch.randn(2, 8, 3, 3, dtype=input_dtype, requires_grad=True)).sum().backward()
+    layer(torch.randn(6 if split else 2, 8, 3, 3, dtype=input_dtype, requires_grad=True)).sum().backward()
     for name, kernel in kernels.items():
         signature, constexprs = _signature(kernel, launches[name])
         compiled = compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
@@ -180,25 +184,28 @@ class _CountedLaunch:
         return lambda *args, **kwargs: self.launches.append(self.name)
 
 
-def test_kernel_writes_bump_the_version_counters_the_host_counters_trust(monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["ring", "split"])
+def test_kernel_writes_bump_the_version_counters_the_host_counters_trust(monkeypatch, split):
     """The kernels write buffers through pointers; the wrappers bump their versions as an in-place
     op would, and the layer records the counters after that, so the host copy stays trusted."""
     import mabn.fused_statistics as fused_statistics
 
     launches: list = []
     monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
-    monkeypatch.setattr(fused_statistics, "_mabn_forward_statistics_kernel", _CountedLaunch(launches, "forward"))
-    monkeypatch.setattr(fused_statistics, "_mabn_backward_coefficient_kernel", _CountedLaunch(launches, "backward"))
-    layer = MABN2d(8, fused_statistics=True)
+    for name in ("_mabn_forward_statistics_kernel", "_mabn_grouped_forward_kernel",
+                 "_mabn_backward_coefficient_kernel", "_mabn_grouped_backward_kernel"):
+        monkeypatch.setattr(fused_statistics, name, _CountedLaunch(launches, name))
+    layer = MABN2d(8, fused_statistics=True, split_batch=split)
     forward_written = ("buffer_x2", "running_var", "num_batches_tracked", "groups_seen", "skipped_updates")
     before = {name: buffer._version for name, buffer in layer.named_buffers()}
-    y = layer(torch.randn(2, 8, 3, 3, requires_grad=True))
+    y = layer(torch.randn(4 if split else 2, 8, 3, 3, requires_grad=True))
     after_forward = {name: buffer._version for name, buffer in layer.named_buffers()}
     assert all(after_forward[name] > before[name] for name in forward_written)
     assert after_forward["buffer_gz"] == before["buffer_gz"]
     y.sum().backward()
     assert layer.buffer_gz._version > after_forward["buffer_gz"]
-    assert layer.host_counters.known((layer.num_batches_tracked, layer.groups_seen)) == (1, 1)
+    assert layer.host_counters.known((layer.num_batches_tracked, layer.groups_seen)) == (1, 2 if split else 1)
+    assert len(launches) == 2
 
 
 def test_a_strided_buffer_is_refused_before_a_kernel_reads_it():
@@ -225,25 +232,33 @@ def test_a_layer_on_another_gpu_than_the_current_one(real_cuda_device):
     torch.testing.assert_close(fused.running_var, eager.running_var)
 
 
-def test_a_settled_fused_step_dispatches_eleven_aten_ops_and_two_kernels(monkeypatch):
+@pytest.mark.parametrize("split, batch, eager_ops, fused_ops", [(False, 2, 27, 11), (True, 4, 50, 27)],
+                         ids=["ring", "split into two groups"])
+def test_a_settled_fused_step_dispatches_fewer_aten_ops_and_two_kernels(monkeypatch, split, batch, eager_ops,
+                                                                        fused_ops):
     """What a GPU runs for one settled training forward + backward of a fused layer, counted on the
-    CPU with the kernels stubbed: BN's two reductions and its forward, three result allocations,
-    the input-gradient update and its coefficient's view, and the engine's three gradient
-    accumulations; and one Triton kernel per pass in place of the eager path's 19 bookkeeping
-    ops (27 dispatched ops in all)."""
+    CPU with the kernels stubbed: one Triton kernel per pass in place of the bookkeeping ops. A
+    ring layer keeps BN's two reductions and its forward, three result allocations, the
+    input-gradient update and its coefficient's view, and the engine's three gradient
+    accumulations (11 ops); a split layer of two groups 27 ops, 11 of them views."""
     import mabn.fused_statistics as fused_statistics
 
     launches: list = []
     monkeypatch.setattr(moving_average_bn, "_fused_kernels_run_on", lambda device: True)
-    monkeypatch.setattr(fused_statistics, "_mabn_forward_statistics_kernel", _CountedLaunch(launches, "forward"))
-    monkeypatch.setattr(fused_statistics, "_mabn_backward_coefficient_kernel", _CountedLaunch(launches, "backward"))
-    layer = MABN2d(64, warmup_iters=0, r_warmup_iters=0, fused_statistics=True)
-    x = torch.randn(2, 64, 7, 7, requires_grad=True)
-    grad = torch.ones_like(x)
-    for _ in range(3):
-        layer(x).backward(grad)
-    launches.clear()
-    with OpCounter() as counter:
-        layer(x).backward(grad)
-    assert launches == ["forward", "backward"]
-    assert counter.total <= 11, dict(counter.by_op)
+    for name in ("_mabn_forward_statistics_kernel", "_mabn_grouped_forward_kernel"):
+        monkeypatch.setattr(fused_statistics, name, _CountedLaunch(launches, "forward"))
+    for name in ("_mabn_backward_coefficient_kernel", "_mabn_grouped_backward_kernel"):
+        monkeypatch.setattr(fused_statistics, name, _CountedLaunch(launches, "backward"))
+    counts = {}
+    for fused in (False, True):
+        layer = MABN2d(64, warmup_iters=0, r_warmup_iters=0, split_batch=split, fused_statistics=fused)
+        x = torch.randn(batch, 64, 7, 7, requires_grad=True)
+        grad = torch.ones_like(x)
+        for _ in range(20):
+            layer(x).backward(grad)
+        launches.clear()
+        with OpCounter() as counter:
+            layer(x).backward(grad)
+        counts[fused] = counter.total
+        assert launches == (["forward", "backward"] if fused else []), fused
+    assert counts == {False: eager_ops, True: fused_ops}
