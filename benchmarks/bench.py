@@ -15,14 +15,16 @@ the median over rounds of the two variants' times in the same round. Sections, i
    counted with a ``TorchDispatchMode``; on CUDA also the GPU kernels that forward + backward
    launches, counted from the torch profiler (:func:`benchmarks.harness.count_kernel_launches`),
    with ratios to BN and GN; and the kernels inductor generates for one compiled MABN forward +
-   backward. On CUDA ``MABN fused`` (``fused_statistics=True``: :mod:`mabn.fused_statistics`) is
-   counted too, its Triton kernel launches (from the profiler: no aten op dispatches them) added
-   to its ops, and held to MABN's op budget.
+   backward. On CUDA ``MABN fused`` and ``MABN split B=2 fused`` (``fused_statistics=True``:
+   :mod:`mabn.fused_statistics`) are counted too, their Triton kernel launches (from the
+   profiler: no aten op dispatches them) added to their ops, and held to MABN's and split
+   MABN's op budgets.
 2. ``layers``: forward + backward of one layer with a fixed upstream gradient, as a ratio to
    BN, to GroupNorm (32 groups) and in *copies*: units of ``x.clone()`` timed in the same rounds.
    ``MABN`` is ``MABN2d(C, B=2, real_B=32, warmup_iters=0, r_warmup_iters=0)``, so the moving
    averages and ``r`` are live; ``MABN naive`` is :class:`benchmarks.naive_mabn.NaiveMABN2d`;
-   on CUDA ``MABN fused`` is timed at every shape and held to MABN's small-map limits.
+   on CUDA the fused variants are timed too, ``MABN fused`` held to MABN's small-map limits and
+   ``MABN split B=2 fused`` to the baselines' limit.
    The baseline shapes add ghost BN, Batch Renorm (``warmup_steps=0``) and split MABN at B=2.
 3. ``train``: torchvision ResNet training step (forward, cross-entropy, backward,
    ``SGD(lr=0, momentum=0.9).step()``: every operation runs, weights stay finite), at batches 2
@@ -85,16 +87,18 @@ BN, GN, MABN, SPLIT, NAIVE = "BN", "GN", "MABN", "MABN split B=2", "MABN naive"
 BRN, BRN_GROUPED, GHOST, COPY = "BRN", "BRN B=2", "ghost BN B=2", "copy"
 MABN_CENCONV, NO_NORM, MABN_FOLDED = "MABN+CenConv", "no norm", "MABN folded"
 MABN_FUSED = "MABN fused"   # MABN with fused_statistics=True: on CUDA only (Triton kernels)
+SPLIT_FUSED = "MABN split B=2 fused"
 FUSED_KERNEL_PREFIX = "_mabn_"   # the names of mabn.fused_statistics's Triton kernels
 
 OP_COUNT_VARIANTS = (MABN, SPLIT, BRN, BRN_GROUPED, GHOST, BN, GN)
-GROUPED_VARIANTS = (SPLIT, BRN_GROUPED, GHOST)     # these get a batch holding several groups of B
+GROUPED_VARIANTS = (SPLIT, SPLIT_FUSED, BRN_GROUPED, GHOST)   # these get a batch holding several groups of B
 LAYER_VARIANTS = (BN, MABN, SPLIT, NAIVE, GN, COPY)
 BASELINE_VARIANTS = (GHOST, BRN_GROUPED)           # added at the baseline shapes
 TRAIN_VARIANTS = (BN, MABN_CENCONV, GN)
 INFER_VARIANTS = (NO_NORM, MABN_FOLDED)
 
 OPS_LIMITS = {MABN: 20, SPLIT: 30, GHOST: 30, BRN: 40, BRN_GROUPED: 40}
+FUSED_OF = {MABN_FUSED: MABN, SPLIT_FUSED: SPLIT}   # fused variant -> the eager one whose budgets it meets
 OPS_MOONSHOT = 10                  # BN's 7 plus 3
 SMALL_LIMITS = {(2, 64, 7, 7): 1.6}   # other small shapes: SMALL_LIMIT
 SMALL_LIMIT, FULL_LIMIT, FULL_GN_LIMIT = 1.2, 1.0, 1.2
@@ -165,6 +169,7 @@ def build_layer(variant: str, channels: int) -> nn.Module:
         GN: lambda: nn.GroupNorm(32 if channels % 32 == 0 else channels, channels),
         MABN: lambda: MABN2d(channels, **mabn_kwargs),
         MABN_FUSED: lambda: MABN2d(channels, fused_statistics=True, **mabn_kwargs),
+        SPLIT_FUSED: lambda: MABN2d(channels, split_batch=True, fused_statistics=True, **mabn_kwargs),
         SPLIT: lambda: MABN2d(channels, split_batch=True, **mabn_kwargs),
         NAIVE: lambda: NaiveMABN2d(channels, **mabn_kwargs),
         BRN: lambda: BatchRenorm2d(channels, warmup_steps=0),
@@ -243,10 +248,11 @@ def compiled_mabn_kernels(config: BenchConfig, device: torch.device) -> Dict[str
 
 
 def fused_variants(device: torch.device) -> Tuple[str, ...]:
-    """``MABN fused`` where its Triton kernels run (CUDA, with Triton installed), else nothing."""
+    """``MABN fused`` and ``MABN split B=2 fused`` where their Triton kernels run (CUDA, with
+    Triton installed), else nothing."""
     from importlib.util import find_spec
 
-    return (MABN_FUSED,) if device.type == "cuda" and find_spec("triton") is not None else ()
+    return (MABN_FUSED, SPLIT_FUSED) if device.type == "cuda" and find_spec("triton") is not None else ()
 
 
 def _layer_shapes(config: BenchConfig, device: torch.device) -> List[Tuple[Shape, List[str]]]:
@@ -257,7 +263,7 @@ def _layer_shapes(config: BenchConfig, device: torch.device) -> List[Tuple[Shape
         wanted = list(LAYER_VARIANTS) + list(fused_variants(device))
         wanted += list(BASELINE_VARIANTS) if shape in config.baseline_shapes else []
         if not (shape[0] > B and shape[0] % B == 0):
-            wanted.remove(SPLIT)
+            wanted = [variant for variant in wanted if variant not in (SPLIT, SPLIT_FUSED)]
         variants += [v for v in wanted if v not in variants]
     return list(plan.items())
 
@@ -395,9 +401,11 @@ def _value(row: Optional[dict], key: str) -> Optional[float]:
 
 
 def _ops_targets(ops: List[dict]) -> List[Target]:
-    """The op budgets; ``MABN fused`` (in a CUDA run) is held to MABN's, its Triton launches counted as ops."""
+    """The op budgets; the fused variants (in a CUDA run) are held to their eager variants', their
+    Triton launches counted as ops."""
     targets = []
-    limits = list(OPS_LIMITS.items()) + ([(MABN_FUSED, OPS_LIMITS[MABN])] if _row(ops, MABN_FUSED) else [])
+    limits = list(OPS_LIMITS.items()) + [(fused, OPS_LIMITS[eager]) for fused, eager in FUSED_OF.items()
+                                         if _row(ops, fused)]
     for variant, limit in limits:
         row = _row(ops, variant)
         name = f"{variant} ops per fwd+bwd {_shape_str(row['shape']) if row else ''}"
@@ -423,7 +431,7 @@ def _layer_targets(layers: List[dict], config: BenchConfig) -> List[Target]:
         targets.append(check(f"MABN layer {_shape_str(shape)} in input copies", _value(row, "copies"), "<=",
                              COPIES_GOAL, "goal", "copies"))
     for shape in config.baseline_shapes:
-        for variant in (GHOST, BRN_GROUPED, SPLIT):
+        for variant in (GHOST, BRN_GROUPED, SPLIT) + ((SPLIT_FUSED,) if _row(layers, SPLIT_FUSED) else ()):
             row = _row(layers, variant, shape=list(shape))
             targets.append(check(f"{variant} layer {_shape_str(shape)} vs BN", _value(row, "ratio_to_bn"), "<=",
                                  BASELINE_LIMIT))

@@ -136,6 +136,9 @@ def _add_norm_flags(add: _Add) -> None:
         help="MABN iterations with r = 1 before r is clamped to [1/r_max, r_max] (default: max(1000, --warmup_iters))")
     add("--mabn_first_batch_var", action=_FLAG, default=False,
         help="MABN running_var starts from the first batch's statistic instead of 1 (the published ImageNet layer)")
+    add("--mabn_fused_statistics", action=_FLAG, default=False,
+        help="MABN's per-channel bookkeeping as one Triton kernel per pass on CUDA (needs Triton; not yet measured "
+             "on a GPU)")
     add("--brn_warmup", type=_non_negative_int, default=layer_default(mabn.BatchRenorm2d, "warmup_steps"),
         help="Batch Renorm iterations of plain batch norm (r = 1, d = 0) before the ramps start")
     add("--brn_r_ramp_end", type=_non_negative_int, default=layer_default(mabn.BatchRenorm2d, "r_ramp_end"),
@@ -269,7 +272,8 @@ BATCH_NORMS = ("bn", "brn", "mabn")  # the norms whose normalization batch --nor
 # Flags that only one kind of norm reads: giving them with another --norm is reported as a warning.
 _NORM_SPECIFIC_FLAGS = {
     "norm_batch": BATCH_NORMS + ("syncbn",), "ma_batch": ("mabn",), "warmup_iters": ("mabn",),
-    "mabn_r_warmup": ("mabn",), "mabn_first_batch_var": ("mabn",), "brn_warmup": ("brn",), "brn_r_ramp_end": ("brn",), "brn_d_ramp_end": ("brn",),
+    "mabn_r_warmup": ("mabn",), "mabn_first_batch_var": ("mabn",), "mabn_fused_statistics": ("mabn",),
+    "brn_warmup": ("brn",), "brn_r_ramp_end": ("brn",), "brn_d_ramp_end": ("brn",),
     "brn_r_max": ("brn",), "brn_d_max": ("brn",), "gn_groups": ("gn",),
 }
 

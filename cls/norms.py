@@ -66,6 +66,7 @@ class NormSettings:
     warmup_iters: int = layer_default(mabn.MABN2d, "warmup_iters")
     mabn_r_warmup: Optional[int] = None
     mabn_first_batch_var: bool = False
+    mabn_fused_statistics: bool = False
     gn_groups: int = 32
     brn_warmup: int = layer_default(_BRN, "warmup_steps")
     brn_r_ramp_end: int = layer_default(_BRN, "r_ramp_end")
@@ -95,6 +96,8 @@ def norm_choice(norm: str, per_gpu_batch: int, norm_batch: Optional[int] = None,
             kwargs["r_warmup_iters"] = settings.mabn_r_warmup
         if settings.mabn_first_batch_var:
             kwargs["first_batch_running_var"] = True
+        if settings.mabn_fused_statistics:
+            kwargs["fused_statistics"] = True
         return NormChoice(key, name, kwargs, conv=mabn.CenConv2d)
     return NormChoice(key, name, {}, gn_groups=settings.gn_groups)
 

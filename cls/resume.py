@@ -37,7 +37,7 @@ APPLIED_FLAGS = frozenset({
     "learning_rate", "lr_milestones", "momentum", "weight_decay", "total_epoch", "iters_per_epoch",
     "save_interval", "eval_interval", "log_interval", "workers", "progress", "val_batch_size", "export_folded",
     "record_statistics", "stat_channel", "stat_interval", "amp", "device", "save", "train_dir", "val_dir",
-    "data_cache", "gpu_num",
+    "data_cache", "gpu_num", "mabn_fused_statistics",
 })
 REFUSED_FLAGS = frozenset({
     "batch_size", "seed", "arch", "norm", "norm_batch", "ma_batch", "warmup_iters", "mabn_r_warmup",

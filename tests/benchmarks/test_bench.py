@@ -116,22 +116,24 @@ def test_the_fused_variant_is_benchmarked_where_its_kernels_run(monkeypatch):
 
     assert bench.fused_variants(torch.device("cpu")) == ()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
-    assert bench.fused_variants(torch.device("cuda")) == (bench.MABN_FUSED,)
+    assert bench.fused_variants(torch.device("cuda")) == (bench.MABN_FUSED, bench.SPLIT_FUSED)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert bench.fused_variants(torch.device("cuda")) == ()
     layer = bench.build_layer(bench.MABN_FUSED, 8)
     assert layer.fused_statistics and not layer.split_batch and layer.training
+    split = bench.build_layer(bench.SPLIT_FUSED, 8)
+    assert split.fused_statistics and split.split_batch and split.B == bench.B
 
 
 def test_fused_rows_are_held_to_mabn_limits_with_their_triton_launches_as_ops(monkeypatch):
     from benchmarks.harness import KernelLaunches
 
-    monkeypatch.setattr(bench, "fused_variants", lambda device: (bench.MABN_FUSED,))
+    monkeypatch.setattr(bench, "fused_variants", lambda device: (bench.MABN_FUSED, bench.SPLIT_FUSED))
     triton = {"_mabn_forward_statistics_kernel": 1, "_mabn_backward_coefficient_kernel": 1}
-    variants = iter(bench.OP_COUNT_VARIANTS + (bench.MABN_FUSED,))
+    variants = iter(bench.OP_COUNT_VARIANTS + (bench.MABN_FUSED, bench.SPLIT_FUSED))
 
     def launches(case, device):
-        kernels = Counter(elementwise=5, **(triton if next(variants) == bench.MABN_FUSED else {}))
+        kernels = Counter(elementwise=5, **(triton if next(variants) in bench.FUSED_OF else {}))
         return KernelLaunches(kernels=sum(kernels.values()), transfers=0, by_kernel=kernels)
 
     monkeypatch.setattr(bench, "count_kernel_launches", launches)
@@ -139,10 +141,14 @@ def test_fused_rows_are_held_to_mabn_limits_with_their_triton_launches_as_ops(mo
     fused, plain = rows[bench.MABN_FUSED], rows[bench.MABN]
     assert fused["triton_launches"] == 2 and plain["triton_launches"] == 0
     assert fused["ops"] == 2 + sum(fused["by_op"].values()) and plain["ops"] == sum(plain["by_op"].values())
-    ops_targets = [t for t in bench.evaluate_targets({"ops": list(rows.values())}, bench.TINY)
-                   if t.name.startswith(bench.MABN_FUSED)]
+    assert rows[bench.SPLIT_FUSED]["shape"][0] == bench.TINY.op_grouped_batch
+    targets = bench.evaluate_targets({"ops": list(rows.values())}, bench.TINY)
+    ops_targets = [t for t in targets if t.name.startswith(bench.MABN_FUSED)]
     assert [t.limit for t in ops_targets] == [bench.OPS_LIMITS[bench.MABN], bench.OPS_MOONSHOT]
     assert all(t.measured == fused["ops"] for t in ops_targets)
+    split_targets = [t for t in targets if t.name.startswith(bench.SPLIT_FUSED)]
+    assert [(t.limit, t.measured) for t in split_targets] == [(bench.OPS_LIMITS[bench.SPLIT],
+                                                               rows[bench.SPLIT_FUSED]["ops"])]
     layers = [dict(shape=list(shape), variant=bench.MABN_FUSED, ratio_to_bn=1.1) for shape in bench.FULL.small_shapes]
     names = [t.name for t in bench.evaluate_targets({"layers": layers}, bench.FULL)]
     assert sum(name.startswith(f"{bench.MABN_FUSED} layer") for name in names) == len(bench.FULL.small_shapes)

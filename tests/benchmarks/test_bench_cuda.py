@@ -35,8 +35,8 @@ def test_tiny_cuda_run_times_with_events_and_counts_kernels(real_cuda_device, tm
     assert ops[bench.MABN]["kernels"] > 0 and ops[bench.BN]["kernels"] > 0 and ops[bench.GN]["kernels"] > 0
     assert ops[bench.BN]["kernels_vs_bn"] == 1.0 and ops[bench.GN]["kernels_vs_gn"] == 1.0
     assert sum(ops[bench.MABN]["by_kernel"].values()) == ops[bench.MABN]["kernels"]
-    fused = ops[bench.MABN_FUSED]   # fused_statistics=True: one Triton kernel per pass
-    assert fused["triton_launches"] == 2 and fused["kernels"] < ops[bench.MABN]["kernels"]
+    for fused, eager in bench.FUSED_OF.items():   # fused_statistics=True: one Triton kernel per pass
+        assert ops[fused]["triton_launches"] == 2 and ops[fused]["kernels"] < ops[eager]["kernels"], fused
     assert {row["variant"] for row in results["layers"]} >= {bench.MABN, bench.MABN_FUSED}
 
     for row in results["layers"] + results["train"] + results["infer"]:

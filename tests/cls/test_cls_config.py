@@ -403,3 +403,7 @@ def test_the_paper_config_builds_the_published_imagenet_layer():
     layer = norm_choice_from_args(args)(16)
     assert (layer.B, layer.real_B, layer.split_batch) == (2, 32, True)
     assert (layer.warmup_iters, layer.r_warmup_iters, layer.first_batch_running_var) == (1, 99, True)
+    assert not layer.fused_statistics
+    fused = resolve(parse_args(["--config", "configs/cls/mabn_b2.yaml", "--save", "unused", "--mabn_fused_statistics"]),
+                    world_size=8)
+    assert norm_choice_from_args(fused)(16).fused_statistics
