@@ -77,7 +77,7 @@ _C.MODEL.MABN.WARMUP_ITERS = 100
 _C.MODEL.MABN.MOMENTUM = 0.98
 # Iterations with the renormalization factor r = 1; -1: max(1000, WARMUP_ITERS) as in mabn.MABN2d.
 _C.MODEL.MABN.R_WARMUP_ITERS = -1
-# The per-channel bookkeeping as one Triton kernel per pass on CUDA (mabn.MABN2d(fused_statistics=True)).
+# MABN's per-channel bookkeeping as one Triton kernel per pass on CUDA (MABN2d(fused_statistics=True)).
 _C.MODEL.MABN.FUSED_STATISTICS = False
 
 # Batch Renormalization schedule (Ioffe 2017).
