@@ -436,6 +436,10 @@ class _MABNFunction(torch.autograd.Function):
     GradScaler's loss scale): ``psi`` enters the window divided by it, and the averaged ``psi``
     is multiplied by it again where it meets the scaled gradient.
 
+    ``fused`` (None where the forward ran the eager ops) is the number of leading groups that use
+    their own ``psi``: the backward's window bookkeeping then runs as one kernel
+    (:mod:`mabn.fused_statistics`), as the forward's did.
+
     Batch-norm kernels get arguments that both the CPU and the CUDA kernels accept: parameters
     and statistics in the statistics dtype (float32 next to float16/bfloat16 input: the kernels'
     mixed-precision mode), ``save_mean``/``save_invstd`` always given, and a weight wherever a

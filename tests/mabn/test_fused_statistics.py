@@ -15,9 +15,10 @@ import mabn
 import mabn.moving_average_bn as moving_average_bn
 from mabn import MABN2d
 from benchmarks.harness import OpCounter
-from fused_statistics_check import CASES, STEPS, compare_fused_with_eager
 
 pytest.importorskip("triton", reason="the fused statistics kernels are Triton kernels")
+
+from fused_statistics_check import CASES, STEPS, compare_fused_with_eager  # noqa: E402 (needs Triton)
 
 CHECK_SCRIPT = Path(__file__).with_name("fused_statistics_check.py")
 # largest relative difference from the eager path per layer dtype: a few roundings of that dtype
