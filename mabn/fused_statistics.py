@@ -80,6 +80,25 @@ def _clamp(values, low, high):
 
 
 @triton.jit
+def _move_running_var(running_var_ptr, running_var, target, ema_weight, finite, offsets, mask):
+    """``running_var.lerp_(target, ema_weight)`` (torch's two-sided form, in the buffer's dtype)
+    in the ``finite`` channels."""
+    target = target.to(running_var.dtype)
+    difference = target - running_var
+    moved = tl.where(ema_weight < 0.5, running_var + ema_weight * difference, target - difference * (1.0 - ema_weight))
+    tl.store(running_var_ptr + offsets, tl.where(finite, moved, running_var), mask=mask)
+
+
+@triton.jit
+def _advance_counters(forwards_ptr, groups_seen_ptr, skipped_ptr, groups, skipped):
+    """One forward, ``groups`` groups, and the channels counted in ``skipped``: scalar atomics,
+    each run once per program (by one thread of it)."""
+    tl.atomic_add(forwards_ptr, 1)
+    tl.atomic_add(groups_seen_ptr, groups)
+    tl.atomic_add(skipped_ptr, tl.sum(skipped, axis=0))
+
+
+@triton.jit
 def _ring_average(window_ptr, new_row, offsets, mask, channels, slot, rows: tl.constexpr):
     """Mean over the ``rows`` ring rows with row ``slot`` replaced by ``new_row`` (read from
     registers, so no row is read back after it is written)."""
@@ -127,19 +146,11 @@ def _mabn_forward_statistics_kernel(chi_ptr, window_ptr, running_var_ptr, eps_pt
             var = _clamp(running_var.to(chi.dtype) + eps, low, high)
         else:
             var = chi_plus_eps
-        # torch.lerp's two-sided form, in the buffer's dtype
-        target = used.to(running_var.dtype)
-        difference = target - running_var
-        moved = tl.where(ema_weight < 0.5, running_var + ema_weight * difference,
-                         target - difference * (1.0 - ema_weight))
-        tl.store(running_var_ptr + offsets, tl.where(finite, moved, running_var), mask=mask)
+        _move_running_var(running_var_ptr, running_var, used, ema_weight, finite, offsets, mask)
         tl.store(var_ptr + offsets, var, mask=mask)
         tl.store(chi_plus_eps_ptr + offsets, chi_plus_eps, mask=mask)
         skipped += (mask & (finite == 0)).to(tl.int64)
-    # a scalar atomic runs once per program (one thread of it)
-    tl.atomic_add(forwards_ptr, 1)
-    tl.atomic_add(groups_seen_ptr, 1)
-    tl.atomic_add(skipped_ptr, tl.sum(skipped, axis=0))
+    _advance_counters(forwards_ptr, groups_seen_ptr, skipped_ptr, 1, skipped)
 
 
 @triton.jit(do_not_specialize=["count", "slot"])
@@ -225,15 +236,9 @@ def _mabn_grouped_forward_kernel(chi_ptr, window_ptr, running_var_ptr, eps_ptr, 
         target = target / GROUPS
         finite = tl.abs(target) < float("inf")
         _shift_window(window_ptr, chi_ptr, finite, offsets, mask, channels, rows, GROUPS)
-        target = target.to(running_var.dtype)
-        difference = target - running_var
-        moved = tl.where(ema_weight < 0.5, running_var + ema_weight * difference,
-                         target - difference * (1.0 - ema_weight))
-        tl.store(running_var_ptr + offsets, tl.where(finite, moved, running_var), mask=mask)
+        _move_running_var(running_var_ptr, running_var, target, ema_weight, finite, offsets, mask)
         skipped += (mask & (finite == 0)).to(tl.int64)
-    tl.atomic_add(forwards_ptr, 1)
-    tl.atomic_add(groups_seen_ptr, GROUPS)
-    tl.atomic_add(skipped_ptr, tl.sum(skipped, axis=0))
+    _advance_counters(forwards_ptr, groups_seen_ptr, skipped_ptr, GROUPS, skipped)
 
 
 @triton.jit(do_not_specialize=["count", "own_groups"])
