@@ -133,7 +133,7 @@ def _mabn_forward_statistics_kernel(chi_ptr, window_ptr, running_var_ptr, eps_pt
     eps = tl.load(eps_ptr)
     ema_weight = tl.load(ema_weight_ptr)
     skipped = tl.zeros([BLOCK], dtype=tl.int64)
-    for start in range(0, channels, BLOCK):
+    for start in tl.range(0, channels, BLOCK):
         offsets = start + lanes
         mask = offsets < channels
         chi = tl.load(chi_ptr + offsets, mask=mask, other=0.0)
@@ -158,7 +158,7 @@ def _mabn_backward_coefficient_kernel(grad_weight_ptr, weight_ptr, scale_ptr, ch
                                       coefficient_ptr, channels, count, slot, rows: tl.constexpr,
                                       USE_OWN: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
-    for start in range(0, channels, BLOCK):
+    for start in tl.range(0, channels, BLOCK):
         offsets = start + lanes
         mask = offsets < channels
         grad_weight = tl.load(grad_weight_ptr + offsets, mask=mask, other=0.0)
@@ -214,7 +214,7 @@ def _mabn_grouped_forward_kernel(chi_ptr, window_ptr, running_var_ptr, eps_ptr, 
     eps = tl.load(eps_ptr)
     ema_weight = tl.load(ema_weight_ptr)
     skipped = tl.zeros([BLOCK], dtype=tl.int64)
-    for start in range(0, channels, BLOCK):
+    for start in tl.range(0, channels, BLOCK):
         offsets = start + lanes
         mask = offsets < channels
         running_var = tl.load(running_var_ptr + offsets, mask=mask, other=1.0)
@@ -247,7 +247,7 @@ def _mabn_grouped_backward_kernel(products_ptr, sums_ptr, u_ptr, weight_ptr, sca
                                   own_groups, rows: tl.constexpr, GROUPS: tl.constexpr, SAMPLES: tl.constexpr,
                                   SCALED: tl.constexpr, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
-    for start in range(0, channels, BLOCK):
+    for start in tl.range(0, channels, BLOCK):
         offsets = start + lanes
         mask = offsets < channels
         grad_weight = tl.zeros([BLOCK], dtype=grad_weight_ptr.dtype.element_ty)
