@@ -33,6 +33,14 @@ def _assert_matches_eager(report: dict, layer_dtype: torch.dtype) -> None:
     assert report["skipped_updates"] == 1, report  # the NaN input pixel's channel, once
 
 
+def _triton_version() -> tuple:
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(_triton_version() < (3, 8), reason="Triton 3.6's interpreter cannot run a loop to a runtime bound "
+                                                     "(the kernels' channel loop); checked with Triton 3.8")
 def test_kernels_match_the_eager_path_under_the_interpreter():
     environment = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(CHECK_SCRIPT)], env=environment, capture_output=True, text=True,
