@@ -31,7 +31,8 @@ the median over rounds of the two variants' times in the same round. Sections, i
    and 8, as a ratio to BN and to GN. ``MABN+CenConv`` is ``convert_norm(model, "MABN",
    B=batch, real_B=32, warmup_iters=0)`` then ``convert_conv(model, "CenConv")``. After the
    timed rounds one untimed step per variant measures the activation bytes saved for backward
-   (parameters and buffers excluded).
+   (parameters and buffers excluded). On CUDA ``MABN+CenConv fused`` (the same with
+   ``fused_statistics=True``) is timed beside them and held to the same limit.
 4. ``infer``: eval-mode ``no_grad`` forward of ``fold_norms(MABN+CenConv model)`` against the
    same network with no norm at all.
 
@@ -86,6 +87,7 @@ REAL_B = 32        # MABN's real_B (the statistics window covers real_B // B ite
 BN, GN, MABN, SPLIT, NAIVE = "BN", "GN", "MABN", "MABN split B=2", "MABN naive"
 BRN, BRN_GROUPED, GHOST, COPY = "BRN", "BRN B=2", "ghost BN B=2", "copy"
 MABN_CENCONV, NO_NORM, MABN_FOLDED = "MABN+CenConv", "no norm", "MABN folded"
+MABN_CENCONV_FUSED = "MABN+CenConv fused"   # on CUDA only, like the fused layer variants
 MABN_FUSED = "MABN fused"   # MABN with fused_statistics=True: on CUDA only (Triton kernels)
 SPLIT_FUSED = "MABN split B=2 fused"
 FUSED_KERNEL_PREFIX = "_mabn_"   # the names of mabn.fused_statistics's Triton kernels
@@ -310,9 +312,11 @@ def build_resnet(variant: str, batch: int, base: nn.Module) -> nn.Module:
     model = copy.deepcopy(base)
     if variant == BN:
         return model
-    if variant in (MABN_CENCONV, MABN_FOLDED):
+    if variant in (MABN_CENCONV, MABN_CENCONV_FUSED, MABN_FOLDED):
         real_b = REAL_B if REAL_B % batch == 0 else batch * math.ceil(REAL_B / batch)
-        model = convert_conv(convert_norm(model, "MABN", B=batch, real_B=real_b, warmup_iters=0), "CenConv")
+        model = convert_norm(model, "MABN", B=batch, real_B=real_b, warmup_iters=0,
+                             fused_statistics=variant == MABN_CENCONV_FUSED)
+        model = convert_conv(model, "CenConv")
         return fold_norms(model) if variant == MABN_FOLDED else model
     if variant == GN:
         return convert_norm(model, "GN")
@@ -351,7 +355,8 @@ def bench_train(config: BenchConfig, batch: int, device: torch.device) -> List[d
     images = torch.randn(batch, 3, config.resolution, config.resolution, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     base = _base_resnet(config.arch)
-    cases = {v: train_case(build_resnet(v, batch, base).to(device).train(), images, labels) for v in TRAIN_VARIANTS}
+    variants = TRAIN_VARIANTS + ((MABN_CENCONV_FUSED,) if fused_variants(device) else ())
+    cases = {v: train_case(build_resnet(v, batch, base).to(device).train(), images, labels) for v in variants}
     label = f"{config.arch} train b{batch} {config.resolution}px"
     times = interleaved_times(cases, config.train_rounds, config.resnet_warmup, device, label=label, calls=config.calls)
     rows = []
@@ -449,9 +454,10 @@ def evaluate_targets(results: dict, config: BenchConfig) -> List[Target]:
     where = f"{config.arch} {config.resolution}px"
     for batch in config.train_batches:
         if batch in TRAIN_LIMITS:
-            row = _row(train, MABN_CENCONV, batch=batch)
-            targets.append(check(f"{where} train step b{batch} MABN+CenConv vs BN", _value(row, "ratio_to_bn"), "<=",
-                                 TRAIN_LIMITS[batch]))
+            for variant in (MABN_CENCONV,) + ((MABN_CENCONV_FUSED,) if _row(train, MABN_CENCONV_FUSED) else ()):
+                row = _row(train, variant, batch=batch)
+                targets.append(check(f"{where} train step b{batch} {variant} vs BN", _value(row, "ratio_to_bn"), "<=",
+                                     TRAIN_LIMITS[batch]))
     batch = min(config.train_batches)
     row = _row(train, MABN_CENCONV, batch=batch)
     targets.append(check(f"{where} b{batch} activation memory saved for backward MABN+CenConv vs BN",

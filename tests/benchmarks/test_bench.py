@@ -156,6 +156,20 @@ def test_fused_rows_are_held_to_mabn_limits_with_their_triton_launches_as_ops(mo
                    (t.name for t in bench.evaluate_targets({}, bench.FULL)))
 
 
+def test_the_fused_resnet_has_fused_mabn_layers_and_its_own_train_target():
+    from mabn import MABN2d
+
+    base = bench._base_resnet("resnet18")
+    layers = [m for m in bench.build_resnet(bench.MABN_CENCONV_FUSED, 2, base).modules() if isinstance(m, MABN2d)]
+    assert layers and all(layer.fused_statistics for layer in layers)
+    plain = [m for m in bench.build_resnet(bench.MABN_CENCONV, 2, base).modules() if isinstance(m, MABN2d)]
+    assert plain and not any(layer.fused_statistics for layer in plain)
+    train = [dict(variant=v, batch=2, ratio_to_bn=1.0) for v in (bench.MABN_CENCONV, bench.MABN_CENCONV_FUSED)]
+    names = [t.name for t in bench.evaluate_targets({"train": train}, bench.FULL)]
+    assert sum(name.endswith(f"b2 {bench.MABN_CENCONV_FUSED} vs BN") for name in names) == 1
+    assert not any(bench.MABN_CENCONV_FUSED in t.name for t in bench.evaluate_targets({}, bench.FULL))
+
+
 def _results(device: str) -> dict:
     """A minimal results dict as ``run_benchmark`` returns it, on ``device`` ("cpu" or "cuda")."""
     cuda = device == "cuda"

@@ -42,7 +42,7 @@ def test_tiny_cuda_run_times_with_events_and_counts_kernels(real_cuda_device, tm
     for row in results["layers"] + results["train"] + results["infer"]:
         assert row["timer"] == CUDA_EVENT and row["repeats"] >= 1 and row["median_ms"] > 0
     train = results["train"]
-    assert [row["variant"] for row in train] == list(bench.TRAIN_VARIANTS)
+    assert [row["variant"] for row in train] == list(bench.TRAIN_VARIANTS) + [bench.MABN_CENCONV_FUSED]
     assert all(row["batch"] == 2 and row["finite"] for row in train)
     assert all(row["ratio_to_bn"] > 0 and row["ratio_to_gn"] > 0 for row in train)
 
