@@ -80,6 +80,18 @@ def _clamp(values, low, high):
 
 
 @triton.jit
+def _variance(running_var, eps, chi_plus_eps, low_factor, high_factor, R_ON: tl.constexpr):
+    """The forward's ``var = (chi + eps) / r ** 2``: ``running_var + eps`` clamped to
+    ``(chi + eps) * [low_factor, high_factor]`` once renormalization is on (``R_ON``), else
+    ``chi + eps``."""
+    if R_ON:
+        var = _clamp(running_var.to(chi_plus_eps.dtype) + eps, chi_plus_eps * low_factor, chi_plus_eps * high_factor)
+    else:
+        var = chi_plus_eps
+    return var
+
+
+@triton.jit
 def _move_running_var(running_var_ptr, running_var, target, ema_weight, finite, offsets, mask):
     """``running_var.lerp_(target, ema_weight)`` (torch's two-sided form, in the buffer's dtype)
     in the ``finite`` channels."""
@@ -140,12 +152,9 @@ def _mabn_forward_statistics_kernel(chi_ptr, window_ptr, running_var_ptr, eps_pt
         finite, used = _ring_statistic(window_ptr, chi, offsets, mask, channels, slot, rows, USE_OWN)
         chi_plus_eps = used + eps
         running_var = tl.load(running_var_ptr + offsets, mask=mask, other=1.0)
-        if R_ON:
-            low = chi_plus_eps * tl.load(low_ptr + offsets, mask=mask, other=1.0)
-            high = chi_plus_eps * tl.load(high_ptr + offsets, mask=mask, other=1.0)
-            var = _clamp(running_var.to(chi.dtype) + eps, low, high)
-        else:
-            var = chi_plus_eps
+        low_factor = tl.load(low_ptr + offsets, mask=mask, other=1.0)
+        high_factor = tl.load(high_ptr + offsets, mask=mask, other=1.0)
+        var = _variance(running_var, eps, chi_plus_eps, low_factor, high_factor, R_ON)
         _move_running_var(running_var_ptr, running_var, used, ema_weight, finite, offsets, mask)
         tl.store(var_ptr + offsets, var, mask=mask)
         tl.store(chi_plus_eps_ptr + offsets, chi_plus_eps, mask=mask)
@@ -227,10 +236,7 @@ def _mabn_grouped_forward_kernel(chi_ptr, window_ptr, running_var_ptr, eps_ptr, 
             used = tl.where(group < own_groups, chi, average)
             target += used
             chi_plus_eps = used + eps
-            if R_ON:
-                var = _clamp(running_var.to(chi.dtype) + eps, chi_plus_eps * low_factor, chi_plus_eps * high_factor)
-            else:
-                var = chi_plus_eps
+            var = _variance(running_var, eps, chi_plus_eps, low_factor, high_factor, R_ON)
             tl.store(u_ptr + group * channels + offsets, tl.rsqrt(var), mask=mask)
             tl.store(chi_plus_eps_ptr + group * channels + offsets, chi_plus_eps, mask=mask)
         target = target / GROUPS

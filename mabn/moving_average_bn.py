@@ -319,7 +319,7 @@ def _advance_forward_statistics(layer: "_MovingAverageBatchNorm", x: Tensor, zer
     chi = _second_moments(x, groups, zeros)
     operands = _operands(layer, chi.dtype, groups, x.device)
     if known is not None and _uses_fused_statistics(layer, groups, x.device):
-        return _fused_forward_statistics(layer, chi, operands, schedule, known)
+        return _fused_forward_statistics(layer, chi, groups, operands, schedule, known)
     slot: Optional[Union[int, Tensor]] = None
     if layer.split_batch:
         chi_used, new_window = _windowed(chi_window, chi, schedule.use_own)
@@ -398,8 +398,8 @@ def _fused_kernels():
     return fused_statistics
 
 
-def _fused_forward_statistics(layer: "_MovingAverageBatchNorm", chi: Tensor, operands: _Operands, schedule: _Schedule,
-                              known: Tuple[int, int]):
+def _fused_forward_statistics(layer: "_MovingAverageBatchNorm", chi: Tensor, groups: int, operands: _Operands,
+                              schedule: _Schedule, known: Tuple[int, int]):
     """:func:`_advance_forward_statistics` in one kernel (:mod:`mabn.fused_statistics`): a ring
     layer's ``var``, or (``var`` None) a ``split_batch`` forward's per-group ``u``."""
     buffers = layer._buffers
@@ -408,7 +408,6 @@ def _fused_forward_statistics(layer: "_MovingAverageBatchNorm", chi: Tensor, ope
     counters = (buffers["num_batches_tracked"], buffers["groups_seen"])
     arguments = (buffers["buffer_x2"], running_var, operands.eps, operands.clamp_factors, ema_weight,
                  (*counters, buffers["skipped_updates"]))
-    groups = 1 if chi.dim() == 1 else chi.shape[0]
     if groups == 1:
         slot: Optional[int] = known[1] % layer.window
         var, chi_plus_eps = _fused_kernels().forward_statistics(chi, *arguments, slot, bool(schedule.use_own),
